@@ -1,0 +1,148 @@
+// data.wgsl: every kernel that reads the raw CIFAR-10 bytes kept on the GPU.
+//
+// Raw images: the file's records without label bytes, 3072 bytes each, channel-major
+// [3][32][32] (CHW) u8, packed 4 per u32. The training set is split in two bindings `part0` and
+// `part1` of `images_per_part` images each (a binding may hold at most 128 MiB on some devices).
+// Pixels are normalised on the fly: (v / 255 - mean[c]) * inv_std[c].
+//
+// augment_train, one thread per output pixel (row r, y, x) of the batch, image = perm[offset + r]:
+//   random crop of the image reflect-padded by 2 (offsets dy, dx in 0..3), then horizontal flip,
+//   then cutmix: inside the square rows cy+cut_lo..cy+cut_hi (same for columns) the pixel comes
+//   from the partner image, itself cropped and flipped with its own parameters.
+//   targets[r] = (1 - mix) * onehot(label) + mix * onehot(partner label) when cutmix is on.
+//   params[image] = (bits: dy 0-1, dx 2-3, flip 4, cutmix 5, cy 6-10, cx 11-15; partner index).
+// gather_eval, one thread per output pixel of rows r < 2*half: image = offset + (r mod half),
+//   unflipped for r < half and mirrored for r >= half (flip TTA); one-hot targets for r < half.
+//   Images past the end repeat the last one; the loss kernel masks them out (frame.valid).
+// patch_moments, one thread per image i: over its 31*31 2x2 patches taken as 12-vectors
+//   (channel, row, column order), sums of each component and of each product (upper triangle,
+//   78 values) -> moments[i * 90 ..]: the whitening covariance is summed from these on the CPU.
+// Layouts: images out [rows][32][32][3] (NHWC), targets [rows][classes].
+// Bindings: 0 uniform DataShape, 1 frame uniform, 2 part0, 3 part1, 4 perm, 5 params, 6 labels,
+//   7 images out (or moments), 8 targets out.
+
+const WG: u32 = 256u;
+const SIDE: u32 = 32u;
+const PAD: i32 = 2;
+const IMAGE_BYTES: u32 = 3072u;
+
+struct DataShape {
+  rows: u32, images_per_part: u32, n_images: u32, classes: u32,
+  mix: f32, cut_lo: i32, cut_hi: i32, _p0: u32,
+  mean: vec4f,
+  inv_std: vec4f,
+}
+struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, _p0: u32, _p1: u32, _p2: u32 }
+
+@group(0) @binding(0) var<uniform> s: DataShape;
+@group(0) @binding(1) var<uniform> frame: Frame;
+@group(0) @binding(2) var<storage, read> part0: array<u32>;
+@group(0) @binding(3) var<storage, read> part1: array<u32>;
+@group(0) @binding(4) var<storage, read> perm: array<u32>;
+@group(0) @binding(5) var<storage, read> params: array<vec2u>;
+@group(0) @binding(6) var<storage, read> labels: array<u32>;
+@group(0) @binding(7) var<storage, read_write> images: array<f32>;
+@group(0) @binding(8) var<storage, read_write> targets: array<f32>;
+
+fn pixel(image: u32, c: u32, y: u32, x: u32) -> f32 {
+  var local = image;
+  var byte = 0u;
+  var word = 0u;
+  if (image < s.images_per_part) {
+    byte = local * IMAGE_BYTES + (c * SIDE + y) * SIDE + x;
+    word = part0[byte / 4u];
+  } else {
+    local = image - s.images_per_part;
+    byte = local * IMAGE_BYTES + (c * SIDE + y) * SIDE + x;
+    word = part1[byte / 4u];
+  }
+  let v = f32((word >> (8u * (byte % 4u))) & 0xffu);
+  return (v / 255.0 - s.mean[c]) * s.inv_std[c];
+}
+
+// index into the reflect-padded image (PyTorch 'reflect': -1 -> 1, 32 -> 30)
+fn reflect(p: i32) -> u32 {
+  var q = p - PAD;
+  if (q < 0) { q = -q; }
+  if (q > i32(SIDE) - 1) { q = 2 * (i32(SIDE) - 1) - q; }
+  return u32(q);
+}
+
+fn grid_index(g: vec3u, nw: vec3u) -> u32 { return g.x + g.y * nw.x * WG; }
+
+@compute @workgroup_size(WG)
+fn augment_train(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  let t = grid_index(g, nw);
+  if (t >= s.rows * SIDE * SIDE) { return; }
+  let x = t % SIDE;
+  let y = (t / SIDE) % SIDE;
+  let r = t / (SIDE * SIDE);
+  let own = perm[frame.offset + r];
+  let p = params[own];
+  var src = own;
+  var bits = p.x;
+  let cutmix = ((p.x >> 5u) & 1u) == 1u;
+  let dy = i32(y) - i32((p.x >> 6u) & 31u);
+  let dx = i32(x) - i32((p.x >> 11u) & 31u);
+  if (cutmix && dy >= s.cut_lo && dy <= s.cut_hi && dx >= s.cut_lo && dx <= s.cut_hi) {
+    src = p.y;
+    bits = params[src].x;
+  }
+  var xx = x;
+  if (((bits >> 4u) & 1u) == 1u) { xx = SIDE - 1u - x; }
+  let py = reflect(i32(y + (bits & 3u)));
+  let px = reflect(i32(xx + ((bits >> 2u) & 3u)));
+  for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = pixel(src, c, py, px); }
+  if (x == 0u && y == 0u) {
+    let mix = select(0.0, s.mix, cutmix);
+    for (var k = 0u; k < s.classes; k++) {
+      targets[r * s.classes + k] = (1.0 - mix) * select(0.0, 1.0, labels[own] == k) + mix * select(0.0, 1.0, labels[p.y] == k);
+    }
+  }
+}
+
+@compute @workgroup_size(WG)
+fn gather_eval(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  let t = grid_index(g, nw);
+  let half = s.rows / 2u;
+  if (t >= 2u * half * SIDE * SIDE) { return; }
+  let x = t % SIDE;
+  let y = (t / SIDE) % SIDE;
+  let r = t / (SIDE * SIDE);
+  let image = min(frame.offset + r % half, s.n_images - 1u);
+  var xx = x;
+  if (r >= half) { xx = SIDE - 1u - x; }
+  for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = pixel(image, c, y, xx); }
+  if (x == 0u && y == 0u && r < half) {
+    for (var k = 0u; k < s.classes; k++) { targets[r * s.classes + k] = select(0.0, 1.0, labels[image] == k); }
+  }
+}
+
+@compute @workgroup_size(WG)
+fn patch_moments(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  let image = grid_index(g, nw);
+  if (image >= s.n_images) { return; }
+  var sums: array<f32, 12>;
+  var prods: array<f32, 78>;
+  var v: array<f32, 12>;
+  for (var y = 0u; y < SIDE - 1u; y++) {
+    for (var x = 0u; x < SIDE - 1u; x++) {
+      for (var c = 0u; c < 3u; c++) {
+        v[c * 4u + 0u] = pixel(image, c, y, x);
+        v[c * 4u + 1u] = pixel(image, c, y, x + 1u);
+        v[c * 4u + 2u] = pixel(image, c, y + 1u, x);
+        v[c * 4u + 3u] = pixel(image, c, y + 1u, x + 1u);
+      }
+      var k = 0u;
+      for (var i = 0u; i < 12u; i++) {
+        sums[i] += v[i];
+        for (var j = i; j < 12u; j++) {
+          prods[k] += v[i] * v[j];
+          k++;
+        }
+      }
+    }
+  }
+  for (var i = 0u; i < 12u; i++) { images[image * 90u + i] = sums[i]; }
+  for (var k = 0u; k < 78u; k++) { images[image * 90u + 12u + k] = prods[k]; }
+}

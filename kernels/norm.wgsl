@@ -1,0 +1,141 @@
+// norm.wgsl: batch normalisation over the rows of an NHWC tensor seen as x[rows][C]
+// (rows = B*H*W), f32. Scale `weight` is applied (fixed at 1 in the recipe), shift `bias` is trained.
+//
+// Training statistics, in two passes so that no sum of squares loses precision:
+//   stats_partial:   per (row chunk z, channel c): count, mean, M2 = sum (x - mean)^2 -> part[z*C + c]
+//                    Grid: x = ceil(C / WG_C), y = chunks.
+//   stats_finalize:  per channel: merge the chunks (Chan et al.), stats[c] = (mean, 1/sqrt(var + eps))
+//                    with the biased variance; running_mean/var = (1 - momentum) * running +
+//                    momentum * batch (unbiased variance for running_var, as PyTorch).
+//   eval_stats:      per channel: stats[c] = (running_mean, 1/sqrt(running_var + eps)).
+//   apply:           y = (x - mean) * invstd * weight[c] + bias[c]          (elementwise, 1-D grid)
+// Backward (xhat = (x - mean) * invstd):
+//   backward_partial: per (z, c): sum dy and sum dy * xhat over the chunk -> part[z*C + c]
+//   backward_finalize: per c: dbias[c] = sum dy, dweight[c] = sum dy * xhat
+//   backward_apply:   dx = weight * invstd * (dy - dbias/rows - xhat * dweight/rows)
+// Bindings: 0 uniform NormShape, 1 x, 2 dy, 3 stats (vec2 per channel), 4 weight, 5 bias,
+//   6 running_mean, 7 running_var, 8 part (vec4 per chunk and channel), 9 out (y or dx),
+//   10 dbias, 11 dweight.
+
+const WG: u32 = 256u;  // elementwise kernels
+const WG_C: u32 = 64u; // per-channel kernels: one thread per channel (and chunk)
+
+struct NormShape {
+  rows: u32, c: u32, rows_per_chunk: u32, chunks: u32,
+  momentum: f32, eps: f32, count: u32, _p0: u32,
+}
+
+@group(0) @binding(0) var<uniform> s: NormShape;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> stats: array<vec2f>;
+@group(0) @binding(4) var<storage, read> weight: array<f32>;
+@group(0) @binding(5) var<storage, read> bias: array<f32>;
+@group(0) @binding(6) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(7) var<storage, read_write> running_var: array<f32>;
+@group(0) @binding(8) var<storage, read_write> part: array<vec4f>;
+@group(0) @binding(9) var<storage, read_write> out: array<f32>;
+@group(0) @binding(10) var<storage, read_write> dbias: array<f32>;
+@group(0) @binding(11) var<storage, read_write> dweight: array<f32>;
+
+@compute @workgroup_size(WG_C)
+fn stats_partial(@builtin(global_invocation_id) g: vec3u) {
+  let c = g.x;
+  let z = g.y;
+  if (c >= s.c) { return; }
+  let r0 = z * s.rows_per_chunk;
+  let r1 = min(r0 + s.rows_per_chunk, s.rows);
+  var sum = 0.0;
+  for (var r = r0; r < r1; r++) { sum += x[r * s.c + c]; }
+  let n = f32(r1 - r0);
+  let mean = sum / max(n, 1.0);
+  var m2 = 0.0;
+  for (var r = r0; r < r1; r++) {
+    let d = x[r * s.c + c] - mean;
+    m2 += d * d;
+  }
+  part[z * s.c + c] = vec4f(n, mean, m2, 0.0);
+}
+
+@compute @workgroup_size(WG_C)
+fn stats_finalize(@builtin(global_invocation_id) g: vec3u) {
+  let c = g.x;
+  if (c >= s.c) { return; }
+  var n = 0.0;
+  var mean = 0.0;
+  var m2 = 0.0;
+  for (var z = 0u; z < s.chunks; z++) {
+    let p = part[z * s.c + c];
+    if (p.x == 0.0) { continue; }
+    let total = n + p.x;
+    let delta = p.y - mean;
+    mean += delta * p.x / total;
+    m2 += p.z + delta * delta * n * p.x / total;
+    n = total;
+  }
+  let var_biased = m2 / n;
+  stats[c] = vec2f(mean, inverseSqrt(var_biased + s.eps));
+  let var_unbiased = m2 / max(n - 1.0, 1.0);
+  running_mean[c] = (1.0 - s.momentum) * running_mean[c] + s.momentum * mean;
+  running_var[c] = (1.0 - s.momentum) * running_var[c] + s.momentum * var_unbiased;
+}
+
+@compute @workgroup_size(WG_C)
+fn eval_stats(@builtin(global_invocation_id) g: vec3u) {
+  let c = g.x;
+  if (c >= s.c) { return; }
+  stats[c] = vec2f(running_mean[c], inverseSqrt(running_var[c] + s.eps));
+}
+
+@compute @workgroup_size(WG)
+fn apply(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  let i = g.x + g.y * nw.x * WG;
+  if (i >= s.count) { return; }
+  let c = i % s.c;
+  let st = stats[c];
+  out[i] = (x[i] - st.x) * st.y * weight[c] + bias[c];
+}
+
+@compute @workgroup_size(WG_C)
+fn backward_partial(@builtin(global_invocation_id) g: vec3u) {
+  let c = g.x;
+  let z = g.y;
+  if (c >= s.c) { return; }
+  let st = stats[c];
+  let r0 = z * s.rows_per_chunk;
+  let r1 = min(r0 + s.rows_per_chunk, s.rows);
+  var sum_dy = 0.0;
+  var sum_dy_xhat = 0.0;
+  for (var r = r0; r < r1; r++) {
+    let d = dy[r * s.c + c];
+    sum_dy += d;
+    sum_dy_xhat += d * (x[r * s.c + c] - st.x) * st.y;
+  }
+  part[z * s.c + c] = vec4f(sum_dy, sum_dy_xhat, 0.0, 0.0);
+}
+
+@compute @workgroup_size(WG_C)
+fn backward_finalize(@builtin(global_invocation_id) g: vec3u) {
+  let c = g.x;
+  if (c >= s.c) { return; }
+  var sum_dy = 0.0;
+  var sum_dy_xhat = 0.0;
+  for (var z = 0u; z < s.chunks; z++) {
+    let p = part[z * s.c + c];
+    sum_dy += p.x;
+    sum_dy_xhat += p.y;
+  }
+  dbias[c] = sum_dy;
+  dweight[c] = sum_dy_xhat;
+}
+
+@compute @workgroup_size(WG)
+fn backward_apply(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  let i = g.x + g.y * nw.x * WG;
+  if (i >= s.count) { return; }
+  let c = i % s.c;
+  let st = stats[c];
+  let xhat = (x[i] - st.x) * st.y;
+  let n = f32(s.rows);
+  out[i] = weight[c] * st.y * (dy[i] - dbias[c] / n - xhat * dweight[c] / n);
+}

@@ -1,0 +1,1878 @@
+// main.ts: hlb-CIFAR10 (tysam-code, v0.7) ported to Deno + WebGPU. Trains a small convnet on
+// CIFAR-10 to ~94% test accuracy. This is the one file to fork: every idea lives here, every GPU
+// kernel lives in kernels/*.wgsl. Read it top to bottom:
+//   1. hyperparameters   2. GPU plumbing   3. ops (one function per kernel)   4. data
+//   5. network (init, forward, backward)  6. training (schedule, optimiser, EMA, epoch loop)
+//   7. evaluation and printing            8. command line
+// Precision: f32 everywhere (storage, accumulation, master weights). The original trains in fp16.
+
+import { createHash } from "node:crypto";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+
+// =================================================================================================
+// 1. Hyperparameters (the numbers of hlb-CIFAR10 v0.7; flags only override a few of them)
+// =================================================================================================
+
+export const hyp = {
+  opt: {
+    nonBiasLr: 1.525 / 512, // peak lr of conv and linear weights (the loss is a sum, hence /512)
+    biasLr: 1.525 * 64 / 512, // BN shifts learn 64x faster ("bias_scaler")
+    weightDecayPerSample: 6.687e-4, // x batch size: decay is coupled to the summed loss
+    biasDecayScaler: 1 / 64, // BN shifts decay 64x less
+    momentum: 0.85, // Nesterov SGD
+    scalingFactor: 1 / 9, // temperature of the linear head, applied in the forward pass
+    percentStart: 0.23, // OneCycle: fraction of steps spent warming up
+    initialDivFactor: 1e16, // OneCycle starts at max_lr / 1e16, i.e. ~0
+    finalLrRatio: 0.07, // ... and ends at 0.07 x max_lr ("actually pretty important")
+    labelSmoothing: 0.2,
+    lossScaleBatch: 512, // the differentiated loss is sum(loss) * 512 / batch size
+  },
+  net: {
+    whitening: { kernelSize: 2, eps: 1e-2 }, // frozen 2x2 PCA-whitening conv, + its negation
+    batchNormMomentum: 0.4, // PyTorch convention: running = 0.6 running + 0.4 batch
+    batchNormEps: 1e-12,
+    cutmixSize: 3, // 3x3 square pasted from another image
+    cutmixEpochs: 6, // cutmix in the last 6 epochs
+    padAmount: 2, // reflect-pad 32 -> 36, then random 32x32 crops
+    baseDepth: 64, // widths: base, 4 x base, 8 x base
+  },
+  misc: {
+    ema: { epochs: 10, decayBase: 0.95, decayPow: 3, everyNSteps: 5 }, // EMA of the last ~10 epochs
+    trainEpochs: 12.1,
+    batchSize: 1024,
+    numClasses: 10,
+  },
+};
+export type Hyp = typeof hyp;
+
+// =================================================================================================
+// 2. GPU plumbing: device, tensors, kernels, dispatch lists, readback
+// =================================================================================================
+
+export type Tensor = { buffer: GPUBuffer; offset: number; shape: number[]; dtype: "f32" }; // offset in bytes
+
+export interface Gpu {
+  device: GPUDevice;
+  adapterName: string;
+  hasF16: boolean;
+  limits: { maxBinding: number; maxBuffer: number };
+  sources: Map<string, string>; // kernel file -> WGSL text
+  pipelines: Map<string, GPUComputePipeline>;
+  frame: GPUBuffer; // per-submit values (batch offset, valid rows, lr, EMA decay), see setFrame
+  allocated: GPUBuffer[]; // every buffer we created, so a run can free its own
+  error?: string; // first uncaptured WebGPU error or device loss, raised at the next check
+}
+
+const KERNEL_FILES = ["conv", "reduce", "act", "pool", "norm", "linear", "loss", "optim", "data"];
+const MAX_GROUPS = 65535; // per grid dimension (WebGPU's default limit)
+
+export async function initGpu(): Promise<Gpu> {
+  const noAdapter = "no WebGPU adapter found: install or update your GPU driver (Vulkan, Metal or D3D12); " +
+    "on Linux without a GPU, `apt-get install mesa-vulkan-drivers` gives a (slow) CPU device";
+  if (!("gpu" in navigator)) throw new Error(noAdapter);
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) throw new Error(noAdapter);
+  const hasF16 = adapter.features.has("shader-f16");
+  const a = adapter.limits;
+  const device = await adapter.requestDevice({
+    requiredFeatures: hasF16 ? ["shader-f16"] : [],
+    requiredLimits: {
+      maxStorageBufferBindingSize: a.maxStorageBufferBindingSize,
+      maxBufferSize: a.maxBufferSize,
+      maxStorageBuffersPerShaderStage: Math.min(a.maxStorageBuffersPerShaderStage, 10),
+    },
+  });
+  const sources = new Map<string, string>();
+  for (const file of KERNEL_FILES) {
+    const res = await fetch(new URL(`./kernels/${file}.wgsl`, import.meta.url));
+    if (!res.ok) {
+      throw new Error(`cannot read kernels/${file}.wgsl (HTTP ${res.status}): is the kernels/ folder there?`);
+    }
+    sources.set(file, await res.text());
+  }
+  const info = adapter.info;
+  const gpu: Gpu = {
+    device,
+    adapterName: info.description || `${info.vendor} ${info.architecture} ${info.device}`.trim(),
+    hasF16,
+    limits: { maxBinding: a.maxStorageBufferBindingSize, maxBuffer: a.maxBufferSize },
+    sources,
+    pipelines: new Map(),
+    frame: device.createBuffer({ size: 32, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST }),
+    allocated: [],
+  };
+  device.addEventListener("uncapturederror", (e) => {
+    gpu.error ??= `WebGPU error: ${(e as GPUUncapturedErrorEvent).error.message}`;
+  });
+  device.lost.then((info) => {
+    if (info.reason !== "destroyed") gpu.error ??= `the GPU device was lost (${info.message}): restart the run`;
+  });
+  return gpu;
+}
+
+// Raises the first WebGPU error seen so far; called wherever we wait for the GPU anyway.
+export function checkGpu(gpu: Gpu) {
+  if (gpu.error) throw new Error(gpu.error);
+}
+
+export function createBuffer(gpu: Gpu, bytes: number, usage = 0): GPUBuffer {
+  if (bytes > gpu.limits.maxBuffer) {
+    throw new Error(
+      `a ${(bytes / 2 ** 20).toFixed(0)} MiB buffer exceeds this GPU's limit of ` +
+        `${(gpu.limits.maxBuffer / 2 ** 20).toFixed(0)} MiB: lower --batch-size or --base-depth`,
+    );
+  }
+  const buffer = gpu.device.createBuffer({
+    size: Math.max(16, Math.ceil(bytes / 16) * 16),
+    usage: usage | GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+  });
+  gpu.allocated.push(buffer);
+  return buffer;
+}
+
+export const numel = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
+
+export function tensor(gpu: Gpu, shape: number[]): Tensor {
+  const bytes = numel(shape) * 4;
+  if (bytes > gpu.limits.maxBinding) {
+    throw new Error(
+      `a [${shape}] tensor needs ${(bytes / 2 ** 20).toFixed(0)} MiB but this GPU binds at most ` +
+        `${(gpu.limits.maxBinding / 2 ** 20).toFixed(0)} MiB: lower --batch-size`,
+    );
+  }
+  return { buffer: createBuffer(gpu, bytes), offset: 0, shape, dtype: "f32" };
+}
+
+export function upload(gpu: Gpu, data: Float32Array, shape: number[]): Tensor {
+  if (data.length !== numel(shape)) throw new Error(`upload: ${data.length} values for shape [${shape}]`);
+  const t = tensor(gpu, shape);
+  gpu.device.queue.writeBuffer(t.buffer, 0, data as Float32Array<ArrayBuffer>);
+  return t;
+}
+
+/** A view of `shape` at float offset `offset` of `buffer` (offsets must be multiples of 64 floats). */
+export const view = (buffer: GPUBuffer, offset: number, shape: number[]): Tensor => ({
+  buffer,
+  offset: offset * 4,
+  shape,
+  dtype: "f32",
+});
+
+/** The same tensor with another leading (batch) dimension. */
+export const withRows = (t: Tensor, rows: number): Tensor => ({ ...t, shape: [rows, ...t.shape.slice(1)] });
+
+export async function readBuffer(gpu: Gpu, buffer: GPUBuffer, offsetBytes: number, bytes: number) {
+  const staging = gpu.device.createBuffer({ size: bytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  const enc = gpu.device.createCommandEncoder();
+  enc.copyBufferToBuffer(buffer, offsetBytes, staging, 0, bytes);
+  gpu.device.queue.submit([enc.finish()]);
+  try {
+    await staging.mapAsync(GPUMapMode.READ);
+  } catch (e) {
+    checkGpu(gpu);
+    throw e;
+  }
+  const out = new Float32Array(staging.getMappedRange().slice(0));
+  staging.destroy();
+  checkGpu(gpu);
+  return out;
+}
+
+export const readTensor = (gpu: Gpu, t: Tensor) => readBuffer(gpu, t.buffer, t.offset, numel(t.shape) * 4);
+
+// A uniform struct: plain numbers are u32, f32(x) and i32(x) mark the other field types.
+type Field = number | { f32: number } | { i32: number };
+export const f32 = (v: number): Field => ({ f32: v });
+export const i32 = (v: number): Field => ({ i32: v });
+
+function uniform(gpu: Gpu, fields: Field[]): GPUBuffer {
+  const data = new DataView(new ArrayBuffer(Math.ceil(fields.length / 4) * 16));
+  fields.forEach((f, i) => {
+    if (typeof f === "number") data.setUint32(i * 4, f, true);
+    else if ("f32" in f) data.setFloat32(i * 4, f.f32, true);
+    else data.setInt32(i * 4, f.i32, true);
+  });
+  const buffer = gpu.device.createBuffer({
+    size: data.byteLength,
+    usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+  });
+  gpu.device.queue.writeBuffer(buffer, 0, data.buffer);
+  gpu.allocated.push(buffer);
+  return buffer;
+}
+
+/** Per-submit values, shared by every kernel that binds `frame` (layout: struct Frame in the kernels). */
+export interface Frame {
+  offset?: number; // first index into the epoch's permutation (train) or the test set (eval)
+  valid?: number; // rows of the batch that count in the loss and metrics
+  lrWeights?: number;
+  lrBiases?: number;
+  emaDecay?: number;
+}
+
+export function setFrame(gpu: Gpu, f: Frame) {
+  const data = new DataView(new ArrayBuffer(32));
+  data.setUint32(0, f.offset ?? 0, true);
+  data.setUint32(4, f.valid ?? 0, true);
+  data.setFloat32(8, f.lrWeights ?? 0, true);
+  data.setFloat32(12, f.lrBiases ?? 0, true);
+  data.setFloat32(16, f.emaDecay ?? 0, true);
+  gpu.device.queue.writeBuffer(gpu.frame, 0, data.buffer);
+}
+
+/** One recorded kernel launch: built once (pipeline, bind group), replayed every step. */
+export interface Dispatch {
+  label: string;
+  pipeline: GPUComputePipeline;
+  bindGroup: GPUBindGroup;
+  grid: [number, number, number];
+}
+
+function pipeline(gpu: Gpu, file: string, entryPoint: string, constants?: Record<string, number>) {
+  const key = `${file}:${entryPoint}:${JSON.stringify(constants ?? {})}`;
+  let p = gpu.pipelines.get(key);
+  if (!p) {
+    const module = gpu.device.createShaderModule({ label: file, code: gpu.sources.get(file)! });
+    p = gpu.device.createComputePipeline({ label: key, layout: "auto", compute: { module, entryPoint, constants } });
+    gpu.pipelines.set(key, p);
+  }
+  return p;
+}
+
+function kernel(
+  gpu: Gpu,
+  file: string,
+  entryPoint: string,
+  bindings: Record<number, GPUBuffer | Tensor>,
+  grid: [number, number, number],
+  constants?: Record<string, number>,
+): Dispatch {
+  const p = pipeline(gpu, file, entryPoint, constants);
+  const entries = Object.entries(bindings).map(([binding, b]) => ({
+    binding: Number(binding),
+    resource: "shape" in b ? { buffer: b.buffer, offset: b.offset, size: numel(b.shape) * 4 } : { buffer: b },
+  }));
+  const bindGroup = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries });
+  if (grid[0] > MAX_GROUPS || grid[1] > MAX_GROUPS || grid[2] > MAX_GROUPS) {
+    throw new Error(`${file}:${entryPoint} needs a grid of [${grid}] workgroups: lower --batch-size`);
+  }
+  return { label: `${file}.${entryPoint}`, pipeline: p, bindGroup, grid };
+}
+
+/** Grid for a 1-D kernel over `count` items; the kernel folds y back: i = g.x + g.y * nw.x * WG. */
+function grid1d(count: number, wg = 256): [number, number, number] {
+  const groups = Math.max(1, Math.ceil(count / wg));
+  return groups <= MAX_GROUPS ? [groups, 1, 1] : [MAX_GROUPS, Math.ceil(groups / MAX_GROUPS), 1];
+}
+
+export function encode(pass: GPUComputePassEncoder, list: Dispatch[]) {
+  for (const d of list) {
+    pass.setPipeline(d.pipeline);
+    pass.setBindGroup(0, d.bindGroup);
+    pass.dispatchWorkgroups(...d.grid);
+  }
+}
+
+/** Encodes `list` in one compute pass and submits it; nothing waits for the GPU. */
+export function submit(gpu: Gpu, list: Dispatch[], after?: (enc: GPUCommandEncoder) => void) {
+  const enc = gpu.device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  encode(pass, list);
+  pass.end();
+  after?.(enc);
+  gpu.device.queue.submit([enc.finish()]);
+}
+
+/** Frees every buffer allocated since `mark = gpu.allocated.length`. */
+export function freeSince(gpu: Gpu, mark: number) {
+  for (const b of gpu.allocated.splice(mark)) b.destroy();
+}
+
+// =================================================================================================
+// 3. Ops: one function per kernel. Each returns recorded dispatches and never waits for the GPU.
+//    Activations are NHWC, conv weights HWIO [kh][kw][cin][cout]; shapes come from the tensors.
+// =================================================================================================
+
+/** A `const NAME: u32 = Nu;` of a kernel file: tile sizes live in the WGSL, the host reads them from there. */
+export function kernelConst(gpu: Gpu, file: string, name: string): number {
+  const m = gpu.sources.get(file)!.match(new RegExp(`const ${name}: u32 = (\\d+)u;`));
+  if (!m) throw new Error(`kernels/${file}.wgsl has no \`const ${name}: u32\``);
+  return Number(m[1]);
+}
+
+/** Changes such a constant (e.g. a tile size for one kind of device); affects pipelines built afterwards. */
+export function setKernelConst(gpu: Gpu, file: string, name: string, value: number) {
+  kernelConst(gpu, file, name);
+  const src = gpu.sources.get(file)!.replace(
+    new RegExp(`const ${name}: u32 = \\d+u;`),
+    `const ${name}: u32 = ${value}u;`,
+  );
+  gpu.sources.set(file, src);
+  for (const key of [...gpu.pipelines.keys()]) if (key.startsWith(`${file}:`)) gpu.pipelines.delete(key);
+}
+
+const convBlock = (gpu: Gpu) => ({ wg: kernelConst(gpu, "conv", "WG"), block: kernelConst(gpu, "conv", "BLOCK") });
+const CONV_SPLIT_K = { target: 8192, max: 32 }; // backward-weight: pixels per split, most splits
+
+function convShape(x: number[], w: number[], y: number[], pad: number) {
+  const [batch, h, wd, cin] = x, [kh, kw, wcin, cout] = w, [yb, ho, wo, ycout] = y;
+  if (wcin !== cin || ycout !== cout || yb !== batch || ho !== h + 2 * pad - kh + 1 || wo !== wd + 2 * pad - kw + 1) {
+    throw new Error(`conv: shapes x [${x}] w [${w}] y [${y}] pad ${pad} do not match`);
+  }
+  return { batch, h, w: wd, cin, ho, wo, cout, kh, kw };
+}
+
+function convUniform(gpu: Gpu, c: ReturnType<typeof convShape>, pad: number, m: number, n: number, kps = 0) {
+  return uniform(gpu, [c.batch, c.h, c.w, c.cin, c.ho, c.wo, c.cout, c.kh, c.kw, pad, m, n, kps, 0, 0, 0]);
+}
+
+/** Grid of a conv kernel: each thread owns BLOCK rows x BLOCK columns; workgroups of WG threads run along rows. */
+function convGrid(gpu: Gpu, rowBlocks: number, n: number, splits = 1): [number, number, number] {
+  const { wg, block } = convBlock(gpu);
+  return [Math.ceil(rowBlocks / wg), Math.ceil(n / block), splits];
+}
+
+/** y = conv(x, w), stride 1, zero padding `pad`. */
+export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number): Dispatch {
+  const c = convShape(x.shape, w.shape, y.shape, pad);
+  const m = c.batch * c.ho * c.wo, n = c.cout;
+  const grid = convGrid(gpu, Math.ceil(m / convBlock(gpu).block), n);
+  return kernel(gpu, "conv", "forward", { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y }, grid);
+}
+
+/** dx = d conv / dx, given dy. */
+export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, pad: number): Dispatch {
+  const c = convShape(dx.shape, w.shape, dy.shape, pad);
+  const m = c.batch * c.h * c.w, n = c.cin;
+  const grid = convGrid(gpu, Math.ceil(m / convBlock(gpu).block), n);
+  return kernel(gpu, "conv", "backward_data", { 0: convUniform(gpu, c, pad, m, n), 1: dy, 2: w, 3: dx }, grid);
+}
+
+/** dw = d conv / dw, given x and dy: split-K over the pixels into partials, then a sum over the splits. */
+export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor, pad: number): Dispatch[] {
+  const c = convShape(x.shape, dw.shape, dy.shape, pad);
+  const m = c.kh * c.kw * c.cin, n = c.cout, pixels = c.batch * c.ho * c.wo;
+  let splits = Math.min(CONV_SPLIT_K.max, Math.ceil(pixels / CONV_SPLIT_K.target));
+  const kps = Math.ceil(pixels / splits);
+  splits = Math.ceil(pixels / kps);
+  const partials = tensor(gpu, [splits, m, n]);
+  const grid = convGrid(gpu, c.kh * c.kw * Math.ceil(c.cin / convBlock(gpu).block), n, splits);
+  return [
+    kernel(gpu, "conv", "backward_weight", { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials }, grid),
+    kernel(gpu, "reduce", "sum_splits", { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw }, grid1d(m * n)),
+  ];
+}
+
+function poolUniform(gpu: Gpu, x: number[], y: number[], count: number) {
+  return uniform(gpu, [x[0], x[1], x[2], x[3], y[1], y[2], count, 0]);
+}
+
+/** 2x2 max pool, stride 2, floor (an odd last row/column is dropped). */
+export function maxPool2(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
+  const [b, h, w, c] = x.shape;
+  if (y.shape.join() !== [b, h >> 1, w >> 1, c].join()) throw new Error(`maxPool2: [${x.shape}] -> [${y.shape}]`);
+  return kernel(
+    gpu,
+    "pool",
+    "maxpool2_forward",
+    { 0: poolUniform(gpu, x.shape, y.shape, numel(y.shape)), 1: x, 3: y },
+    grid1d(numel(y.shape)),
+  );
+}
+
+export function maxPool2Backward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
+  const u = poolUniform(gpu, x.shape, dy.shape, numel(x.shape));
+  return kernel(gpu, "pool", "maxpool2_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(numel(x.shape)));
+}
+
+/** y[b][c] = max over the image of x[b][:][:][c]. */
+export function globalMaxPool(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
+  const u = poolUniform(gpu, x.shape, [y.shape[0], 1, 1, y.shape[1]], numel(y.shape));
+  return kernel(gpu, "pool", "global_max_forward", { 0: u, 1: x, 3: y }, grid1d(numel(y.shape)));
+}
+
+export function globalMaxPoolBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
+  const u = poolUniform(gpu, x.shape, [dy.shape[0], 1, 1, dy.shape[1]], numel(x.shape));
+  return kernel(gpu, "pool", "global_max_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(numel(x.shape)));
+}
+
+export function gelu(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
+  const u = uniform(gpu, [numel(x.shape), 0, 0, 0]);
+  return kernel(gpu, "act", "gelu_forward", { 0: u, 1: x, 3: y }, grid1d(numel(x.shape)));
+}
+
+export function geluBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
+  const u = uniform(gpu, [numel(x.shape), 0, 0, 0]);
+  return kernel(gpu, "act", "gelu_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(numel(x.shape)));
+}
+
+/** Batch-norm parameters of one layer: scale (frozen at 1), shift, running mean and variance. */
+export interface NormParams {
+  weight: Tensor;
+  bias: Tensor;
+  runningMean: Tensor;
+  runningVar: Tensor;
+}
+
+const NORM_ROWS_PER_CHUNK = 256; // rows each thread of the statistics kernels sums
+const NORM_WG_C = 64; // must match WG_C in norm.wgsl
+
+function normSetup(gpu: Gpu, x: Tensor) {
+  const c = x.shape[x.shape.length - 1], rows = numel(x.shape) / c;
+  const chunks = Math.ceil(rows / NORM_ROWS_PER_CHUNK);
+  const u = uniform(gpu, [
+    rows,
+    c,
+    NORM_ROWS_PER_CHUNK,
+    chunks,
+    f32(hyp.net.batchNormMomentum),
+    f32(hyp.net.batchNormEps),
+    numel(x.shape),
+    0,
+  ]);
+  const part = tensor(gpu, [chunks, c, 4]);
+  const perChannel: [number, number, number] = [Math.ceil(c / NORM_WG_C), 1, 1];
+  const perChunk: [number, number, number] = [Math.ceil(c / NORM_WG_C), chunks, 1];
+  return { u, part, perChannel, perChunk, count: numel(x.shape) };
+}
+
+/**
+ * y = batchnorm(x). Training: normalise with the batch statistics and update the running ones;
+ * eval: normalise with the running statistics. `stats` [C][2] keeps (mean, 1/std) for backward.
+ */
+export function batchNorm(gpu: Gpu, x: Tensor, p: NormParams, y: Tensor, stats: Tensor, training: boolean) {
+  const s = normSetup(gpu, x);
+  const apply = kernel(gpu, "norm", "apply", { 0: s.u, 1: x, 3: stats, 4: p.weight, 5: p.bias, 9: y }, grid1d(s.count));
+  if (!training) {
+    return [
+      kernel(gpu, "norm", "eval_stats", { 0: s.u, 3: stats, 6: p.runningMean, 7: p.runningVar }, s.perChannel),
+      apply,
+    ];
+  }
+  return [
+    kernel(gpu, "norm", "stats_partial", { 0: s.u, 1: x, 8: s.part }, s.perChunk),
+    kernel(
+      gpu,
+      "norm",
+      "stats_finalize",
+      { 0: s.u, 3: stats, 6: p.runningMean, 7: p.runningVar, 8: s.part },
+      s.perChannel,
+    ),
+    apply,
+  ];
+}
+
+/** dx, dbias (= sum dy) and dweight (= sum dy * xhat) of a training-mode batch norm. */
+export function batchNormBackward(
+  gpu: Gpu,
+  x: Tensor,
+  dy: Tensor,
+  stats: Tensor,
+  weight: Tensor,
+  dx: Tensor,
+  dbias: Tensor,
+  dweight: Tensor,
+): Dispatch[] {
+  const s = normSetup(gpu, x);
+  return [
+    kernel(gpu, "norm", "backward_partial", { 0: s.u, 1: x, 2: dy, 3: stats, 8: s.part }, s.perChunk),
+    kernel(gpu, "norm", "backward_finalize", { 0: s.u, 8: s.part, 10: dbias, 11: dweight }, s.perChannel),
+    kernel(
+      gpu,
+      "norm",
+      "backward_apply",
+      { 0: s.u, 1: x, 2: dy, 3: stats, 4: weight, 9: dx, 10: dbias, 11: dweight },
+      grid1d(s.count),
+    ),
+  ];
+}
+
+function linearUniform(gpu: Gpu, x: number[], w: number[], scale: number) {
+  return uniform(gpu, [x[0], w[1], w[0], f32(scale)]);
+}
+
+/** y = scale * x @ w^T, w [out][in]. */
+export function linear(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, scale: number): Dispatch {
+  return kernel(
+    gpu,
+    "linear",
+    "forward",
+    { 0: linearUniform(gpu, x.shape, w.shape, scale), 1: x, 2: w, 4: y },
+    grid1d(numel(y.shape)),
+  );
+}
+
+export function linearBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, scale: number): Dispatch {
+  const u = linearUniform(gpu, dx.shape, w.shape, scale);
+  return kernel(gpu, "linear", "backward_data", { 0: u, 2: w, 3: dy, 4: dx }, grid1d(numel(dx.shape)));
+}
+
+export function linearBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor, scale: number): Dispatch {
+  const u = linearUniform(gpu, x.shape, dw.shape, scale);
+  return kernel(gpu, "linear", "backward_weight", { 0: u, 1: x, 3: dy, 4: dw }, grid1d(numel(dw.shape)));
+}
+
+/**
+ * Label-smoothed soft-target cross-entropy per row, correctness per row, and the gradient of
+ * gradScale * sum(loss). Rows >= frame.valid are zeroed (a partial eval batch).
+ */
+export function crossEntropy(
+  gpu: Gpu,
+  logits: Tensor,
+  targets: Tensor,
+  loss: Tensor,
+  correct: Tensor,
+  dlogits: Tensor,
+  gradScale: number,
+): Dispatch {
+  const [rows, classes] = logits.shape;
+  const u = uniform(gpu, [rows, classes, f32(hyp.opt.labelSmoothing), f32(gradScale)]);
+  const b = { 0: u, 1: gpu.frame, 2: logits, 3: targets, 4: loss, 5: correct, 6: dlogits };
+  return kernel(gpu, "loss", "cross_entropy", b, [Math.ceil(rows / 64), 1, 1]);
+}
+
+/** out[b] = (logits[b] + logits[rows + b]) / 2: the flip test-time augmentation. */
+export function ttaAverage(gpu: Gpu, logits: Tensor, out: Tensor): Dispatch {
+  const [rows, classes] = out.shape;
+  const u = uniform(gpu, [rows, classes, 0, 0]);
+  return kernel(gpu, "loss", "tta_average", { 0: u, 2: logits, 6: out }, [Math.ceil((rows * classes) / 64), 1, 1]);
+}
+
+/** metrics[2 slot] += sum(loss), metrics[2 slot + 1] += sum(correct), over `rows` rows. */
+export function accumulateMetrics(gpu: Gpu, loss: Tensor, correct: Tensor, metrics: GPUBuffer, slot: number) {
+  const u = uniform(gpu, [0, 0, loss.shape[0], slot]);
+  return kernel(gpu, "reduce", "accumulate_metrics", { 0: u, 3: loss, 4: correct, 5: metrics }, [1, 1, 1]);
+}
+
+/** The flat parameter state: where each tensor lives, and the ranges the optimiser and EMA touch. */
+export interface StateLayout {
+  entries: Map<string, { offset: number; shape: number[] }>;
+  nWeights: number; // [0, nWeights): conv and linear weights
+  nTrainable: number; // [nWeights, nTrainable): batch-norm shifts
+  nCopy: number; // [nTrainable, nCopy): running statistics; the EMA copies [0, nCopy) back
+  nTotal: number; // [nCopy, nTotal): frozen batch-norm scales and whitening conv
+}
+
+/** Nesterov SGD with coupled weight decay over every trainable parameter, in one dispatch. */
+export function sgdNesterov(
+  gpu: Gpu,
+  layout: StateLayout,
+  params: GPUBuffer,
+  grads: GPUBuffer,
+  momentum: GPUBuffer,
+  wd: { weights: number; biases: number },
+): Dispatch {
+  const u = uniform(gpu, [
+    layout.nWeights,
+    layout.nTrainable,
+    layout.nCopy,
+    layout.nTotal,
+    f32(wd.weights),
+    f32(wd.biases),
+    f32(hyp.opt.momentum),
+    0,
+  ]);
+  return kernel(
+    gpu,
+    "optim",
+    "sgd_nesterov",
+    { 0: u, 1: gpu.frame, 2: params, 3: grads, 4: momentum },
+    grid1d(layout.nTrainable),
+  );
+}
+
+/** ema = d ema + (1 - d) params over the whole state (d = frame.emaDecay), then params = ema except frozen tensors. */
+export function emaUpdate(gpu: Gpu, layout: StateLayout, params: GPUBuffer, ema: GPUBuffer): Dispatch {
+  const u = uniform(gpu, [layout.nWeights, layout.nTrainable, layout.nCopy, layout.nTotal, 0, 0, 0, 0]);
+  return kernel(gpu, "optim", "ema_update", { 0: u, 1: gpu.frame, 2: params, 5: ema }, grid1d(layout.nTotal));
+}
+
+/** A split of raw images on the GPU (see data.wgsl): u8 CHW records packed in u32, labels as u32. */
+export interface GpuImages {
+  part0: GPUBuffer;
+  part1: GPUBuffer;
+  imagesPerPart: number;
+  count: number;
+  labels: GPUBuffer;
+}
+
+/** Per-channel mean and std of the training pixels in [0, 1] units (n - 1 denominator). */
+export interface ChannelStats {
+  mean: number[];
+  std: number[];
+}
+
+function dataUniform(gpu: Gpu, rows: number, imgs: GpuImages, norm: ChannelStats, cutmixSize = 0) {
+  const even = cutmixSize % 2 === 0 ? 1 : 0, half = Math.floor(cutmixSize / 2);
+  const inv = norm.std.map((s) => 1 / s);
+  return uniform(gpu, [
+    rows,
+    imgs.imagesPerPart,
+    imgs.count,
+    hyp.misc.numClasses,
+    f32((cutmixSize * cutmixSize) / (IMAGE_SIDE * IMAGE_SIDE)),
+    i32(-half + even),
+    i32(half),
+    0,
+    ...norm.mean.map(f32),
+    f32(0),
+    ...inv.map(f32),
+    f32(0),
+  ]);
+}
+
+/**
+ * The training batch: image perm[frame.offset + r] cropped, flipped and cutmixed as `params`
+ * says (see data.wgsl), normalised, into images [rows][32][32][3] and soft targets [rows][10].
+ */
+export function augmentTrain(
+  gpu: Gpu,
+  imgs: GpuImages,
+  norm: ChannelStats,
+  perm: GPUBuffer,
+  params: GPUBuffer,
+  images: Tensor,
+  targets: Tensor,
+): Dispatch {
+  const rows = images.shape[0];
+  const u = dataUniform(gpu, rows, imgs, norm, hyp.net.cutmixSize);
+  const b = {
+    0: u,
+    1: gpu.frame,
+    2: imgs.part0,
+    3: imgs.part1,
+    4: perm,
+    5: params,
+    6: imgs.labels,
+    7: images,
+    8: targets,
+  };
+  return kernel(gpu, "data", "augment_train", b, grid1d(rows * IMAGE_SIDE * IMAGE_SIDE));
+}
+
+/** Eval batch for flip TTA: rows [0, rows/2) are images frame.offset.., rows [rows/2, rows) their mirrors. */
+export function gatherEval(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, images: Tensor, targets: Tensor): Dispatch {
+  const rows = images.shape[0];
+  const u = dataUniform(gpu, rows, imgs, norm);
+  const b = { 0: u, 1: gpu.frame, 2: imgs.part0, 3: imgs.part1, 6: imgs.labels, 7: images, 8: targets };
+  return kernel(gpu, "data", "gather_eval", b, grid1d(rows * IMAGE_SIDE * IMAGE_SIDE));
+}
+
+/** Per image: sums and products of its normalised 2x2 patches (12-vectors) -> out [count][90]. */
+export function patchMoments(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, out: Tensor): Dispatch {
+  const u = dataUniform(gpu, 0, imgs, norm);
+  return kernel(gpu, "data", "patch_moments", { 0: u, 2: imgs.part0, 3: imgs.part1, 7: out }, grid1d(imgs.count));
+}
+
+// =================================================================================================
+// 4. Data: find (or download) CIFAR-10, read and check it, normalise, upload once
+// =================================================================================================
+// CIFAR-10 "binary version": each .bin file is 10,000 records of 3073 bytes:
+// 1 label byte (0-9) then 1024 R, 1024 G, 1024 B bytes (32x32, row-major).
+// We keep images as raw CHW uint8 exactly as in the file (label byte dropped);
+// normalization and augmentation happen on the GPU.
+
+export const CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+export const CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530";
+export const CIFAR10_TRAIN_FILES = [
+  "data_batch_1.bin",
+  "data_batch_2.bin",
+  "data_batch_3.bin",
+  "data_batch_4.bin",
+  "data_batch_5.bin",
+];
+export const CIFAR10_TEST_FILE = "test_batch.bin";
+export const RECORD_BYTES = 3073;
+export const FILE_BYTES = 30_730_000;
+const IMAGE_BYTES = RECORD_BYTES - 1; // 3 * 32 * 32
+const RECORDS_PER_FILE = FILE_BYTES / RECORD_BYTES; // 10,000
+const DATA_FOLDER = "cifar-10-batches-bin";
+const FIX_DATA = "delete the folder to re-download it, or point --data at a valid cifar-10-batches-bin folder";
+const USE_DATA = "pass --data DIR pointing at an existing cifar-10-batches-bin folder";
+
+export interface Cifar10 {
+  trainImages: Uint8Array; // N * 3072 bytes, each image CHW
+  trainLabels: Uint8Array; // N bytes, 0..9
+  testImages: Uint8Array;
+  testLabels: Uint8Array;
+}
+
+export async function loadCifar10(
+  dir: string,
+  opts: { trainSubset?: number; testSubset?: number } = {},
+): Promise<Cifar10> {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.stat(dir);
+  } catch {
+    throw new Error(
+      `CIFAR-10 folder ${dir} does not exist: pass --data DIR pointing at a cifar-10-batches-bin folder, or leave --data out to download it`,
+    );
+  }
+  if (!info.isDirectory) {
+    throw new Error(
+      `${dir} is not a folder: pass --data DIR pointing at a cifar-10-batches-bin folder`,
+    );
+  }
+  const train = await readRecords(
+    dir,
+    CIFAR10_TRAIN_FILES,
+    opts.trainSubset,
+    "trainSubset",
+  );
+  const test = await readRecords(
+    dir,
+    [CIFAR10_TEST_FILE],
+    opts.testSubset,
+    "testSubset",
+  );
+  return {
+    trainImages: train.images,
+    trainLabels: train.labels,
+    testImages: test.images,
+    testLabels: test.labels,
+  };
+}
+
+// Reads the first n records of `files` (in order), opening only the files it needs.
+async function readRecords(
+  dir: string,
+  files: string[],
+  n: number | undefined,
+  what: string,
+) {
+  const max = files.length * RECORDS_PER_FILE;
+  n ??= max;
+  if (!Number.isInteger(n) || n < 0 || n > max) {
+    throw new Error(`${what} must be an integer from 0 to ${max}, got ${n}`);
+  }
+  const images = new Uint8Array(n * IMAGE_BYTES), labels = new Uint8Array(n);
+  for (let f = 0, i = 0; i < n; f++) {
+    const bytes = await readCifarFile(join(dir, files[f]));
+    const count = Math.min(RECORDS_PER_FILE, n - i);
+    for (let r = 0; r < count; r++, i++) {
+      labels[i] = bytes[r * RECORD_BYTES];
+      images.set(
+        bytes.subarray(r * RECORD_BYTES + 1, (r + 1) * RECORD_BYTES),
+        i * IMAGE_BYTES,
+      );
+    }
+  }
+  return { images, labels };
+}
+
+// Reads one .bin file and checks its size and every label, so that a corrupt or
+// wrong file fails loudly here instead of silently training on garbage.
+async function readCifarFile(path: string): Promise<Uint8Array> {
+  let bytes: Uint8Array;
+  try {
+    bytes = await Deno.readFile(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) {
+      throw new Error(`CIFAR-10 file ${path} is missing: ${FIX_DATA}`);
+    }
+    throw new Error(
+      `could not read CIFAR-10 file ${path} (${errorText(e)}): ${FIX_DATA}`,
+    );
+  }
+  if (bytes.length !== FILE_BYTES) {
+    throw new Error(
+      `CIFAR-10 file ${path} has ${bytes.length} bytes, expected ${FILE_BYTES} (truncated, or not the binary version): ${FIX_DATA}`,
+    );
+  }
+  for (let r = 0; r < RECORDS_PER_FILE; r++) {
+    const label = bytes[r * RECORD_BYTES];
+    if (label > 9) {
+      throw new Error(
+        `CIFAR-10 file ${path} record ${r} has label ${label}, expected 0-9 (corrupt file): ${FIX_DATA}`,
+      );
+    }
+  }
+  return bytes;
+}
+
+// Minimal tar reader (ustar + GNU), enough for the CIFAR-10 tarball. Returned
+// data are views into `bytes` so the ~180 MB archive is not copied twice.
+export function untar(bytes: Uint8Array): { name: string; data: Uint8Array }[] {
+  const text = (h: Uint8Array, at: number, len: number) => {
+    const field = h.subarray(at, at + len), end = field.indexOf(0);
+    return new TextDecoder().decode(end < 0 ? field : field.subarray(0, end));
+  };
+  const octal = (h: Uint8Array, at: number, len: number) => parseInt(text(h, at, len).trim() || "0", 8);
+  const files: { name: string; data: Uint8Array }[] = [];
+  let longName: string | undefined; // GNU 'L' entries carry the next entry's long name
+  for (let off = 0;;) {
+    if (off + 512 > bytes.length) {
+      throw new Error("tar archive is truncated (no end-of-archive marker)");
+    }
+    const h = bytes.subarray(off, off + 512);
+    if (h.every((b) => b === 0)) return files; // end-of-archive (two zero blocks; the first suffices)
+    // The checksum is the sum of all header bytes with the checksum field itself read as spaces.
+    let sum = 0;
+    for (let i = 0; i < 512; i++) sum += i >= 148 && i < 156 ? 32 : h[i];
+    if (octal(h, 148, 8) !== sum) {
+      throw new Error(
+        `tar archive has a bad header checksum at byte ${off} (corrupt archive)`,
+      );
+    }
+    const size = octal(h, 124, 12), type = String.fromCharCode(h[156]);
+    if (!Number.isSafeInteger(size)) {
+      throw new Error(
+        `tar archive has a bad size field at byte ${off} (corrupt archive)`,
+      );
+    }
+    let name = text(h, 0, 100);
+    const prefix = text(h, 257, 6).startsWith("ustar") ? text(h, 345, 155) : "";
+    if (prefix) name = `${prefix}/${name}`;
+    off += 512;
+    if (off + size > bytes.length) {
+      throw new Error(`tar archive is truncated inside ${name}`);
+    }
+    const data = bytes.subarray(off, off + size);
+    off += Math.ceil(size / 512) * 512;
+    if (type === "L") {
+      longName = text(data, 0, data.length);
+      continue;
+    }
+    if (type === "0" || type === "\0" || type === "7") {
+      files.push({ name: longName ?? name, data });
+    }
+    longName = undefined; // directories, links and pax headers ('x', 'g') are skipped
+  }
+}
+
+export async function resolveCifar10Dir(opts: {
+  dir?: string;
+  cacheDir: string;
+  url?: string;
+  md5?: string;
+  log?: (s: string) => void;
+}): Promise<string> {
+  if (opts.dir) return opts.dir; // validated by loadCifar10
+  const { cacheDir, url = CIFAR10_URL, md5 = CIFAR10_MD5 } = opts;
+  const log = opts.log ??
+    ((s: string) => Deno.stdout.writeSync(new TextEncoder().encode(s)));
+  const finalDir = join(cacheDir, DATA_FOLDER);
+  if (await exists(finalDir)) return finalDir;
+
+  // Download, check and unpack everything in memory first, so a failure leaves nothing on disk.
+  const tarGz = await download(url, log);
+  const got = createHash("md5").update(tarGz).digest("hex");
+  if (got !== md5) {
+    throw new Error(
+      `downloaded file has md5 ${got}, expected ${md5}: the download is corrupt or ${url} serves a different file; retry, or ${USE_DATA}`,
+    );
+  }
+  let files: { name: string; data: Uint8Array }[];
+  try {
+    const tar = await new Response(
+      new Blob([tarGz]).stream().pipeThrough(new DecompressionStream("gzip")),
+    ).bytes();
+    files = untar(tar);
+  } catch (e) {
+    const why = errorText(e);
+    throw new Error(
+      `could not unpack ${url} (${why}): retry the download, or ${USE_DATA}`,
+    );
+  }
+  // Keep only the files directly inside cifar-10-batches-bin/ (this also rules out "../" tricks).
+  const wanted = new Map<string, Uint8Array>();
+  for (const { name, data } of files) {
+    const m = name.replace(/^\.\//, "").match(
+      /^cifar-10-batches-bin\/([^/]+)$/,
+    );
+    if (m && m[1] !== "." && m[1] !== "..") wanted.set(m[1], data);
+  }
+  for (const file of [...CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE]) {
+    const size = wanted.get(file)?.length;
+    if (size !== FILE_BYTES) {
+      const has = size === undefined ? "lacks" : `has a ${size}-byte`;
+      throw new Error(
+        `archive from ${url} ${has} ${DATA_FOLDER}/${file} (expected ${FILE_BYTES} bytes): ${USE_DATA}`,
+      );
+    }
+  }
+
+  // Write into a temp folder and rename it into place, so a crash mid-write never
+  // leaves a half-written cifar-10-batches-bin that looks valid next time.
+  await Deno.mkdir(cacheDir, { recursive: true });
+  const tmp = await Deno.makeTempDir({
+    dir: cacheDir,
+    prefix: `.${DATA_FOLDER}.tmp-`,
+  });
+  try {
+    for (const [file, data] of wanted) {
+      await Deno.writeFile(join(tmp, file), data);
+    }
+    await Deno.rename(tmp, finalDir);
+  } catch (e) {
+    await Deno.remove(tmp, { recursive: true }).catch(() => {});
+    if (await exists(finalDir)) return finalDir; // another process finished the same download first
+    const why = errorText(e);
+    throw new Error(
+      `could not write CIFAR-10 into ${cacheDir} (${why}): check disk space and permissions, or ${USE_DATA}`,
+    );
+  }
+  return finalDir;
+}
+
+// Streams `url` into memory, printing progress; content-length may be missing.
+async function download(
+  url: string,
+  log: (s: string) => void,
+): Promise<Uint8Array<ArrayBuffer>> {
+  const fail = (reason: string) =>
+    new Error(
+      `could not download CIFAR-10 from ${url} (${reason}): check your network, or ${USE_DATA}`,
+    );
+  const label = `\rdownloading ${url.split("/").pop()}: `;
+  const mb = (n: number) => (n / 1e6).toFixed(1);
+  const chunks: Uint8Array[] = [];
+  let got = 0, lastLog = 0;
+  let res: Response;
+  try {
+    res = await fetch(url);
+  } catch (e) {
+    throw fail(errorText(e));
+  }
+  if (res.status !== 200 || !res.body) {
+    await res.body?.cancel();
+    throw fail(`HTTP ${res.status} ${res.statusText}`.trim());
+  }
+  const total = Number(res.headers.get("content-length")) || 0;
+  try {
+    for await (const chunk of res.body) {
+      chunks.push(chunk);
+      got += chunk.length;
+      if (Date.now() - lastLog > 250) {
+        lastLog = Date.now();
+        log(label + (total ? `${mb(got)} / ${mb(total)} MB` : `${mb(got)} MB`));
+      }
+    }
+  } catch (e) {
+    throw fail(errorText(e));
+  }
+  log(label + (total ? `${mb(got)} / ${mb(total)} MB\n` : `${mb(got)} MB\n`));
+  if (total && got !== total) {
+    throw fail(`connection closed after ${got} of ${total} bytes`);
+  }
+  const out = new Uint8Array(got);
+  for (let i = 0, at = 0; i < chunks.length; at += chunks[i++].length) {
+    out.set(chunks[i], at);
+  }
+  return out;
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.stat(path);
+    return true;
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return false;
+    throw e;
+  }
+}
+
+const errorText = (e: unknown) => (e instanceof Error ? e.message : String(e));
+
+const IMAGE_SIDE = 32;
+
+export function channelStats(images: Uint8Array): ChannelStats {
+  const pixels = IMAGE_SIDE * IMAGE_SIDE, n = (images.length / IMAGE_BYTES) * pixels;
+  const mean: number[] = [], std: number[] = [];
+  for (let c = 0; c < 3; c++) {
+    let sum = 0, sumSq = 0; // exact integers: 50,000 images x 1024 x 255^2 < 2^53
+    for (let i = c * pixels; i < images.length; i += IMAGE_BYTES) {
+      for (let p = i; p < i + pixels; p++) {
+        sum += images[p];
+        sumSq += images[p] * images[p];
+      }
+    }
+    mean.push(sum / n / 255);
+    std.push(Math.sqrt((sumSq - (sum * sum) / n) / (n - 1)) / 255);
+  }
+  return { mean, std };
+}
+
+export function uploadImages(gpu: Gpu, images: Uint8Array, labels: Uint8Array): GpuImages {
+  const count = labels.length;
+  const imagesPerPart = Math.max(1, Math.min(count, Math.floor(gpu.limits.maxBinding / IMAGE_BYTES)));
+  if (count > 2 * imagesPerPart) throw new Error(`${count} images do not fit in two GPU bindings: use --train-subset`);
+  const part = (from: number, to: number) => {
+    const bytes = images.subarray(from * IMAGE_BYTES, to * IMAGE_BYTES) as Uint8Array<ArrayBuffer>;
+    const buffer = createBuffer(gpu, bytes.length);
+    if (bytes.length) gpu.device.queue.writeBuffer(buffer, 0, bytes);
+    return buffer;
+  };
+  const labelBuffer = createBuffer(gpu, count * 4);
+  gpu.device.queue.writeBuffer(labelBuffer, 0, Uint32Array.from(labels));
+  return {
+    part0: part(0, Math.min(count, imagesPerPart)),
+    part1: part(Math.min(count, imagesPerPart), count),
+    imagesPerPart,
+    count,
+    labels: labelBuffer,
+  };
+}
+
+/** The dataset as training sees it: raw bytes on the GPU, normalised there with these statistics. */
+export interface GpuData {
+  train: GpuImages;
+  test: GpuImages;
+  norm: ChannelStats; // training-set statistics, used for both splits
+  whiten?: Float32Array; // whitening conv weight, computed once per dataset (see whiteningWeight)
+}
+
+export function uploadDataset(gpu: Gpu, cifar: Cifar10): GpuData {
+  return {
+    train: uploadImages(gpu, cifar.trainImages, cifar.trainLabels),
+    test: uploadImages(gpu, cifar.testImages, cifar.testLabels),
+    norm: channelStats(cifar.trainImages),
+  };
+}
+
+// =================================================================================================
+// 5. Network: parameters, initialisation (whitening, dirac), forward and backward by hand
+//
+//   whiten (2x2 conv 3->12, frozen, + negation) -> GELU
+//   3 x ConvGroup: conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU
+//   global max pool -> linear (x 1/9) -> logits
+// =================================================================================================
+
+export const GROUPS = ["conv_group_1", "conv_group_2", "conv_group_3"];
+export const groupWidths = (baseDepth: number) => [baseDepth, 4 * baseDepth, 8 * baseDepth];
+const WHITEN_OUT = 2 * 3 * hyp.net.whitening.kernelSize ** 2; // 12 filters and their negations
+
+type ParamKind = "weight" | "bias" | "running" | "frozen";
+
+/** Every tensor of the network state, named as in the PyTorch original (conv weights here are HWIO). */
+export function stateSpec(baseDepth: number): { name: string; shape: number[]; kind: ParamKind }[] {
+  const k = hyp.net.whitening.kernelSize;
+  const spec: { name: string; shape: number[]; kind: ParamKind }[] = [
+    { name: "initial_block.whiten.weight", shape: [k, k, 3, WHITEN_OUT], kind: "frozen" },
+  ];
+  let cin = WHITEN_OUT;
+  GROUPS.forEach((g, i) => {
+    const c = groupWidths(baseDepth)[i];
+    spec.push({ name: `${g}.conv1.weight`, shape: [3, 3, cin, c], kind: "weight" });
+    spec.push({ name: `${g}.conv2.weight`, shape: [3, 3, c, c], kind: "weight" });
+    for (const norm of ["norm1", "norm2"]) {
+      spec.push({ name: `${g}.${norm}.weight`, shape: [c], kind: "frozen" }); // BN scale, fixed at 1
+      spec.push({ name: `${g}.${norm}.bias`, shape: [c], kind: "bias" });
+      spec.push({ name: `${g}.${norm}.running_mean`, shape: [c], kind: "running" });
+      spec.push({ name: `${g}.${norm}.running_var`, shape: [c], kind: "running" });
+    }
+    cin = c;
+  });
+  spec.push({ name: "linear.weight", shape: [hyp.misc.numClasses, cin], kind: "weight" });
+  return spec;
+}
+
+const STATE_ALIGN = 64; // floats: every tensor starts on a 256-byte boundary, so it can be bound alone
+
+/** Lays the tensors out by kind (weights, shifts, running stats, frozen) so each range is contiguous. */
+export function layoutState(spec: ReturnType<typeof stateSpec>): StateLayout {
+  const entries = new Map<string, { offset: number; shape: number[] }>();
+  const end: Record<string, number> = {};
+  let offset = 0;
+  for (const kind of ["weight", "bias", "running", "frozen"]) {
+    for (const t of spec.filter((s) => s.kind === kind)) {
+      entries.set(t.name, { offset, shape: t.shape });
+      offset += Math.ceil(numel(t.shape) / STATE_ALIGN) * STATE_ALIGN;
+    }
+    end[kind] = offset;
+  }
+  return { entries, nWeights: end.weight, nTrainable: end.bias, nCopy: end.running, nTotal: end.frozen };
+}
+
+export function stateViews(buffer: GPUBuffer, layout: StateLayout): Record<string, Tensor> {
+  const views: Record<string, Tensor> = {};
+  for (const [name, e] of layout.entries) views[name] = view(buffer, e.offset, e.shape);
+  return views;
+}
+
+/** Initial state on the CPU: PyTorch's default uniform init, then dirac on each group's convs. */
+export function initState(layout: StateLayout, rng: Rng, whiten: Float32Array): Float32Array {
+  const state = new Float32Array(layout.nTotal);
+  const at = (name: string) => {
+    const e = layout.entries.get(name)!;
+    return state.subarray(e.offset, e.offset + numel(e.shape));
+  };
+  for (const [name, e] of layout.entries) {
+    const t = at(name);
+    if (name.endsWith("conv1.weight") || name.endsWith("conv2.weight") || name === "linear.weight") {
+      const fanIn = name === "linear.weight" ? e.shape[1] : e.shape[0] * e.shape[1] * e.shape[2];
+      const bound = 1 / Math.sqrt(fanIn);
+      for (let i = 0; i < t.length; i++) t[i] = (2 * rng.next() - 1) * bound;
+    } else if (name.endsWith("norm1.weight") || name.endsWith("norm2.weight") || name.endsWith("running_var")) {
+      t.fill(1);
+    }
+  }
+  at("initial_block.whiten.weight").set(whiten);
+  for (const g of GROUPS) {
+    // conv1 += identity, then restore its previous mean and std: a near-identity start that keeps the scale
+    const w1 = at(`${g}.conv1.weight`), [, , cin, cout] = layout.entries.get(`${g}.conv1.weight`)!.shape;
+    const before = meanStd(w1);
+    for (let i = 0; i < Math.min(cin, cout); i++) w1[((1 * 3 + 1) * cin + i) * cout + i] += 1;
+    const after = meanStd(w1);
+    for (let i = 0; i < w1.length; i++) w1[i] = ((w1[i] - after.mean) / after.std) * before.std + before.mean;
+    // conv2 is exactly the identity
+    const w2 = at(`${g}.conv2.weight`);
+    w2.fill(0);
+    for (let i = 0; i < cout; i++) w2[((1 * 3 + 1) * cout + i) * cout + i] = 1;
+  }
+  return state;
+}
+
+function meanStd(x: Float32Array) {
+  let mean = 0;
+  for (const v of x) mean += v;
+  mean /= x.length;
+  let ss = 0;
+  for (const v of x) ss += (v - mean) ** 2;
+  return { mean, std: Math.sqrt(ss / (x.length - 1)) }; // unbiased, as torch.std_mean
+}
+
+/** Covariance (n - 1) of all 2x2 patches of the normalised training images, as 12-vectors (c, ky, kx). */
+export async function patchCovariance(gpu: Gpu, imgs: GpuImages, norm: ChannelStats): Promise<number[][]> {
+  const mark = gpu.allocated.length;
+  const out = tensor(gpu, [imgs.count, 90]);
+  submit(gpu, [patchMoments(gpu, imgs, norm, out)]);
+  const m = await readTensor(gpu, out);
+  freeSince(gpu, mark);
+  const sum = new Array(12).fill(0), prod = new Array(78).fill(0);
+  for (let i = 0; i < imgs.count; i++) {
+    for (let j = 0; j < 12; j++) sum[j] += m[i * 90 + j];
+    for (let j = 0; j < 78; j++) prod[j] += m[i * 90 + 12 + j];
+  }
+  const n = imgs.count * (IMAGE_SIDE - 1) ** 2;
+  const cov = Array.from({ length: 12 }, () => new Array(12).fill(0));
+  for (let i = 0, k = 0; i < 12; i++) {
+    for (let j = i; j < 12; j++, k++) cov[i][j] = cov[j][i] = (prod[k] - (sum[i] * sum[j]) / n) / (n - 1);
+  }
+  return cov;
+}
+
+/** Eigen-decomposition of a symmetric matrix by cyclic Jacobi rotations; vectors[i] goes with values[i]. */
+export function jacobiEigen(matrix: number[][]): { values: number[]; vectors: number[][] } {
+  const n = matrix.length, a = matrix.map((r) => [...r]);
+  const v: number[][] = Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => (i === j ? 1 : 0)));
+  const norm = Math.hypot(...a.flat());
+  for (let sweep = 0; sweep < 100; sweep++) {
+    let off = 0;
+    for (let p = 0; p < n; p++) for (let q = p + 1; q < n; q++) off += a[p][q] ** 2;
+    if (Math.sqrt(off) <= 1e-15 * norm) break;
+    for (let p = 0; p < n; p++) {
+      for (let q = p + 1; q < n; q++) {
+        if (a[p][q] === 0) continue;
+        const theta = (a[q][q] - a[p][p]) / (2 * a[p][q]);
+        const t = (theta >= 0 ? 1 : -1) / (Math.abs(theta) + Math.sqrt(theta * theta + 1));
+        const c = 1 / Math.sqrt(t * t + 1), s = t * c;
+        for (let k = 0; k < n; k++) [a[k][p], a[k][q]] = [c * a[k][p] - s * a[k][q], s * a[k][p] + c * a[k][q]];
+        for (let k = 0; k < n; k++) [a[p][k], a[q][k]] = [c * a[p][k] - s * a[q][k], s * a[p][k] + c * a[q][k]];
+        for (let k = 0; k < n; k++) [v[k][p], v[k][q]] = [c * v[k][p] - s * v[k][q], s * v[k][p] + c * v[k][q]];
+      }
+    }
+  }
+  return { values: a.map((r, i) => r[i]), vectors: a.map((_, i) => v.map((r) => r[i])) };
+}
+
+/** Whitening filters: eigenvector k / sqrt(eigenvalue k + eps), largest eigenvalue first. */
+export function whiteningFilters(cov: number[][], eps = hyp.net.whitening.eps): number[][] {
+  const { values, vectors } = jacobiEigen(cov);
+  const order = values.map((_, i) => i).sort((i, j) => values[j] - values[i]);
+  return order.map((i) => vectors[i].map((x) => x / Math.sqrt(values[i] + eps)));
+}
+
+/** The frozen whitening conv, HWIO [k][k][3][24]: the 12 filters, then their negations. */
+export function whiteningWeight(filters: number[][]): Float32Array {
+  const k = hyp.net.whitening.kernelSize, nf = filters.length, w = new Float32Array(k * k * 3 * 2 * nf);
+  for (let c = 0; c < 3; c++) {
+    for (let ky = 0; ky < k; ky++) {
+      for (let kx = 0; kx < k; kx++) {
+        for (let f = 0; f < nf; f++) {
+          const v = filters[f][(c * k + ky) * k + kx], at = ((ky * k + kx) * 3 + c) * 2 * nf;
+          w[at + f] = v;
+          w[at + nf + f] = -v;
+        }
+      }
+    }
+  }
+  return w;
+}
+
+/** Saved activations of one ConvGroup (inputs of every backward op), and BN statistics. */
+interface GroupActs {
+  c1: Tensor; // conv1 output            [B][H][W][C]
+  p1: Tensor; // maxpool output = BN1 in [B][H/2][W/2][C]
+  n1: Tensor; // BN1 output = GELU in
+  a1: Tensor; // GELU output = conv2 in
+  c2: Tensor; // conv2 output = BN2 in
+  n2: Tensor; // BN2 output = GELU in
+  a2: Tensor; // group output
+  stats1: Tensor; // BN1 (mean, 1/std) [C][2]
+  stats2: Tensor;
+}
+
+export interface Activations {
+  x: Tensor; // input batch [B][32][32][3]
+  targets: Tensor; // soft targets [B][10]
+  w0: Tensor; // whitening conv output [B][31][31][24]
+  a0: Tensor; // after GELU
+  groups: GroupActs[];
+  feats: Tensor; // global max pool [B][C3]
+  logits: Tensor; // [B][10]
+  logitsTta: Tensor; // flip-averaged eval logits [B/2][10] (rows used: half)
+  loss: Tensor; // per-row loss [B]
+  correct: Tensor; // per-row 0/1 [B]
+  dlogits: Tensor;
+  dfeats: Tensor;
+  gradA: GPUBuffer; // two ping-pong buffers for the activation gradients of the backward pass
+  gradB: GPUBuffer;
+}
+
+export function makeActivations(gpu: Gpu, batch: number, baseDepth: number): Activations {
+  const classes = hyp.misc.numClasses, side = IMAGE_SIDE - hyp.net.whitening.kernelSize + 1;
+  const groups: GroupActs[] = [];
+  let h = side, largest = 0;
+  for (const c of groupWidths(baseDepth)) {
+    const full = [batch, h, h, c], pooled = [batch, h >> 1, h >> 1, c];
+    const t = (shape: number[]) => tensor(gpu, shape);
+    groups.push({
+      c1: t(full),
+      p1: t(pooled),
+      n1: t(pooled),
+      a1: t(pooled),
+      c2: t(pooled),
+      n2: t(pooled),
+      a2: t(pooled),
+      stats1: t([c, 2]),
+      stats2: t([c, 2]),
+    });
+    largest = Math.max(largest, numel(full));
+    h >>= 1;
+  }
+  const c3 = groupWidths(baseDepth)[2];
+  return {
+    x: tensor(gpu, [batch, IMAGE_SIDE, IMAGE_SIDE, 3]),
+    targets: tensor(gpu, [batch, classes]),
+    w0: tensor(gpu, [batch, side, side, WHITEN_OUT]),
+    a0: tensor(gpu, [batch, side, side, WHITEN_OUT]),
+    groups,
+    feats: tensor(gpu, [batch, c3]),
+    logits: tensor(gpu, [batch, classes]),
+    logitsTta: tensor(gpu, [batch, classes]),
+    loss: tensor(gpu, [batch]),
+    correct: tensor(gpu, [batch]),
+    dlogits: tensor(gpu, [batch, classes]),
+    dfeats: tensor(gpu, [batch, c3]),
+    gradA: tensor(gpu, [largest]).buffer,
+    gradB: tensor(gpu, [largest]).buffer,
+  };
+}
+
+/** The same buffers seen with another batch size (<= the allocated one), e.g. for evaluation. */
+export function activationsWithRows(a: Activations, rows: number): Activations {
+  const r = (t: Tensor) => withRows(t, rows);
+  const groups = a.groups.map((g) =>
+    Object.fromEntries(Object.entries(g).map(([k, t]) => [k, k.startsWith("stats") ? t : r(t)])) as unknown as GroupActs
+  );
+  return {
+    ...a,
+    x: r(a.x),
+    targets: r(a.targets),
+    w0: r(a.w0),
+    a0: r(a.a0),
+    groups,
+    feats: r(a.feats),
+    logits: r(a.logits),
+    logitsTta: r(a.logitsTta),
+    loss: r(a.loss),
+    correct: r(a.correct),
+    dlogits: r(a.dlogits),
+    dfeats: r(a.dfeats),
+  };
+}
+
+const normParams = (P: Record<string, Tensor>, prefix: string): NormParams => ({
+  weight: P[`${prefix}.weight`],
+  bias: P[`${prefix}.bias`],
+  runningMean: P[`${prefix}.running_mean`],
+  runningVar: P[`${prefix}.running_var`],
+});
+
+/** x -> logits. `training`: batch-norm uses (and updates) batch statistics. */
+export function forward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, training: boolean): Dispatch[] {
+  const ops: Dispatch[] = [
+    conv2d(gpu, A.x, P["initial_block.whiten.weight"], A.w0, 0),
+    gelu(gpu, A.w0, A.a0),
+  ];
+  let input = A.a0;
+  GROUPS.forEach((g, i) => {
+    const G = A.groups[i];
+    ops.push(
+      conv2d(gpu, input, P[`${g}.conv1.weight`], G.c1, 1),
+      maxPool2(gpu, G.c1, G.p1),
+      ...batchNorm(gpu, G.p1, normParams(P, `${g}.norm1`), G.n1, G.stats1, training),
+      gelu(gpu, G.n1, G.a1),
+      conv2d(gpu, G.a1, P[`${g}.conv2.weight`], G.c2, 1),
+      ...batchNorm(gpu, G.c2, normParams(P, `${g}.norm2`), G.n2, G.stats2, training),
+      gelu(gpu, G.n2, G.a2),
+    );
+    input = G.a2;
+  });
+  ops.push(
+    globalMaxPool(gpu, input, A.feats),
+    linear(gpu, A.feats, P["linear.weight"], A.logits, hyp.opt.scalingFactor),
+  );
+  return ops;
+}
+
+/** dlogits -> gradients of every trainable tensor into G (same layout as the state). */
+export function backward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, G: Record<string, Tensor>): Dispatch[] {
+  const scale = hyp.opt.scalingFactor;
+  const ops: Dispatch[] = [
+    linearBackwardWeight(gpu, A.feats, A.dlogits, G["linear.weight"], scale),
+    linearBackwardData(gpu, A.dlogits, P["linear.weight"], A.dfeats, scale),
+  ];
+  // Gradients alternate between two scratch buffers: each op reads one and writes the other.
+  let cur = A.gradA, other = A.gradB;
+  const next = (shape: number[]) => {
+    [cur, other] = [other, cur];
+    return view(cur, 0, shape);
+  };
+  const last = A.groups[2].a2;
+  let d = view(cur, 0, last.shape);
+  ops.push(globalMaxPoolBackward(gpu, last, A.dfeats, d));
+  for (let i = 2; i >= 0; i--) {
+    const g = GROUPS[i], S = A.groups[i], input = i > 0 ? A.groups[i - 1].a2 : A.a0;
+    const norm1 = `${g}.norm1`, norm2 = `${g}.norm2`;
+    let dn = next(S.n2.shape);
+    ops.push(geluBackward(gpu, S.n2, d, dn));
+    d = next(S.c2.shape);
+    ops.push(
+      ...batchNormBackward(gpu, S.c2, dn, S.stats2, P[`${norm2}.weight`], d, G[`${norm2}.bias`], G[`${norm2}.weight`]),
+    );
+    ops.push(...conv2dBackwardWeight(gpu, S.a1, d, G[`${g}.conv2.weight`], 1));
+    const da1 = next(S.a1.shape);
+    ops.push(conv2dBackwardData(gpu, d, P[`${g}.conv2.weight`], da1, 1));
+    dn = next(S.n1.shape);
+    ops.push(geluBackward(gpu, S.n1, da1, dn));
+    const dp = next(S.p1.shape);
+    ops.push(
+      ...batchNormBackward(gpu, S.p1, dn, S.stats1, P[`${norm1}.weight`], dp, G[`${norm1}.bias`], G[`${norm1}.weight`]),
+    );
+    const dc = next(S.c1.shape);
+    ops.push(maxPool2Backward(gpu, S.c1, dp, dc));
+    ops.push(...conv2dBackwardWeight(gpu, input, dc, G[`${g}.conv1.weight`], 1));
+    if (i > 0) {
+      // the whitening conv is frozen and the data needs no gradient: group 1 stops here
+      const din = next(input.shape);
+      ops.push(conv2dBackwardData(gpu, dc, P[`${g}.conv1.weight`], din, 1));
+      d = din;
+    }
+  }
+  return ops;
+}
+
+// =================================================================================================
+// 6. Training: randomness, learning-rate schedule, EMA, augmentation draws, the epoch loop
+// =================================================================================================
+
+/** Seeded PRNG (sfc32, seeded through splitmix32): one per run, so a seed reproduces a run. */
+export class Rng {
+  private s: Uint32Array;
+  constructor(seed: number) {
+    let x = seed >>> 0;
+    const splitmix = () => {
+      x = (x + 0x9e3779b9) >>> 0;
+      let z = x;
+      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b);
+      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35);
+      return (z ^ (z >>> 16)) >>> 0;
+    };
+    this.s = Uint32Array.from([splitmix(), splitmix(), splitmix(), splitmix()]);
+    for (let i = 0; i < 12; i++) this.nextU32();
+  }
+  nextU32(): number {
+    const s = this.s, t = (((s[0] + s[1]) >>> 0) + s[3]) >>> 0;
+    s[3] = (s[3] + 1) >>> 0;
+    s[0] = s[1] ^ (s[1] >>> 9);
+    s[1] = (s[2] + (s[2] << 3)) >>> 0;
+    s[2] = ((s[2] << 21) | (s[2] >>> 11)) >>> 0;
+    s[2] = (s[2] + t) >>> 0;
+    return t;
+  }
+  /** Uniform in [0, 1). */
+  next(): number {
+    return this.nextU32() / 2 ** 32;
+  }
+  /** Uniform integer in [0, n). */
+  int(n: number): number {
+    return Math.floor(this.next() * n);
+  }
+  permutation(n: number): Uint32Array {
+    const p = new Uint32Array(n);
+    for (let i = 0; i < n; i++) p[i] = i;
+    for (let i = n - 1; i > 0; i--) {
+      const j = this.int(i + 1);
+      [p[i], p[j]] = [p[j], p[i]];
+    }
+    return p;
+  }
+}
+
+/**
+ * The learning-rate schedule: PyTorch's OneCycleLR, linear, no momentum cycling. Rises from
+ * maxLr / 1e16 to maxLr at step pct_start * T - 1, then falls to finalLrRatio * maxLr at step T - 1.
+ */
+export function oneCycleLr(step: number, totalSteps: number, maxLr: number): number {
+  const o = hyp.opt, initial = maxLr / o.initialDivFactor, final = maxLr * o.finalLrRatio;
+  const peakStep = o.percentStart * totalSteps - 1, lastStep = totalSteps - 1;
+  if (step <= peakStep) return initial + (maxLr - initial) * (step / peakStep);
+  return maxLr + (final - maxLr) * ((step - peakStep) / (lastStep - peakStep));
+}
+
+/** EMA decay after optimiser step number `step` (1-based): 0.95^5 x (step / T)^3, i.e. ~0 early on. */
+export function emaDecay(step: number, totalSteps: number): number {
+  const e = hyp.misc.ema;
+  return e.decayBase ** e.everyNSteps * (step / totalSteps) ** e.decayPow;
+}
+
+/** Steps and epochs for N images: S = floor(N/B) steps per epoch, T = ceil(S E) in all. */
+export function trainingPlan(nTrain: number, batchSize: number, epochs: number) {
+  const stepsPerEpoch = Math.floor(nTrain / batchSize);
+  const totalSteps = Math.ceil(stepsPerEpoch * epochs - 1e-9);
+  return {
+    stepsPerEpoch,
+    totalSteps,
+    numEpochs: Math.ceil(epochs),
+    /** steps run in epoch e: the last epoch runs whatever is left of T */
+    stepsIn: (e: number) => Math.max(0, Math.min(stepsPerEpoch, totalSteps - e * stepsPerEpoch)),
+    /** cutmix in epochs e >= E - 6, EMA from epoch floor(E) - 10 (both from epoch 0 if negative) */
+    cutmixFrom: Math.max(0, epochs - hyp.net.cutmixEpochs),
+    emaFrom: Math.max(0, Math.floor(epochs) - hyp.misc.ema.epochs),
+  };
+}
+
+/**
+ * The epoch's random draws for the augmentation kernel: the batch order, and per image its crop
+ * offsets (0..3: offset 4 is never drawn, a quirk of the original), flip, cutmix square and partner.
+ */
+export function epochAugmentation(rng: Rng, n: number, cutmix: boolean) {
+  const perm = rng.permutation(n), partner = cutmix ? rng.permutation(n) : perm;
+  const size = hyp.net.cutmixSize, even = size % 2 === 0 ? 1 : 0, half = Math.floor(size / 2);
+  const lowest = half - even, centres = IMAGE_SIDE - half - even - lowest; // centre in [lowest, lowest + centres)
+  const params = new Uint32Array(2 * n);
+  for (let i = 0; i < n; i++) {
+    const dy = rng.int(2 * hyp.net.padAmount), dx = rng.int(2 * hyp.net.padAmount), flip = rng.next() < 0.5 ? 1 : 0;
+    let bits = dy | (dx << 2) | (flip << 4);
+    if (cutmix && size > 0) bits |= (1 << 5) | ((lowest + rng.int(centres)) << 6) | ((lowest + rng.int(centres)) << 11);
+    params[2 * i] = bits;
+    params[2 * i + 1] = cutmix ? partner[i] : i;
+  }
+  return { perm, params };
+}
+
+export interface EpochMetrics {
+  epoch: number;
+  trainLoss: number; // mean loss of the epoch's first batch
+  trainAcc: number; // accuracy of the epoch's first batch
+  valLoss: number;
+  valAcc: number;
+  emaValAcc: number | null; // null until the EMA exists
+  totalTimeSeconds: number; // cumulative training time (steps only, no evaluation)
+}
+
+export interface RunResult {
+  seed: number;
+  emaValAcc: number | null;
+  valAcc: number;
+  trainSeconds: number;
+  epochs: EpochMetrics[];
+}
+
+export interface TrainOptions {
+  gpu: Gpu;
+  data: GpuData;
+  seed: number;
+  epochs?: number;
+  baseDepth?: number;
+  batchSize?: number;
+  onEpochStart?: (epoch: number) => void;
+  onEpoch?: (m: EpochMetrics) => void;
+}
+
+const METRIC_SLOTS = { train: 0, val: 1, ema: 2 }; // (loss sum, correct count) pairs in the metrics buffer
+
+export async function train(o: TrainOptions): Promise<RunResult> {
+  const { gpu, data } = o, device = gpu.device;
+  const E = o.epochs ?? hyp.misc.trainEpochs, B = o.batchSize ?? hyp.misc.batchSize;
+  const baseDepth = o.baseDepth ?? hyp.net.baseDepth, N = data.train.count, nTest = data.test.count;
+  const plan = trainingPlan(N, B, E), T = plan.totalSteps;
+  if (plan.stepsPerEpoch < 1) {
+    throw new Error(`--batch-size ${B} is larger than the training set (${N} images): lower it`);
+  }
+  if (B < 2) throw new Error("--batch-size must be at least 2");
+  const rng = new Rng(o.seed);
+  const mark = gpu.allocated.length;
+  try {
+    data.whiten ??= whiteningWeight(whiteningFilters(await patchCovariance(gpu, data.train, data.norm)));
+
+    // ---- build every buffer and recorded program once; WebGPU errors here become one clear line
+    device.pushErrorScope("out-of-memory");
+    device.pushErrorScope("validation");
+    const layout = layoutState(stateSpec(baseDepth)), stateBytes = layout.nTotal * 4;
+    const state = createBuffer(gpu, stateBytes), grads = createBuffer(gpu, stateBytes);
+    const momentum = createBuffer(gpu, stateBytes), ema = createBuffer(gpu, stateBytes);
+    device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten) as Float32Array<ArrayBuffer>);
+    const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
+    const A = makeActivations(gpu, B, baseDepth);
+    const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8), metrics = createBuffer(gpu, 6 * 4);
+
+    const trainForward = [
+      augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets),
+      ...forward(gpu, A, P, true),
+      crossEntropy(gpu, A.logits, A.targets, A.loss, A.correct, A.dlogits, hyp.opt.lossScaleBatch / B),
+    ];
+    const firstBatchMetrics = accumulateMetrics(gpu, A.loss, A.correct, metrics, METRIC_SLOTS.train);
+    const wd = {
+      weights: hyp.opt.weightDecayPerSample * B,
+      biases: hyp.opt.weightDecayPerSample * B * hyp.opt.biasDecayScaler,
+    };
+    const update = [...backward(gpu, A, P, G), sgdNesterov(gpu, layout, state, grads, momentum, wd)];
+    const emaStep = emaUpdate(gpu, layout, state, ema);
+
+    // Eval batches hold `half` images and their mirrors (flip TTA) in the same buffers.
+    const half = Math.floor(B / 2), E2 = activationsWithRows(A, 2 * half);
+    const tta = withRows(A.logitsTta, half);
+    const evalOf = (params: Record<string, Tensor>, slot: number) => [
+      ...forward(gpu, E2, params, false),
+      ttaAverage(gpu, E2.logits, tta),
+      crossEntropy(
+        gpu,
+        tta,
+        withRows(A.targets, half),
+        withRows(A.loss, half),
+        withRows(A.correct, half),
+        withRows(A.dlogits, half),
+        0,
+      ),
+      accumulateMetrics(gpu, withRows(A.loss, half), withRows(A.correct, half), metrics, slot),
+    ];
+    const evalNet = [gatherEval(gpu, data.test, data.norm, E2.x, E2.targets), ...evalOf(P, METRIC_SLOTS.val)];
+    const evalEma = evalOf(PE, METRIC_SLOTS.ema);
+    const validation = await device.popErrorScope(), oom = await device.popErrorScope();
+    if (oom) {
+      throw new Error(`out of GPU memory building the network (${oom.message}): lower --batch-size or --base-depth`);
+    }
+    if (validation) throw new Error(`WebGPU rejected the network: ${validation.message}`);
+
+    // ---- the epoch loop: the CPU only waits at the end of each epoch's steps (for the clock) and after eval
+    const epochs: EpochMetrics[] = [];
+    let trainSeconds = 0, stepsDone = 0, emaExists = false;
+    for (let epoch = 0; epoch < plan.numEpochs; epoch++) {
+      o.onEpochStart?.(epoch);
+      const t0 = performance.now();
+      const aug = epochAugmentation(rng, N, epoch >= plan.cutmixFrom);
+      device.queue.writeBuffer(perm, 0, aug.perm as Uint32Array<ArrayBuffer>);
+      device.queue.writeBuffer(augParams, 0, aug.params as Uint32Array<ArrayBuffer>);
+      device.queue.writeBuffer(metrics, 0, new Float32Array(6));
+      for (let s = 0; s < plan.stepsIn(epoch); s++) {
+        const lrStep = stepsDone++; // the schedule is indexed by steps taken before this one
+        const emaNow = epoch >= plan.emaFrom && stepsDone % hyp.misc.ema.everyNSteps === 0;
+        setFrame(gpu, {
+          offset: s * B,
+          valid: B,
+          lrWeights: oneCycleLr(lrStep, T, hyp.opt.nonBiasLr),
+          lrBiases: oneCycleLr(lrStep, T, hyp.opt.biasLr),
+          emaDecay: emaDecay(stepsDone, T),
+        });
+        const list = [...trainForward, ...(s === 0 ? [firstBatchMetrics] : []), ...update];
+        if (emaNow && emaExists) list.push(emaStep);
+        // the first EMA is a plain copy of the network
+        submit(
+          gpu,
+          list,
+          emaNow && !emaExists ? (enc) => enc.copyBufferToBuffer(state, 0, ema, 0, stateBytes) : undefined,
+        );
+        if (emaNow) emaExists = true;
+      }
+      await device.queue.onSubmittedWorkDone();
+      trainSeconds += (performance.now() - t0) / 1000;
+      checkGpu(gpu);
+
+      for (let start = 0; start < nTest; start += half) {
+        setFrame(gpu, { offset: start, valid: Math.min(half, nTest - start) });
+        submit(gpu, emaExists ? [...evalNet, ...evalEma] : evalNet);
+      }
+      const m = await readBuffer(gpu, metrics, 0, 6 * 4);
+      const row: EpochMetrics = {
+        epoch,
+        trainLoss: m[0] / B,
+        trainAcc: m[1] / B,
+        valLoss: m[2] / nTest,
+        valAcc: m[3] / nTest,
+        emaValAcc: emaExists ? m[5] / nTest : null,
+        totalTimeSeconds: trainSeconds,
+      };
+      if (!Number.isFinite(row.trainLoss) || !Number.isFinite(row.valLoss)) {
+        throw new Error(
+          `training diverged in epoch ${epoch} (train loss ${row.trainLoss}, val loss ${row.valLoss}): ` +
+            "lower the learning rates in hyp.opt, or undo the last change",
+        );
+      }
+      epochs.push(row);
+      o.onEpoch?.(row);
+    }
+    const last = epochs[epochs.length - 1];
+    return { seed: o.seed, emaValAcc: last.emaValAcc, valAcc: last.valAcc, trainSeconds, epochs };
+  } finally {
+    freeSince(gpu, mark);
+  }
+}
+
+// =================================================================================================
+// 7. Printing: the hlb-CIFAR10 table, updated in place on a terminal
+// =================================================================================================
+
+export const COLUMNS = ["epoch", "train_loss", "val_loss", "train_acc", "val_acc", "ema_val_acc", "total_time_seconds"];
+
+/** One table row as the original prints it: integers as is, floats with 4 decimals, blanks for missing. */
+export function formatRow(values: (number | null)[]): string {
+  const cells = values.map((v, i) => {
+    const text = v === null ? "" : Number.isInteger(v) && i === 0 ? String(v) : v.toFixed(4);
+    return `|  ${text.padStart(COLUMNS[i].length)}  `;
+  });
+  return cells.join("") + "|";
+}
+
+export function tableHeader(): string {
+  const head = COLUMNS.map((c) => `|  ${c}  `).join("") + "|", bar = "-".repeat(head.length);
+  return `${bar}\n${head}\n${bar}`;
+}
+
+export const rowValues = (m: EpochMetrics) => [
+  m.epoch,
+  m.trainLoss,
+  m.valLoss,
+  m.trainAcc,
+  m.valAcc,
+  m.emaValAcc,
+  m.totalTimeSeconds,
+];
+
+/** Prints rows; on a terminal a "training epoch N" line stands where the next row will appear. */
+class Table {
+  private live = Deno.stdout.isTerminal();
+  header() {
+    console.log(tableHeader());
+  }
+  epochStart(epoch: number) {
+    if (this.live) Deno.stdout.writeSync(new TextEncoder().encode(`|  training epoch ${epoch} ...`));
+  }
+  row(m: EpochMetrics) {
+    console.log((this.live ? "\r\x1b[2K" : "") + formatRow(rowValues(m)));
+  }
+  end() {
+    console.log("-".repeat(tableHeader().indexOf("\n")));
+  }
+}
+
+export const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+export const sampleStd = (xs: number[]) =>
+  xs.length < 2 ? 0 : Math.sqrt(xs.reduce((a, x) => a + (x - mean(xs)) ** 2, 0) / (xs.length - 1));
+
+/** Writes next to the target, then renames: an interrupted run never leaves a half-written file. */
+export async function writeFileAtomic(path: string, text: string) {
+  const tmp = `${path}.tmp-${Deno.pid}`;
+  try {
+    await Deno.writeTextFile(tmp, text);
+    await Deno.rename(tmp, path);
+  } catch (e) {
+    await Deno.remove(tmp).catch(() => {});
+    throw new Error(`could not write ${path} (${errorText(e)}): check the folder exists and is writable`);
+  }
+}
+
+// =================================================================================================
+// 8. Command line
+// =================================================================================================
+
+export interface CliOptions {
+  help: boolean;
+  data?: string;
+  runs: number;
+  epochs: number;
+  baseDepth: number;
+  batchSize: number;
+  trainSubset?: number;
+  testSubset?: number;
+  seed: number;
+  json?: string;
+}
+
+const FLAG_RANGES = {
+  runs: { min: 1, max: 10_000, integer: true },
+  epochs: { min: 0.01, max: 1000, integer: false },
+  "base-depth": { min: 1, max: 1024, integer: true },
+  "batch-size": { min: 2, max: 50_000, integer: true },
+  "train-subset": { min: 1, max: 50_000, integer: true },
+  "test-subset": { min: 1, max: 10_000, integer: true },
+  seed: { min: 0, max: 2 ** 32 - 1, integer: true },
+};
+
+export const HELP = `hlb-CIFAR10 on WebGPU: trains a small convnet on CIFAR-10 to ~94% test accuracy.
+
+usage: deno run -A main.ts [flags]
+
+  --data DIR          cifar-10-batches-bin folder (default: $CIFAR10_DIR, else data/cifar-10-batches-bin,
+                      downloaded and verified on first use)
+  --runs N            train N times with seeds seed, seed+1, ... and print mean and std (default 1)
+  --epochs E          training epochs, fractions allowed (default ${hyp.misc.trainEpochs}); cutmix runs from
+                      epoch E-${hyp.net.cutmixEpochs}, the EMA from epoch floor(E)-${hyp.misc.ema.epochs}
+  --base-depth D      width of the first group; groups are D, 4D, 8D (default ${hyp.net.baseDepth})
+  --batch-size B      training batch size (default ${hyp.misc.batchSize})
+  --train-subset N    train on the first N training images in file order (default: all 50000)
+  --test-subset N     evaluate on the first N test images (default: all 10000)
+  --seed S            seed of the first run, 0..4294967295 (default: random, printed)
+  --json FILE         write the results as JSON (accuracies as fractions)
+  --help              show this help`;
+
+export function parseFlags(argv: string[]): CliOptions {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        help: { type: "boolean", short: "h" },
+        data: { type: "string" },
+        json: { type: "string" },
+        ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" as const }])),
+      },
+    });
+  } catch (e) {
+    throw new Error(`${errorText(e).split("\n")[0].replace(/\. To specify.*$/, "")}: see --help`);
+  }
+  const v = parsed.values as Record<string, string | boolean | undefined>;
+  const num = (name: keyof typeof FLAG_RANGES): number | undefined => {
+    const raw = v[name];
+    if (raw === undefined) return undefined;
+    const r = FLAG_RANGES[name], x = Number(raw);
+    const kind = r.integer ? "an integer" : "a number";
+    if (raw === "" || !Number.isFinite(x) || (r.integer && !Number.isInteger(x)) || x < r.min || x > r.max) {
+      throw new Error(`--${name} must be ${kind} from ${r.min} to ${r.max}, got "${raw}"`);
+    }
+    return x;
+  };
+  for (const name of ["data", "json"]) {
+    if (v[name] === "") throw new Error(`--${name} needs a value: see --help`);
+  }
+  return {
+    help: Boolean(v.help),
+    data: v.data as string | undefined,
+    json: v.json as string | undefined,
+    runs: num("runs") ?? 1,
+    epochs: num("epochs") ?? hyp.misc.trainEpochs,
+    baseDepth: num("base-depth") ?? hyp.net.baseDepth,
+    batchSize: num("batch-size") ?? hyp.misc.batchSize,
+    trainSubset: num("train-subset"),
+    testSubset: num("test-subset"),
+    seed: num("seed") ?? crypto.getRandomValues(new Uint32Array(1))[0],
+  };
+}
+
+export async function main(argv: string[]) {
+  const o = parseFlags(argv);
+  if (o.help) return console.log(HELP);
+  const dir = await resolveCifar10Dir({
+    dir: o.data ?? (Deno.env.get("CIFAR10_DIR") || undefined),
+    cacheDir: fileURLToPath(new URL("./data", import.meta.url)),
+  });
+  const cifar = await loadCifar10(dir, { trainSubset: o.trainSubset, testSubset: o.testSubset });
+  const gpu = await initGpu();
+  const data = uploadDataset(gpu, cifar);
+  console.log(
+    `device: ${gpu.adapterName} | precision: f32 | train ${data.train.count} / test ${data.test.count} images | ` +
+      `batch ${o.batchSize} | epochs ${o.epochs} | base depth ${o.baseDepth}`,
+  );
+  const runs: RunResult[] = [];
+  for (let r = 0; r < o.runs; r++) {
+    const seed = (o.seed + r) >>> 0, table = new Table();
+    console.log(`\nrun ${r + 1}/${o.runs}, seed ${seed}`);
+    table.header();
+    const result = await train({
+      gpu,
+      data,
+      seed,
+      epochs: o.epochs,
+      baseDepth: o.baseDepth,
+      batchSize: o.batchSize,
+      onEpochStart: (e) => table.epochStart(e),
+      onEpoch: (m) => table.row(m),
+    });
+    table.end();
+    const ema = result.emaValAcc === null ? "n/a (the EMA never started)" : `${(100 * result.emaValAcc).toFixed(2)}%`;
+    console.log(
+      `final EMA val accuracy: ${ema} | val accuracy: ${(100 * result.valAcc).toFixed(2)}% | train time ${
+        result.trainSeconds.toFixed(2)
+      } s`,
+    );
+    runs.push(result);
+  }
+  const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
+  const summary = {
+    meanEmaValAcc: accs.length ? mean(accs) : null,
+    stdEmaValAcc: accs.length ? sampleStd(accs) : null,
+  };
+  if (o.runs > 1) {
+    console.log("\nrun  seed        ema_val_acc  train_seconds");
+    runs.forEach((r, i) =>
+      console.log(
+        `${String(i + 1).padStart(3)}  ${String(r.seed).padEnd(10)}  ${
+          r.emaValAcc === null ? "    n/a" : (100 * r.emaValAcc).toFixed(2) + "%"
+        }       ${r.trainSeconds.toFixed(2)}`,
+      )
+    );
+    const times = runs.map((r) => r.trainSeconds);
+    if (accs.length) {
+      console.log(
+        `mean EMA val accuracy over ${accs.length} runs: ${(100 * mean(accs)).toFixed(2)}% ± ${
+          (100 * sampleStd(accs)).toFixed(2)
+        }% (std) | ` +
+          `train time ${mean(times).toFixed(2)} ± ${sampleStd(times).toFixed(2)} s`,
+      );
+    }
+  }
+  if (o.json) {
+    const out = {
+      device: gpu.adapterName,
+      precision: "f32",
+      flags: { ...o, help: undefined },
+      runs: runs.map((r) => ({
+        seed: r.seed,
+        emaValAcc: r.emaValAcc,
+        valAcc: r.valAcc,
+        trainSeconds: r.trainSeconds,
+        epochs: r.epochs,
+      })),
+      ...summary,
+    };
+    await writeFileAtomic(o.json, JSON.stringify(out, null, 2) + "\n");
+    console.log(`results written to ${o.json}`);
+  }
+  gpu.device.destroy();
+}
+
+if (import.meta.main) {
+  try {
+    await main(Deno.args);
+  } catch (e) {
+    console.error(`error: ${errorText(e)}`);
+    Deno.exit(1);
+  }
+}

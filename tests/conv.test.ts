@@ -1,0 +1,256 @@
+// GPU tests of the convolution kernels (conv.wgsl + the split-K sum in reduce.wgsl) against
+// independent float64 CPU references written here, plus central finite differences of the CPU
+// forward for the gradients. Shapes are small and odd on purpose: the CPU device (lavapipe) is slow,
+// and odd sizes exercise the 4x4 block edges of the kernels.
+import assert from "node:assert/strict";
+import {
+  checkGpu,
+  conv2d,
+  conv2dBackwardData,
+  conv2dBackwardWeight,
+  freeSince,
+  initGpu,
+  readTensor,
+  submit,
+  tensor,
+  upload,
+} from "../main.ts";
+
+const gpu = await initGpu();
+
+// ---- test helpers (kept local: every reference below is independent of main.ts) ----
+
+/** mulberry32: a tiny seeded PRNG, so a failure reproduces. */
+class Prng {
+  #s: number;
+  constructor(seed: number) {
+    this.#s = seed >>> 0;
+  }
+  next(): number {
+    let t = (this.#s = (this.#s + 0x6d2b79f5) >>> 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  }
+  normal(): number {
+    const u = 1 - this.next(), v = this.next();
+    return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
+  }
+  normals(n: number, scale = 1): Float32Array {
+    return Float32Array.from({ length: n }, () => scale * this.normal());
+  }
+}
+
+const maxAbs = (a: ArrayLike<number>) => {
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]));
+  return m;
+};
+
+/** max |got - ref| <= tol * (1 + max |ref|), reporting the worst element. */
+function assertClose(name: string, got: ArrayLike<number>, ref: ArrayLike<number>, tol = 1e-4) {
+  assert.equal(got.length, ref.length, `${name}: length`);
+  const bound = tol * (1 + maxAbs(ref));
+  let worst = -1, err = 0;
+  for (let i = 0; i < ref.length; i++) {
+    const e = Math.abs(got[i] - ref[i]);
+    if (!(e <= err)) [worst, err] = [i, Number.isNaN(e) ? Infinity : e];
+  }
+  assert.ok(
+    err <= bound,
+    `${name}: max abs err ${err.toExponential(3)} > ${bound.toExponential(3)} at [${worst}]: ` +
+      `got ${got[worst]}, want ${ref[worst]}`,
+  );
+}
+
+// ---- float64 CPU references (NHWC activations, HWIO weights) ----
+
+interface ConvCase {
+  b: number;
+  h: number;
+  w: number;
+  cin: number;
+  cout: number;
+  kh: number;
+  kw: number;
+  pad: number;
+}
+const outSize = (c: ConvCase) => ({ ho: c.h + 2 * c.pad - c.kh + 1, wo: c.w + 2 * c.pad - c.kw + 1 });
+
+/** y[b][oy][ox][co] = sum_{ky,kx,ci} x[b][oy+ky-pad][ox+kx-pad][ci] w[ky][kx][ci][co] */
+function convRef(c: ConvCase, x: ArrayLike<number>, w: ArrayLike<number>): Float64Array {
+  const { ho, wo } = outSize(c);
+  const y = new Float64Array(c.b * ho * wo * c.cout);
+  for (let b = 0; b < c.b; b++) {
+    for (let oy = 0; oy < ho; oy++) {
+      for (let ox = 0; ox < wo; ox++) {
+        for (let co = 0; co < c.cout; co++) {
+          let s = 0;
+          for (let ky = 0; ky < c.kh; ky++) {
+            const iy = oy + ky - c.pad;
+            if (iy < 0 || iy >= c.h) continue;
+            for (let kx = 0; kx < c.kw; kx++) {
+              const ix = ox + kx - c.pad;
+              if (ix < 0 || ix >= c.w) continue;
+              for (let ci = 0; ci < c.cin; ci++) {
+                s += x[((b * c.h + iy) * c.w + ix) * c.cin + ci] * w[((ky * c.kw + kx) * c.cin + ci) * c.cout + co];
+              }
+            }
+          }
+          y[((b * ho + oy) * wo + ox) * c.cout + co] = s;
+        }
+      }
+    }
+  }
+  return y;
+}
+
+/** dx[b][iy][ix][ci] = sum over the outputs that read x[b][iy][ix][ci] of dy * w. */
+function convDataRef(c: ConvCase, dy: ArrayLike<number>, w: ArrayLike<number>): Float64Array {
+  const { ho, wo } = outSize(c);
+  const dx = new Float64Array(c.b * c.h * c.w * c.cin);
+  for (let b = 0; b < c.b; b++) {
+    for (let iy = 0; iy < c.h; iy++) {
+      for (let ix = 0; ix < c.w; ix++) {
+        for (let ci = 0; ci < c.cin; ci++) {
+          let s = 0;
+          for (let ky = 0; ky < c.kh; ky++) {
+            const oy = iy - ky + c.pad;
+            if (oy < 0 || oy >= ho) continue;
+            for (let kx = 0; kx < c.kw; kx++) {
+              const ox = ix - kx + c.pad;
+              if (ox < 0 || ox >= wo) continue;
+              for (let co = 0; co < c.cout; co++) {
+                s += dy[((b * ho + oy) * wo + ox) * c.cout + co] * w[((ky * c.kw + kx) * c.cin + ci) * c.cout + co];
+              }
+            }
+          }
+          dx[((b * c.h + iy) * c.w + ix) * c.cin + ci] = s;
+        }
+      }
+    }
+  }
+  return dx;
+}
+
+/** dw[ky][kx][ci][co] = sum_{b,oy,ox} x[b][oy+ky-pad][ox+kx-pad][ci] dy[b][oy][ox][co] */
+function convWeightRef(c: ConvCase, x: ArrayLike<number>, dy: ArrayLike<number>): Float64Array {
+  const { ho, wo } = outSize(c);
+  const dw = new Float64Array(c.kh * c.kw * c.cin * c.cout);
+  for (let ky = 0; ky < c.kh; ky++) {
+    for (let kx = 0; kx < c.kw; kx++) {
+      for (let b = 0; b < c.b; b++) {
+        for (let oy = 0; oy < ho; oy++) {
+          const iy = oy + ky - c.pad;
+          if (iy < 0 || iy >= c.h) continue;
+          for (let ox = 0; ox < wo; ox++) {
+            const ix = ox + kx - c.pad;
+            if (ix < 0 || ix >= c.w) continue;
+            const xo = ((b * c.h + iy) * c.w + ix) * c.cin, yo = ((b * ho + oy) * wo + ox) * c.cout;
+            for (let ci = 0; ci < c.cin; ci++) {
+              const xv = x[xo + ci], wo0 = ((ky * c.kw + kx) * c.cin + ci) * c.cout;
+              for (let co = 0; co < c.cout; co++) dw[wo0 + co] += xv * dy[yo + co];
+            }
+          }
+        }
+      }
+    }
+  }
+  return dw;
+}
+
+/** Runs forward, backward-data and backward-weight on the GPU (outputs pre-filled with garbage). */
+async function runConv(c: ConvCase, x: Float32Array, w: Float32Array, dy: Float32Array) {
+  const { ho, wo } = outSize(c);
+  const mark = gpu.allocated.length;
+  const garbage = (n: number) => new Float32Array(n).fill(-777.5);
+  const xs = [c.b, c.h, c.w, c.cin], ws = [c.kh, c.kw, c.cin, c.cout], ys = [c.b, ho, wo, c.cout];
+  const xt = upload(gpu, x, xs), wt = upload(gpu, w, ws), dyt = upload(gpu, dy, ys);
+  const yt = upload(gpu, garbage(dy.length), ys);
+  const dxt = upload(gpu, garbage(x.length), xs), dwt = upload(gpu, garbage(w.length), ws);
+  const dwList = conv2dBackwardWeight(gpu, xt, dyt, dwt, c.pad);
+  submit(gpu, [conv2d(gpu, xt, wt, yt, c.pad), conv2dBackwardData(gpu, dyt, wt, dxt, c.pad), ...dwList]);
+  const y = await readTensor(gpu, yt), dx = await readTensor(gpu, dxt), dw = await readTensor(gpu, dwt);
+  checkGpu(gpu);
+  freeSince(gpu, mark);
+  return { y, dx, dw, splits: dwList[0].grid[2] };
+}
+
+async function checkConv(c: ConvCase, seed: number) {
+  const rng = new Prng(seed);
+  const { ho, wo } = outSize(c);
+  const x = rng.normals(c.b * c.h * c.w * c.cin);
+  const w = rng.normals(c.kh * c.kw * c.cin * c.cout, 1 / Math.sqrt(c.kh * c.kw * c.cin));
+  const dy = rng.normals(c.b * ho * wo * c.cout);
+  const got = await runConv(c, x, w, dy);
+  const tag = JSON.stringify(c);
+  assertClose(`conv2d ${tag}`, got.y, convRef(c, x, w));
+  assertClose(`conv2dBackwardData ${tag}`, got.dx, convDataRef(c, dy, w));
+  assertClose(`conv2dBackwardWeight ${tag}`, got.dw, convWeightRef(c, x, dy));
+  return got;
+}
+
+// ---- tests ----
+
+Deno.test("conv: 3x3 pad 1, odd spatial size and channels (Cin 3, Cout 5)", async () => {
+  await checkConv({ b: 2, h: 7, w: 9, cin: 3, cout: 5, kh: 3, kw: 3, pad: 1 }, 1);
+});
+
+Deno.test("conv: 3x3 pad 1, Cin 37 Cout 70 (not multiples of 4/8/32)", async () => {
+  await checkConv({ b: 1, h: 5, w: 7, cin: 37, cout: 70, kh: 3, kw: 3, pad: 1 }, 2);
+  await checkConv({ b: 3, h: 3, w: 3, cin: 70, cout: 37, kh: 3, kw: 3, pad: 1 }, 3);
+});
+
+Deno.test("conv: 3x3 valid (pad 0) and pad 2 (output larger than input)", async () => {
+  await checkConv({ b: 2, h: 6, w: 5, cin: 5, cout: 24, kh: 3, kw: 3, pad: 0 }, 4);
+  await checkConv({ b: 1, h: 4, w: 5, cin: 3, cout: 6, kh: 3, kw: 3, pad: 2 }, 5);
+});
+
+Deno.test("conv: 7x7 pad 3 and 15x15 (pad 7 and valid), non-square 1x3 and 1x1", async () => {
+  await checkConv({ b: 2, h: 9, w: 11, cin: 5, cout: 24, kh: 7, kw: 7, pad: 3 }, 6);
+  await checkConv({ b: 1, h: 15, w: 15, cin: 3, cout: 5, kh: 15, kw: 15, pad: 7 }, 7);
+  await checkConv({ b: 2, h: 17, w: 16, cin: 3, cout: 5, kh: 15, kw: 15, pad: 0 }, 8);
+  await checkConv({ b: 2, h: 5, w: 6, cin: 5, cout: 3, kh: 1, kw: 3, pad: 1 }, 9);
+  await checkConv({ b: 3, h: 5, w: 3, cin: 7, cout: 9, kh: 1, kw: 1, pad: 0 }, 10);
+});
+
+Deno.test("conv: whitening conv, 2x2 valid, Cin 3 -> Cout 24, B=2 32x32", async () => {
+  await checkConv({ b: 2, h: 32, w: 32, cin: 3, cout: 24, kh: 2, kw: 2, pad: 0 }, 11);
+});
+
+Deno.test("conv: split-K backward weight (> 8192 output pixels, uneven last split)", async () => {
+  // 9 x 31 x 31 = 8649 pixels -> 2 splits of 4325 and 4324
+  const a = await checkConv({ b: 9, h: 31, w: 31, cin: 5, cout: 37, kh: 3, kw: 3, pad: 1 }, 12);
+  // whitening shape, 19 x 31 x 31 = 18259 pixels -> 3 splits
+  const b = await checkConv({ b: 19, h: 32, w: 32, cin: 3, cout: 24, kh: 2, kw: 2, pad: 0 }, 13);
+  // with CONV_SPLIT_K.target = 8192 these are 2 and 3 splits; if the target grows, enlarge the cases
+  assert.ok(Math.max(a.splits, b.splits) >= 2, `no split-K exercised (splits ${a.splits}, ${b.splits})`);
+});
+
+Deno.test("conv: gradients match central finite differences of the float64 forward", async () => {
+  const c: ConvCase = { b: 2, h: 5, w: 6, cin: 3, cout: 5, kh: 3, kw: 3, pad: 1 };
+  const rng = new Prng(14);
+  const { ho, wo } = outSize(c);
+  const x = rng.normals(c.b * c.h * c.w * c.cin), w = rng.normals(c.kh * c.kw * c.cin * c.cout, 0.3);
+  const r = rng.normals(c.b * ho * wo * c.cout); // L = sum(y * r), so dL/dy = r
+  const got = await runConv(c, x, w, r);
+  const loss = (xv: ArrayLike<number>, wv: ArrayLike<number>) => convRef(c, xv, wv).reduce((s, y, i) => s + y * r[i], 0);
+  const fd = (v: Float32Array, i: number, f: (p: Float64Array) => number) => {
+    const h = 1e-3, p = Float64Array.from(v);
+    p[i] = v[i] + h;
+    const lp = f(p);
+    p[i] = v[i] - h;
+    return (lp - f(p)) / (2 * h);
+  };
+  const dxRef = convDataRef(c, r, w), dwRef = convWeightRef(c, x, r);
+  for (let k = 0; k < 12; k++) {
+    // corners, edges and random interior entries
+    const i = k < 2 ? [0, x.length - 1][k] : Math.floor(rng.next() * x.length);
+    const j = k < 2 ? [0, w.length - 1][k] : Math.floor(rng.next() * w.length);
+    const gx = fd(x, i, (p) => loss(p, w)), gw = fd(w, j, (p) => loss(x, p));
+    assert.ok(Math.abs(gx - dxRef[i]) <= 1e-7 * (1 + Math.abs(gx)), `dx[${i}] fd ${gx} vs analytic ${dxRef[i]}`);
+    assert.ok(Math.abs(gw - dwRef[j]) <= 1e-7 * (1 + Math.abs(gw)), `dw[${j}] fd ${gw} vs analytic ${dwRef[j]}`);
+    assert.ok(Math.abs(got.dx[i] - gx) <= 1e-4 * (1 + Math.abs(gx)), `GPU dx[${i}] ${got.dx[i]} vs fd ${gx}`);
+    assert.ok(Math.abs(got.dw[j] - gw) <= 1e-4 * (1 + Math.abs(gw)), `GPU dw[${j}] ${got.dw[j]} vs fd ${gw}`);
+  }
+});

@@ -1,0 +1,387 @@
+// Offline tests for the data section: fixtures are written to temp folders and
+// "downloads" come from a loopback server, so neither the network nor the real
+// CIFAR-10 copy is needed.
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { join } from "node:path";
+import {
+  CIFAR10_TEST_FILE,
+  CIFAR10_TRAIN_FILES,
+  FILE_BYTES,
+  loadCifar10,
+  RECORD_BYTES,
+  resolveCifar10Dir,
+  untar,
+} from "../main.ts";
+
+const ALL_FILES = [...CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE];
+const enc = new TextEncoder();
+
+// File f (0-based, test_batch is 5) record r: label (r + f) % 10, first pixel
+// byte f + 1, last pixel byte r % 251. Everything else is zero.
+function fixtureFile(f: number): Uint8Array<ArrayBuffer> {
+  const bytes = new Uint8Array(FILE_BYTES);
+  for (let r = 0; r < 10_000; r++) {
+    bytes[r * RECORD_BYTES] = (r + f) % 10;
+    bytes[r * RECORD_BYTES + 1] = f + 1;
+    bytes[r * RECORD_BYTES + 3072] = r % 251;
+  }
+  return bytes;
+}
+
+async function writeFixtureDir(files = ALL_FILES): Promise<string> {
+  const dir = await Deno.makeTempDir();
+  for (const file of files) {
+    await Deno.writeFile(join(dir, file), fixtureFile(ALL_FILES.indexOf(file)));
+  }
+  return dir;
+}
+
+// Tiny ustar writer: header fields, padded data, two zero blocks at the end.
+type Entry = {
+  name: string;
+  data?: Uint8Array;
+  type?: string;
+  prefix?: string;
+};
+function tarHeader({ name, data, type = "0", prefix = "" }: Entry) {
+  const h = new Uint8Array(512);
+  const put = (s: string, at: number) => h.set(enc.encode(s), at);
+  const oct = (n: number, len: number) => n.toString(8).padStart(len - 1, "0") + "\0";
+  put(name, 0);
+  put(oct(0o644, 8), 100);
+  put(oct(0, 8), 108);
+  put(oct(0, 8), 116);
+  put(oct(data?.length ?? 0, 12), 124);
+  put(oct(0, 12), 136);
+  put("        ", 148);
+  put(type, 156);
+  put("ustar\0" + "00", 257);
+  put(prefix, 345);
+  const sum = h.reduce((a, b) => a + b, 0);
+  put(sum.toString(8).padStart(6, "0") + "\0 ", 148);
+  return h;
+}
+function tar(entries: Entry[]): Uint8Array<ArrayBuffer> {
+  const parts: Uint8Array[] = [];
+  for (const e of entries) {
+    parts.push(tarHeader(e));
+    const size = e.data?.length ?? 0;
+    if (e.data) {
+      parts.push(e.data, new Uint8Array(Math.ceil(size / 512) * 512 - size));
+    }
+  }
+  parts.push(new Uint8Array(1024));
+  const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
+  let at = 0;
+  for (const p of parts) out.set(p, at), at += p.length;
+  return out;
+}
+
+Deno.test("loadCifar10 reads train/test records, labels and subsets", async () => {
+  const dir = await writeFixtureDir();
+  try {
+    const d = await loadCifar10(dir);
+    assert.equal(d.trainImages.length, 50_000 * 3072);
+    assert.equal(d.trainLabels.length, 50_000);
+    assert.equal(d.testImages.length, 10_000 * 3072);
+    assert.equal(d.testLabels.length, 10_000);
+    // Record 12_345 is data_batch_2 (f=1) record 2345.
+    assert.equal(d.trainLabels[12_345], (2345 + 1) % 10);
+    assert.equal(d.trainImages[12_345 * 3072], 2);
+    assert.equal(d.trainImages[12_345 * 3072 + 3071], 2345 % 251);
+    assert.equal(d.trainImages[12_345 * 3072 + 1], 0);
+    assert.equal(d.trainImages[49_999 * 3072], 5);
+    assert.equal(d.testLabels[7], (7 + 5) % 10);
+    assert.equal(d.testImages[7 * 3072], 6);
+
+    const s = await loadCifar10(dir, { trainSubset: 10_005, testSubset: 3 });
+    assert.equal(s.trainLabels.length, 10_005);
+    assert.equal(s.trainImages.length, 10_005 * 3072);
+    assert.deepEqual(
+      s.trainImages.subarray(0, 3072 * 10_005),
+      d.trainImages.subarray(0, 3072 * 10_005),
+    );
+    assert.equal(s.trainImages[10_004 * 3072], 2); // spans into data_batch_2
+    assert.deepEqual([...s.testLabels], [5, 6, 7]);
+    await assert.rejects(
+      loadCifar10(dir, { trainSubset: 50_001 }),
+      /trainSubset/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("loadCifar10 only reads the files a subset needs", async () => {
+  const dir = await writeFixtureDir(["data_batch_1.bin", CIFAR10_TEST_FILE]);
+  try {
+    const s = await loadCifar10(dir, { trainSubset: 10_000 });
+    assert.equal(s.trainLabels.length, 10_000);
+    await assert.rejects(
+      loadCifar10(dir, { trainSubset: 10_001 }),
+      /data_batch_2\.bin is missing/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("loadCifar10 rejects missing folder, bad size and bad labels naming the file", async () => {
+  await assert.rejects(
+    loadCifar10("/nonexistent/cifar"),
+    /\/nonexistent\/cifar does not exist.*--data/,
+  );
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = join(dir, "data_batch_1.bin");
+    await Deno.writeFile(file, new Uint8Array(FILE_BYTES - 1));
+    await assert.rejects(loadCifar10(dir, { trainSubset: 1 }), (e: Error) => {
+      assert.match(
+        e.message,
+        /data_batch_1\.bin has 30729999 bytes, expected 30730000/,
+      );
+      assert.match(e.message, /delete the folder.*--data/);
+      assert.doesNotMatch(e.message, /\n/);
+      return true;
+    });
+    const bytes = fixtureFile(0);
+    bytes[1234 * RECORD_BYTES] = 10;
+    await Deno.writeFile(file, bytes);
+    // Labels are checked for the whole file, not only the records in the subset.
+    await assert.rejects(
+      loadCifar10(dir, { trainSubset: 1 }),
+      /data_batch_1\.bin record 1234 has label 10/,
+    );
+    await Deno.remove(file);
+    await assert.rejects(loadCifar10(dir), /data_batch_1\.bin is missing/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("untar reads ustar files, prefixes, skips dirs/pax, rejects truncation and bad checksums", () => {
+  const big = new Uint8Array(1300).map((_, i) => i % 256);
+  const bytes = tar([
+    { name: "cifar-10-batches-bin/", type: "5" },
+    {
+      name: "pax",
+      type: "x",
+      data: enc.encode("30 mtime=1234567890.123456789\n"),
+    },
+    { name: "cifar-10-batches-bin/big.bin", data: big },
+    {
+      name: "small.txt",
+      prefix: "cifar-10-batches-bin",
+      data: enc.encode("hi"),
+    },
+    { name: "empty", data: new Uint8Array(0) },
+  ]);
+  const files = untar(bytes);
+  assert.deepEqual(files.map((f) => f.name), [
+    "cifar-10-batches-bin/big.bin",
+    "cifar-10-batches-bin/small.txt",
+    "empty",
+  ]);
+  assert.deepEqual(files[0].data, big);
+  assert.equal(new TextDecoder().decode(files[1].data), "hi");
+  assert.equal(files[2].data.length, 0);
+
+  assert.throws(() => untar(bytes.subarray(0, 512 * 4 + 100)), /truncated/); // inside big.bin
+  assert.throws(() => untar(bytes.subarray(0, 512 * 7)), /truncated/); // no end marker
+  const bad = bytes.slice();
+  bad[5] ^= 1;
+  assert.throws(() => untar(bad), /checksum/);
+});
+
+// The fake CIFAR-10 tarball (six valid-size files of mostly zeros) compresses to
+// a few hundred KB; build it once for all download tests.
+let tarGzCache: Uint8Array<ArrayBuffer> | undefined;
+async function fixtureTarGz() {
+  if (!tarGzCache) {
+    const entries: Entry[] = [{ name: "cifar-10-batches-bin/", type: "5" }];
+    ALL_FILES.forEach((file, f) =>
+      entries.push({
+        name: `cifar-10-batches-bin/${file}`,
+        data: fixtureFile(f),
+      })
+    );
+    entries.push({
+      name: "cifar-10-batches-bin/batches.meta.txt",
+      data: enc.encode("airplane\n"),
+    });
+    const gz = new Blob([tar(entries)]).stream().pipeThrough(
+      new CompressionStream("gzip"),
+    );
+    tarGzCache = await new Response(gz).bytes();
+  }
+  return tarGzCache;
+}
+const md5 = (b: Uint8Array) => createHash("md5").update(b).digest("hex");
+
+// Runs `fn` against a loopback server and an empty cache folder, always cleaning both up.
+async function withServer(
+  handler: (req: Request) => Response,
+  fn: (base: string, cacheDir: string) => Promise<void>,
+) {
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    handler,
+  );
+  const cacheDir = await Deno.makeTempDir();
+  try {
+    await fn(`http://127.0.0.1:${server.addr.port}`, cacheDir);
+  } finally {
+    await server.shutdown();
+    await Deno.remove(cacheDir, { recursive: true });
+  }
+}
+async function listDir(dir: string) {
+  return (await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name).sort();
+}
+
+Deno.test("resolveCifar10Dir downloads, verifies, unpacks and caches", async () => {
+  const tgz = await fixtureTarGz();
+  let requests = 0;
+  await withServer(
+    () => (requests++, new Response(tgz)),
+    async (base, cacheDir) => {
+      const logs: string[] = [];
+      const url = `${base}/cifar-10-binary.tar.gz`;
+      const dir = await resolveCifar10Dir({
+        cacheDir,
+        url,
+        md5: md5(tgz),
+        log: (s) => logs.push(s),
+      });
+      assert.equal(dir, join(cacheDir, "cifar-10-batches-bin"));
+      assert.deepEqual(await listDir(cacheDir), ["cifar-10-batches-bin"]);
+      assert.deepEqual(
+        await listDir(dir),
+        [...ALL_FILES, "batches.meta.txt"].sort(),
+      );
+      assert.match(
+        logs.at(-1)!,
+        /^\rdownloading cifar-10-binary\.tar\.gz: [\d.]+ \/ [\d.]+ MB\n$/,
+      );
+      const d = await loadCifar10(dir, { trainSubset: 20_000 });
+      assert.equal(d.trainImages[15_000 * 3072], 2);
+      assert.equal(d.testLabels[3], (3 + 5) % 10);
+      // Second call finds the cache and does not download again.
+      assert.equal(
+        await resolveCifar10Dir({ cacheDir, url, md5: "x", log: () => {} }),
+        dir,
+      );
+      assert.equal(requests, 1);
+    },
+  );
+});
+
+Deno.test("resolveCifar10Dir works without content-length (chunked response)", async () => {
+  const tgz = await fixtureTarGz();
+  const handler = () => new Response(new Blob([tgz]).stream()); // streamed body -> no content-length
+  await withServer(handler, async (base, cacheDir) => {
+    const logs: string[] = [];
+    const dir = await resolveCifar10Dir({
+      cacheDir,
+      url: `${base}/c.tar.gz`,
+      md5: md5(tgz),
+      log: (s) => logs.push(s),
+    });
+    assert.match(logs.at(-1)!, /^\rdownloading c\.tar\.gz: [\d.]+ MB\n$/);
+    assert.equal(
+      (await loadCifar10(dir, { trainSubset: 1, testSubset: 1 }))
+        .trainLabels[0],
+      0,
+    );
+  });
+});
+
+Deno.test("resolveCifar10Dir leaves nothing behind on bad md5, truncated archive or HTTP 404", async () => {
+  const tgz = await fixtureTarGz();
+  const half = tgz.slice(0, tgz.length >> 1);
+  const handler = (req: Request) => {
+    const path = new URL(req.url).pathname;
+    if (path === "/full.tar.gz") return new Response(tgz);
+    if (path === "/half.tar.gz") return new Response(half);
+    return new Response("not found", { status: 404 });
+  };
+  await withServer(handler, async (base, cacheDir) => {
+    const log = () => {};
+    const wrongMd5 = "0".repeat(32);
+    await assert.rejects(
+      resolveCifar10Dir({
+        cacheDir,
+        url: `${base}/full.tar.gz`,
+        md5: wrongMd5,
+        log,
+      }),
+      new RegExp(`downloaded file has md5 ${md5(tgz)}, expected ${wrongMd5}`),
+    );
+    assert.deepEqual(await listDir(cacheDir), []);
+    // md5 of the half file matches, so the truncation is caught while unpacking.
+    await assert.rejects(
+      resolveCifar10Dir({
+        cacheDir,
+        url: `${base}/half.tar.gz`,
+        md5: md5(half),
+        log,
+      }),
+      /could not unpack .*half\.tar\.gz/,
+    );
+    assert.deepEqual(await listDir(cacheDir), []);
+    await assert.rejects(
+      resolveCifar10Dir({
+        cacheDir,
+        url: `${base}/nope.tar.gz`,
+        md5: md5(tgz),
+        log,
+      }),
+      /could not download CIFAR-10 from .*nope\.tar\.gz \(HTTP 404.*--data DIR/,
+    );
+    assert.deepEqual(await listDir(cacheDir), []);
+    // A missing cacheDir is not created when the download fails.
+    const fresh = join(cacheDir, "sub");
+    await assert.rejects(
+      resolveCifar10Dir({ cacheDir: fresh, url: `${base}/nope`, log }),
+      /HTTP 404/,
+    );
+    assert.deepEqual(await listDir(cacheDir), []);
+  });
+});
+
+Deno.test("resolveCifar10Dir reports an unreachable server clearly", async () => {
+  // Grab a free port, then close it so the connection is refused.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  const cacheDir = await Deno.makeTempDir();
+  try {
+    await assert.rejects(
+      resolveCifar10Dir({
+        cacheDir,
+        url: `http://127.0.0.1:${port}/x.tar.gz`,
+        log: () => {},
+      }),
+      /could not download CIFAR-10 from http:\/\/127\.0\.0\.1:\d+\/x\.tar\.gz \(.+\): check your network/,
+    );
+    assert.deepEqual(await listDir(cacheDir), []);
+  } finally {
+    await Deno.remove(cacheDir, { recursive: true });
+  }
+});
+
+Deno.test("resolveCifar10Dir returns an explicit dir unchanged without network", async () => {
+  const opts = {
+    cacheDir: "/nonexistent/cache",
+    url: "http://127.0.0.1:1/never.tar.gz",
+  };
+  assert.equal(
+    await resolveCifar10Dir({ ...opts, dir: "/some/where/cifar" }),
+    "/some/where/cifar",
+  );
+  assert.equal(
+    await resolveCifar10Dir({ ...opts, dir: "relative/dir" }),
+    "relative/dir",
+  );
+});
