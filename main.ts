@@ -990,6 +990,11 @@ export function channelStats(images: Uint8Array): ChannelStats {
         sumSq += images[p] * images[p];
       }
     }
+    if (sumSq * n === sum * sum) {
+      throw new Error(
+        `every training pixel of channel ${c} has the same value: the dataset is corrupt, delete it or pass another --data`,
+      );
+    }
     mean.push(sum / n / 255);
     std.push(Math.sqrt((sumSq - (sum * sum) / n) / (n - 1)) / 255);
   }
@@ -1756,7 +1761,17 @@ export function parseFlags(argv: string[]): CliOptions {
       },
     });
   } catch (e) {
-    throw new Error(`${errorText(e).split("\n")[0].replace(/\. To specify.*$/, "")}: see --help`);
+    // node's messages are long and multi-line: say the same in one line
+    const msg = errorText(e), flag = msg.match(/'([^' ]+)'/)?.[1] ?? "";
+    const code = (e as { code?: string }).code;
+    if (code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") throw new Error(`unknown flag ${flag}: see --help`);
+    if (code === "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL") {
+      throw new Error(`unexpected argument ${flag || msg}: flags start with --, see --help`);
+    }
+    if (msg.includes("ambiguous")) {
+      throw new Error(`${flag} needs a value (for a negative one write ${flag}=-N): see --help`);
+    }
+    throw new Error(`${flag ? `${flag} needs a value` : msg.split("\n")[0]}: see --help`);
   }
   const v = parsed.values as Record<string, string | boolean | undefined>;
   const num = (name: keyof typeof FLAG_RANGES): number | undefined => {
@@ -1792,6 +1807,7 @@ export async function main(argv: string[]) {
   const dir = await resolveCifar10Dir({
     dir: o.data ?? (Deno.env.get("CIFAR10_DIR") || undefined),
     cacheDir: fileURLToPath(new URL("./data", import.meta.url)),
+    url: Deno.env.get("CIFAR10_URL") || undefined, // a mirror of the official tarball (same md5)
   });
   const cifar = await loadCifar10(dir, { trainSubset: o.trainSubset, testSubset: o.testSubset });
   const gpu = await initGpu();

@@ -1,0 +1,157 @@
+// The command line: flag parsing and validation, and main.ts run as a user runs it (a child process).
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { FILE_BYTES, parseFlags, RECORD_BYTES } from "../main.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+
+async function runMain(args: string[], opts: { cwd?: string; env?: Record<string, string>; script?: string } = {}) {
+  const env = { ...Deno.env.toObject(), ...opts.env };
+  delete env.CIFAR10_DIR;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", opts.script ?? join(ROOT, "main.ts"), ...args],
+    cwd: opts.cwd ?? ROOT,
+    env,
+    clearEnv: true,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = (b: Uint8Array) => new TextDecoder().decode(b);
+  // Vulkan loaders may warn about XDG_RUNTIME_DIR on machines without a session: not ours
+  const stderr = text(out.stderr).split("\n").filter((l) => l && !l.includes("XDG_RUNTIME_DIR")).join("\n");
+  return { code: out.code, stdout: text(out.stdout), stderr };
+}
+
+Deno.test("flags: defaults follow hyp, values parse", () => {
+  const d = parseFlags([]);
+  assert.equal(d.runs, 1);
+  assert.equal(d.epochs, 12.1);
+  assert.equal(d.baseDepth, 64);
+  assert.equal(d.batchSize, 1024);
+  assert.equal(d.trainSubset, undefined);
+  assert.ok(Number.isInteger(d.seed) && d.seed >= 0 && d.seed < 2 ** 32);
+  const o = parseFlags(["--runs", "3", "--epochs", "4.1", "--base-depth", "8", "--batch-size", "256", "--seed", "1"]);
+  assert.deepEqual([o.runs, o.epochs, o.baseDepth, o.batchSize, o.seed], [3, 4.1, 8, 256, 1]);
+  const p = parseFlags(["--train-subset", "10000", "--test-subset", "2000", "--data", "/x", "--json", "r.json"]);
+  assert.deepEqual([p.trainSubset, p.testSubset, p.data, p.json], [10000, 2000, "/x", "r.json"]);
+  assert.equal(parseFlags(["--help"]).help, true);
+});
+
+Deno.test("flags: a bad value names the flag and its range", () => {
+  const cases: [string[], RegExp][] = [
+    [["--epochs", "0"], /^--epochs must be a number from 0.01 to 1000, got "0"$/],
+    [["--epochs", "abc"], /^--epochs must be a number/],
+    [["--runs", "1.5"], /^--runs must be an integer from 1 to 10000/],
+    [["--batch-size", "1"], /^--batch-size must be an integer from 2 to 50000/],
+    [["--base-depth=-4"], /^--base-depth must be an integer from 1 to 1024/],
+    [["--base-depth", "-4"], /^--base-depth needs a value \(for a negative one write --base-depth=-N\): see --help$/],
+    [["--train-subset", "50001"], /^--train-subset must be an integer from 1 to 50000/],
+    [["--test-subset", "0"], /^--test-subset must be an integer from 1 to 10000/],
+    [["--seed=-1"], /^--seed must be an integer from 0 to 4294967295/],
+    [["--frobnicate"], /^unknown flag --frobnicate: see --help$/],
+    [["--data"], /^--data needs a value: see --help$/],
+    [["stray"], /^unexpected argument stray: flags start with --, see --help$/],
+  ];
+  for (const [args, message] of cases) {
+    assert.throws(
+      () => parseFlags(args),
+      (e: Error) => message.test(e.message) && !e.message.includes("\n"),
+      args.join(" "),
+    );
+  }
+});
+
+Deno.test("main: a bad flag prints one line and exits 1", async () => {
+  const r = await runMain(["--batch-size", "0"]);
+  assert.equal(r.code, 1);
+  assert.equal(r.stderr, 'error: --batch-size must be an integer from 2 to 50000, got "0"');
+});
+
+Deno.test("main: no dataset and no network -> one clear line, nothing left behind", async () => {
+  // a copy of the script in an empty folder, so its default cache data/ starts empty
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.copyFile(join(ROOT, "main.ts"), join(dir, "main.ts"));
+    await Deno.mkdir(join(dir, "kernels"));
+    for await (const f of Deno.readDir(join(ROOT, "kernels"))) {
+      await Deno.copyFile(join(ROOT, "kernels", f.name), join(dir, "kernels", f.name));
+    }
+    const r = await runMain([], {
+      cwd: dir,
+      script: join(dir, "main.ts"),
+      env: { CIFAR10_URL: "http://127.0.0.1:9/cifar-10-binary.tar.gz" },
+    });
+    assert.equal(r.code, 1);
+    const lines = r.stderr.split("\n");
+    assert.equal(lines.length, 1, r.stderr);
+    assert.match(lines[0], /^error: could not download CIFAR-10 from http:\/\/127\.0\.0\.1:9\/.*--data DIR/);
+    const left = [];
+    for await (const e of Deno.readDir(dir)) left.push(e.name);
+    assert.deepEqual(left.sort(), ["kernels", "main.ts"]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomically", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    // a valid-looking dataset: exact file sizes, labels 0..9, patterned pixels
+    const bytes = new Uint8Array(FILE_BYTES).map((_, i) => (i * 37) % 251);
+    for (let r = 0; r < FILE_BYTES / RECORD_BYTES; r++) bytes[r * RECORD_BYTES] = r % 10;
+    const data = join(dir, "cifar-10-batches-bin");
+    await Deno.mkdir(data);
+    for (
+      const f of ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"]
+    ) {
+      await Deno.writeFile(join(data, f), bytes);
+    }
+    await Deno.writeFile(join(data, "test_batch.bin"), bytes);
+    const json = join(dir, "results.json");
+    const r = await runMain([
+      "--data",
+      data,
+      "--train-subset",
+      "256",
+      "--test-subset",
+      "50",
+      "--base-depth",
+      "4",
+      "--batch-size",
+      "64",
+      "--epochs",
+      "1.5",
+      "--runs",
+      "2",
+      "--seed",
+      "11",
+      "--json",
+      json,
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok(!r.stdout.includes("\r"), "piped output has no in-place updates");
+    assert.match(
+      r.stdout,
+      /\|  epoch  \|  train_loss  \|  val_loss  \|  train_acc  \|  val_acc  \|  ema_val_acc  \|  total_time_seconds  \|/,
+    );
+    assert.match(r.stdout, /run 1\/2, seed 11/);
+    assert.match(r.stdout, /run 2\/2, seed 12/);
+    assert.match(r.stdout, /final EMA val accuracy: \d+\.\d\d%/);
+    assert.match(r.stdout, /mean EMA val accuracy over 2 runs: \d+\.\d\d% ± \d+\.\d\d% \(std\)/);
+    const out = JSON.parse(await Deno.readTextFile(json));
+    assert.equal(out.runs.length, 2);
+    assert.deepEqual(out.runs.map((x: { seed: number }) => x.seed), [11, 12]);
+    for (const run of out.runs) {
+      assert.equal(run.epochs.length, 2); // 4 steps per epoch, 1.5 epochs = 6 steps: 4 + 2
+      assert.ok(run.emaValAcc >= 0 && run.emaValAcc <= 1 && run.valAcc >= 0 && run.valAcc <= 1);
+      assert.ok(run.trainSeconds > 0);
+    }
+    assert.ok(Math.abs(out.meanEmaValAcc - (out.runs[0].emaValAcc + out.runs[1].emaValAcc) / 2) < 1e-12);
+    assert.equal(typeof out.stdEmaValAcc, "number");
+    const names = [];
+    for await (const e of Deno.readDir(dir)) names.push(e.name);
+    assert.deepEqual(names.sort(), ["cifar-10-batches-bin", "results.json"]); // no temp file left
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
