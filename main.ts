@@ -1762,7 +1762,7 @@ export function parseFlags(argv: string[]): CliOptions {
     });
   } catch (e) {
     // node's messages are long and multi-line: say the same in one line
-    const msg = errorText(e), flag = msg.match(/'([^' ]+)'/)?.[1] ?? "";
+    const msg = errorText(e), flag = msg.match(/'([^' ]+)[' ]/)?.[1] ?? "";
     const code = (e as { code?: string }).code;
     if (code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") throw new Error(`unknown flag ${flag}: see --help`);
     if (code === "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL") {
