@@ -314,7 +314,9 @@ export function setKernelConst(gpu: Gpu, file: string, name: string, value: numb
 }
 
 const convBlock = (gpu: Gpu) => ({ wg: kernelConst(gpu, "conv", "WG"), block: kernelConst(gpu, "conv", "BLOCK") });
-const CONV_SPLIT_K = { target: 8192, max: 32 }; // backward-weight: pixels per split, most splits
+// backward-weight split-K: aim for `target` pixels per split and at most `max` splits, but never more
+// than `longest` pixels per thread (lavapipe silently stops a shader after ~65,535 loop iterations)
+const CONV_SPLIT_K = { target: 8192, max: 32, longest: 16384 };
 
 function convShape(x: number[], w: number[], y: number[], pad: number) {
   const [batch, h, wd, cin] = x, [kh, kw, wcin, cout] = w, [yb, ho, wo, ycout] = y;
@@ -354,7 +356,10 @@ export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, 
 export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor, pad: number): Dispatch[] {
   const c = convShape(x.shape, dw.shape, dy.shape, pad);
   const m = c.kh * c.kw * c.cin, n = c.cout, pixels = c.batch * c.ho * c.wo;
-  let splits = Math.min(CONV_SPLIT_K.max, Math.ceil(pixels / CONV_SPLIT_K.target));
+  let splits = Math.max(
+    Math.ceil(pixels / CONV_SPLIT_K.longest),
+    Math.min(CONV_SPLIT_K.max, Math.ceil(pixels / CONV_SPLIT_K.target)),
+  );
   const kps = Math.ceil(pixels / splits);
   splits = Math.ceil(pixels / kps);
   const partials = tensor(gpu, [splits, m, n]);
@@ -663,7 +668,7 @@ export function gatherEval(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, images
 /** Per image: sums and products of its normalised 2x2 patches (12-vectors) -> out [count][90]. */
 export function patchMoments(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, out: Tensor): Dispatch {
   const u = dataUniform(gpu, 0, imgs, norm);
-  return kernel(gpu, "data", "patch_moments", { 0: u, 2: imgs.part0, 3: imgs.part1, 7: out }, grid1d(imgs.count));
+  return kernel(gpu, "data", "patch_moments", { 0: u, 2: imgs.part0, 3: imgs.part1, 7: out }, grid1d(imgs.count * 90));
 }
 
 // =================================================================================================

@@ -14,9 +14,11 @@
 // gather_eval, one thread per output pixel of rows r < 2*half: image = offset + (r mod half),
 //   unflipped for r < half and mirrored for r >= half (flip TTA); one-hot targets for r < half.
 //   Images past the end repeat the last one; the loss kernel masks them out (frame.valid).
-// patch_moments, one thread per image i: over its 31*31 2x2 patches taken as 12-vectors
-//   (channel, row, column order), sums of each component and of each product (upper triangle,
-//   78 values) -> moments[i * 90 ..]: the whitening covariance is summed from these on the CPU.
+// patch_moments, one thread per (image i, moment q < 90): over the image's 31*31 2x2 patches taken
+//   as 12-vectors (channel, row, column order), the sum of component q (q < 12) or of the product
+//   pair q - 12 (upper triangle, row-major) -> moments[i * 90 + q]; the whitening covariance is
+//   summed from these on the CPU. (One thread per moment keeps every thread's loop short: lavapipe
+//   silently stops a shader after about 65,535 loop iterations.)
 // Layouts: images out [rows][32][32][3] (NHWC), targets [rows][classes].
 // Bindings: 0 uniform DataShape, 1 frame uniform, 2 part0, 3 part1, 4 perm, 5 params, 6 labels,
 //   7 images out (or moments), 8 targets out.
@@ -118,31 +120,37 @@ fn gather_eval(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups)
   }
 }
 
+// 2x2 patch component i (order c, ky, kx) of the patch at (y, x)
+fn patch_component(image: u32, i: u32, y: u32, x: u32) -> f32 {
+  return pixel(image, i / 4u, y + (i / 2u) % 2u, x + i % 2u);
+}
+
 @compute @workgroup_size(WG)
 fn patch_moments(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
-  let image = grid_index(g, nw);
-  if (image >= s.n_images) { return; }
-  var sums: array<f32, 12>;
-  var prods: array<f32, 78>;
-  var v: array<f32, 12>;
+  // one thread per (image, moment q): q < 12 is a sum, q >= 12 the product pair number q - 12
+  let t = grid_index(g, nw);
+  if (t >= s.n_images * 90u) { return; }
+  let image = t / 90u;
+  let q = t % 90u;
+  var i = q;
+  var j = 12u; // 12 = no second factor
+  if (q >= 12u) {
+    // pair number q - 12 in row-major upper-triangle order: (0,0), (0,1), ..., (0,11), (1,1), ...
+    var rest = q - 12u;
+    i = 0u;
+    while (rest >= 12u - i) {
+      rest -= 12u - i;
+      i++;
+    }
+    j = i + rest;
+  }
+  var acc = 0.0;
   for (var y = 0u; y < SIDE - 1u; y++) {
     for (var x = 0u; x < SIDE - 1u; x++) {
-      for (var c = 0u; c < 3u; c++) {
-        v[c * 4u + 0u] = pixel(image, c, y, x);
-        v[c * 4u + 1u] = pixel(image, c, y, x + 1u);
-        v[c * 4u + 2u] = pixel(image, c, y + 1u, x);
-        v[c * 4u + 3u] = pixel(image, c, y + 1u, x + 1u);
-      }
-      var k = 0u;
-      for (var i = 0u; i < 12u; i++) {
-        sums[i] += v[i];
-        for (var j = i; j < 12u; j++) {
-          prods[k] += v[i] * v[j];
-          k++;
-        }
-      }
+      var v = patch_component(image, i, y, x);
+      if (j < 12u) { v *= patch_component(image, j, y, x); }
+      acc += v;
     }
   }
-  for (var i = 0u; i < 12u; i++) { images[image * 90u + i] = sums[i]; }
-  for (var k = 0u; k < 78u; k++) { images[image * 90u + 12u + k] = prods[k]; }
+  images[t] = acc;
 }

@@ -132,7 +132,7 @@ Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomi
     assert.ok(!r.stdout.includes("\r"), "piped output has no in-place updates");
     assert.match(
       r.stdout,
-      /\|  epoch  \|  train_loss  \|  val_loss  \|  train_acc  \|  val_acc  \|  ema_val_acc  \|  total_time_seconds  \|/,
+      /\| {2}epoch {2}\| {2}train_loss {2}\| {2}val_loss {2}\| {2}train_acc {2}\| {2}val_acc {2}\| {2}ema_val_acc {2}\| {2}total_time_seconds {2}\|/,
     );
     assert.match(r.stdout, /run 1\/2, seed 11/);
     assert.match(r.stdout, /run 2\/2, seed 12/);

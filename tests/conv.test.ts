@@ -12,7 +12,6 @@ import {
   initGpu,
   readTensor,
   submit,
-  tensor,
   upload,
 } from "../main.ts";
 
@@ -36,8 +35,10 @@ class Prng {
     const u = 1 - this.next(), v = this.next();
     return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
   }
-  normals(n: number, scale = 1): Float32Array {
-    return Float32Array.from({ length: n }, () => scale * this.normal());
+  normals(n: number, scale = 1): Float32Array<ArrayBuffer> {
+    const a = new Float32Array(n);
+    for (let i = 0; i < n; i++) a[i] = scale * this.normal();
+    return a;
   }
 }
 
@@ -234,7 +235,8 @@ Deno.test("conv: gradients match central finite differences of the float64 forwa
   const x = rng.normals(c.b * c.h * c.w * c.cin), w = rng.normals(c.kh * c.kw * c.cin * c.cout, 0.3);
   const r = rng.normals(c.b * ho * wo * c.cout); // L = sum(y * r), so dL/dy = r
   const got = await runConv(c, x, w, r);
-  const loss = (xv: ArrayLike<number>, wv: ArrayLike<number>) => convRef(c, xv, wv).reduce((s, y, i) => s + y * r[i], 0);
+  const loss = (xv: ArrayLike<number>, wv: ArrayLike<number>) =>
+    convRef(c, xv, wv).reduce((s, y, i) => s + y * r[i], 0);
   const fd = (v: Float32Array, i: number, f: (p: Float64Array) => number) => {
     const h = 1e-3, p = Float64Array.from(v);
     p[i] = v[i] + h;

@@ -71,8 +71,10 @@ class Prng {
     const u = 1 - this.next(), v = this.next();
     return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
   }
-  normals(n: number, scale = 1, shift = 0): Float32Array {
-    return Float32Array.from({ length: n }, () => shift + scale * this.normal());
+  normals(n: number, scale = 1, shift = 0): Float32Array<ArrayBuffer> {
+    const a = new Float32Array(n);
+    for (let i = 0; i < n; i++) a[i] = shift + scale * this.normal();
+    return a;
   }
 }
 
@@ -135,7 +137,11 @@ function checkFd(
 }
 
 /** n indices of [0, len): both ends, then random ones. */
-const someIndices = (rng: Prng, len: number, n: number) => [0, len - 1, ...Array.from({ length: n - 2 }, () => rng.int(len))];
+const someIndices = (
+  rng: Prng,
+  len: number,
+  n: number,
+) => [0, len - 1, ...Array.from({ length: n - 2 }, () => rng.int(len))];
 const garbage = (n: number) => new Float32Array(n).fill(-777.5);
 const dot = (a: ArrayLike<number>, b: ArrayLike<number>) => {
   let s = 0;
@@ -293,12 +299,10 @@ Deno.test("globalMaxPool: forward, backward, ties to the first maximum, finite d
 // GELU
 // =================================================================================================
 
-Deno.test("erf reference (test self-check): known values", () => {
-  assert.ok(Math.abs(erf(0.5) - 0.5204998778130465) < 1e-15);
-  assert.ok(Math.abs(erf(1) - 0.8427007929497149) < 1e-15);
-  assert.ok(Math.abs(erf(-2) + 0.9953222650189527) < 1e-15);
-  assert.ok(Math.abs(1 - erf(3) - 2.209049699858544e-5) < 1e-15);
-  assert.ok(Math.abs(1 - erf(5) - 1.5374597944280349e-12) < 1e-20);
+Deno.test("erf reference (test self-check): known values to ~1e-15", () => {
+  const known = [[0.01, 0.011283415555849616], [0.5, 0.5204998778130465], [1, 0.8427007929497149]];
+  known.push([-2, -0.9953222650189527], [3, 0.9999779095030014], [5, 0.9999999999984626], [7, 1]);
+  for (const [x, v] of known) assert.ok(Math.abs(erf(x) - v) < 2e-15, `erf(${x}) = ${erf(x)}, want ${v}`);
 });
 
 Deno.test("gelu: exact-erf forward and backward vs float64, incl. tails and zero", async () => {
@@ -326,14 +330,14 @@ Deno.test("gelu: exact-erf forward and backward vs float64, incl. tails and zero
 interface BnCase {
   rows: number;
   c: number;
-  x: Float32Array;
+  x: Float32Array<ArrayBuffer>;
   weight: Float32Array;
   bias: Float32Array;
   rm: Float32Array;
   rv: Float32Array;
 }
 
-function bnStatsRef({ rows, c, x }: BnCase) {
+function bnStatsRef({ rows, c, x }: { rows: number; c: number; x: ArrayLike<number> }) {
   const mean = new Float64Array(c), varB = new Float64Array(c), varU = new Float64Array(c);
   for (let ch = 0; ch < c; ch++) {
     let s = 0;
@@ -348,7 +352,15 @@ function bnStatsRef({ rows, c, x }: BnCase) {
   return { mean, varB, varU };
 }
 
-function bnApplyRef(x: ArrayLike<number>, rows: number, c: number, mean: ArrayLike<number>, variance: ArrayLike<number>, w: ArrayLike<number>, b: ArrayLike<number>) {
+function bnApplyRef(
+  x: ArrayLike<number>,
+  rows: number,
+  c: number,
+  mean: ArrayLike<number>,
+  variance: ArrayLike<number>,
+  w: ArrayLike<number>,
+  b: ArrayLike<number>,
+) {
   const y = new Float64Array(rows * c), eps = hyp.net.batchNormEps;
   for (let r = 0; r < rows; r++) {
     for (let ch = 0; ch < c; ch++) {
@@ -360,12 +372,13 @@ function bnApplyRef(x: ArrayLike<number>, rows: number, c: number, mean: ArrayLi
 
 /** Training-mode forward in float64 (batch statistics), for finite differences. */
 function bnTrainRef(x: ArrayLike<number>, rows: number, c: number, w: ArrayLike<number>, b: ArrayLike<number>) {
-  const { mean, varB } = bnStatsRef({ rows, c, x: Float32Array.from(x) } as BnCase);
+  const { mean, varB } = bnStatsRef({ rows, c, x });
   return bnApplyRef(x, rows, c, mean, varB, w, b);
 }
 
 function bnCase(rng: Prng, rows: number, c: number): BnCase {
-  const shift = Array.from({ length: c }, () => 4 * rng.normal()), scale = Array.from({ length: c }, () => 0.2 + 3 * rng.next());
+  const shift = Array.from({ length: c }, () => 4 * rng.normal()),
+    scale = Array.from({ length: c }, () => 0.2 + 3 * rng.next());
   return {
     rows,
     c,
@@ -463,29 +476,41 @@ function bnBackwardRef(k: BnCase, dy: ArrayLike<number>) {
   return { dx, dbias, dweight };
 }
 
-Deno.test("batchNormBackward: dx, dbias, dweight vs float64 and finite differences (1125 rows, C=37)", async () => {
-  const rng = new Prng(305);
-  const shape = [5, 15, 15, 37], rows = 1125, c = 37;
+async function checkBnBackward(shape: number[], seed: number) {
+  const rng = new Prng(seed);
+  const c = shape[3], rows = shape[0] * shape[1] * shape[2];
   const k = bnCase(rng, rows, c), r = rng.normals(rows * c); // L = sum(y * r)
   const mark = gpu.allocated.length;
   const t = bnTensors(k, shape);
   const dyt = upload(gpu, r, shape), dxt = upload(gpu, garbage(rows * c), shape);
   const dbt = upload(gpu, garbage(c), [c]), dwt = upload(gpu, garbage(c), [c]);
-  const [dx, db, dw] = await run([
-    ...batchNorm(gpu, t.x, t.p, t.y, t.stats, true),
-    ...batchNormBackward(gpu, t.x, dyt, t.stats, t.p.weight, dxt, dbt, dwt),
-  ], [dxt, dbt, dwt], mark);
-  const ref = bnBackwardRef(k, r);
-  assertClose("batchNormBackward dbias", db, ref.dbias, 1e-5);
-  assertClose("batchNormBackward dweight", dw, ref.dweight, 1e-4);
-  assertClose("batchNormBackward dx", dx, ref.dx, 1e-4);
-  // finite differences of the float64 training forward (batch statistics depend on x)
+  const [dx, db, dw] = await run(
+    [
+      ...batchNorm(gpu, t.x, t.p, t.y, t.stats, true),
+      ...batchNormBackward(gpu, t.x, dyt, t.stats, t.p.weight, dxt, dbt, dwt),
+    ],
+    [dxt, dbt, dwt],
+    mark,
+  );
+  const ref = bnBackwardRef(k, r), tag = `[${shape}]`;
+  assertClose(`batchNormBackward dbias ${tag}`, db, ref.dbias, 1e-5);
+  assertClose(`batchNormBackward dweight ${tag}`, dw, ref.dweight, 1e-5);
+  assertClose(`batchNormBackward dx ${tag}`, dx, ref.dx, 1e-5);
+  // finite differences of the float64 training forward (the batch statistics depend on x)
   const lossX = (p: Float64Array) => dot(bnTrainRef(p, rows, c, k.weight, k.bias), r);
-  checkFd("batchNorm dx", k.x, lossX, ref.dx, dx, someIndices(rng, rows * c, 8), 1e-4);
+  checkFd(`batchNorm dx ${tag}`, k.x, lossX, ref.dx, dx, someIndices(rng, rows * c, 8), 1e-4);
   const lossW = (p: Float64Array) => dot(bnTrainRef(k.x, rows, c, p, k.bias), r);
-  checkFd("batchNorm dweight", k.weight, lossW, ref.dweight, dw, [0, 5, 36], 1e-4);
+  checkFd(`batchNorm dweight ${tag}`, k.weight, lossW, ref.dweight, dw, someIndices(rng, c, 3), 1e-4);
   const lossB = (p: Float64Array) => dot(bnTrainRef(k.x, rows, c, k.weight, p), r);
-  checkFd("batchNorm dbias", k.bias, lossB, ref.dbias, db, [0, 17, 36], 1e-4);
+  checkFd(`batchNorm dbias ${tag}`, k.bias, lossB, ref.dbias, db, someIndices(rng, c, 3), 1e-4);
+}
+
+Deno.test("batchNormBackward: dx, dbias, dweight vs float64 and finite differences (1125 rows, C=37)", async () => {
+  await checkBnBackward([5, 15, 15, 37], 305);
+});
+
+Deno.test("batchNormBackward: one partial chunk (30 rows), C=70", async () => {
+  await checkBnBackward([2, 3, 5, 70], 306);
 });
 
 // =================================================================================================
@@ -512,11 +537,15 @@ Deno.test("linear: forward, backward data and weight vs float64 and finite diffe
     const xt = upload(gpu, x, [b, nIn]), wt = upload(gpu, w, [nOut, nIn]), dyt = upload(gpu, r, [b, nOut]);
     const yt = upload(gpu, garbage(b * nOut), [b, nOut]), dxt = upload(gpu, garbage(x.length), [b, nIn]);
     const dwt = upload(gpu, garbage(w.length), [nOut, nIn]);
-    const [y, dx, dw] = await run([
-      linear(gpu, xt, wt, yt, scale),
-      linearBackwardData(gpu, dyt, wt, dxt, scale),
-      linearBackwardWeight(gpu, xt, dyt, dwt, scale),
-    ], [yt, dxt, dwt], mark);
+    const [y, dx, dw] = await run(
+      [
+        linear(gpu, xt, wt, yt, scale),
+        linearBackwardData(gpu, dyt, wt, dxt, scale),
+        linearBackwardWeight(gpu, xt, dyt, dwt, scale),
+      ],
+      [yt, dxt, dwt],
+      mark,
+    );
     const dxRef = new Float64Array(b * nIn), dwRef = new Float64Array(nOut * nIn);
     for (let n = 0; n < b; n++) {
       for (let o = 0; o < nOut; o++) {
@@ -542,7 +571,14 @@ Deno.test("linear: forward, backward data and weight vs float64 and finite diffe
 // =================================================================================================
 
 /** Per-row label-smoothed soft-target CE in float64: loss, correct, d(gradScale * sum loss)/dlogits. */
-function crossEntropyRef(logits: ArrayLike<number>, targets: ArrayLike<number>, rows: number, k: number, scale: number, valid: number) {
+function crossEntropyRef(
+  logits: ArrayLike<number>,
+  targets: ArrayLike<number>,
+  rows: number,
+  k: number,
+  scale: number,
+  valid: number,
+) {
   const s = hyp.opt.labelSmoothing;
   const loss = new Float64Array(rows), correct = new Float64Array(rows), dlogits = new Float64Array(rows * k);
   for (let b = 0; b < valid; b++) {
@@ -577,7 +613,14 @@ function ceCase(rng: Prng, rows: number, k: number) {
   return { logits, targets };
 }
 
-async function runCrossEntropy(logits: Float32Array, targets: Float32Array, rows: number, k: number, scale: number, valid: number) {
+async function runCrossEntropy(
+  logits: Float32Array,
+  targets: Float32Array,
+  rows: number,
+  k: number,
+  scale: number,
+  valid: number,
+) {
   const mark = gpu.allocated.length;
   const lt = upload(gpu, logits, [rows, k]), tt = upload(gpu, targets, [rows, k]);
   const loss = upload(gpu, garbage(rows), [rows]), correct = upload(gpu, garbage(rows), [rows]);
@@ -598,7 +641,8 @@ Deno.test("crossEntropy: loss, correct (first max, ties), dlogits vs float64 and
   assertEach("crossEntropy dlogits", got.dlogits, ref.dlogits, 1e-6, 1e-5);
   assert.equal(ref.correct[3], 0, "tied logits: first max (class 0) vs the label"); // sanity of the fixture
   assert.ok(ref.correct.some((v) => v === 1) && ref.correct.some((v) => v === 0));
-  const lossOf = (p: Float64Array) => scale * crossEntropyRef(p, targets, rows, k, 1, rows).loss.reduce((a, v) => a + v, 0);
+  const lossOf = (p: Float64Array) =>
+    scale * crossEntropyRef(p, targets, rows, k, 1, rows).loss.reduce((a, v) => a + v, 0);
   const idx = [0, 21, 22, 35, 52, 57, rows * k - 1, ...someIndices(rng, rows * k, 5)];
   checkFd("crossEntropy dlogits", logits, lossOf, ref.dlogits, got.dlogits, idx, 1e-5);
 });
@@ -614,7 +658,13 @@ Deno.test("crossEntropy: rows >= frame.valid are zeroed (loss, correct, dlogits)
   assertEach("masked dlogits", got.dlogits, ref.dlogits, 1e-6, 1e-5);
   for (let b = valid; b < rows; b++) assert.equal(got.loss[b], 0);
   const none = await runCrossEntropy(logits, targets, rows, k, 2, 0);
-  assertEach("valid 0: all zero", [...none.loss, ...none.correct, ...none.dlogits], new Array(rows * (k + 2)).fill(0), 0, 0);
+  assertEach(
+    "valid 0: all zero",
+    [...none.loss, ...none.correct, ...none.dlogits],
+    new Array(rows * (k + 2)).fill(0),
+    0,
+    0,
+  );
 });
 
 Deno.test("ttaAverage: out[b] = (logits[b] + logits[h + b]) / 2", async () => {
@@ -645,7 +695,13 @@ Deno.test("accumulateMetrics: adds sum(loss), sum(correct) into its slot only", 
   checkGpu(gpu);
   freeSince(gpu, mark);
   const sum = (a: Float32Array, n = a.length) => a.subarray(0, n).reduce((s, v) => s + v, 0);
-  assertEach("metrics", m, [1, 2, 3 + 2 * sum(loss), 4 + 2 * sum(correct), 5 + sum(loss, 300), 6 + sum(correct, 300)], 1e-5, 1e-6);
+  assertEach(
+    "metrics",
+    m,
+    [1, 2, 3 + 2 * sum(loss), 4 + 2 * sum(correct), 5 + sum(loss, 300), 6 + sum(correct, 300)],
+    1e-5,
+    1e-6,
+  );
   assert.equal(m[3], 4 + 2 * sum(correct)); // integer counts are exact
 });
 
@@ -656,7 +712,7 @@ Deno.test("accumulateMetrics: adds sum(loss), sum(correct) into its slot only", 
 const LAYOUT: StateLayout = { entries: new Map(), nWeights: 300, nTrainable: 350, nCopy: 400, nTotal: 450 };
 const STATE_LEN = 470; // a tail past nTotal that nothing may touch
 
-function stateBuffer(data: Float32Array) {
+function stateBuffer(data: Float32Array<ArrayBuffer>) {
   const b = createBuffer(gpu, data.length * 4);
   gpu.device.queue.writeBuffer(b, 0, data);
   return b;
@@ -763,7 +819,11 @@ function cropFlipRef(raw: Uint8Array, img: number, dy: number, dx: number, flip:
 Deno.test("reflect padding reference (test self-check): PyTorch 'reflect'", () => {
   const raw = new Uint8Array(3072);
   for (let x = 0; x < 32; x++) raw[x] = x; // row 0 of channel 0 holds 0..31
-  const row = (dx: number) => Array.from({ length: 32 }, (_, x) => Math.round((cropFlipRef(raw, 0, 2, dx, false)[x * 3] * NORM.std[0] + NORM.mean[0]) * 255));
+  const row = (dx: number) =>
+    Array.from(
+      { length: 32 },
+      (_, x) => Math.round((cropFlipRef(raw, 0, 2, dx, false)[x * 3] * NORM.std[0] + NORM.mean[0]) * 255),
+    );
   assert.deepEqual(row(0).slice(0, 4), [2, 1, 0, 1]); // padded index -2, -1 -> 2, 1
   assert.deepEqual(row(3).slice(-3), [30, 31, 30]); // padded index 32 -> 30
 });
@@ -790,9 +850,14 @@ Deno.test("augmentTrain: crop offsets, reflect edges, flip, cutmix with partner 
   const permBuf = createBuffer(gpu, perm.byteLength), paramBuf = createBuffer(gpu, params.byteLength);
   gpu.device.queue.writeBuffer(permBuf, 0, perm);
   gpu.device.queue.writeBuffer(paramBuf, 0, params);
-  const images = upload(gpu, garbage(rows * 3072), [rows, 32, 32, 3]), targets = upload(gpu, garbage(rows * 10), [rows, 10]);
+  const images = upload(gpu, garbage(rows * 3072), [rows, 32, 32, 3]),
+    targets = upload(gpu, garbage(rows * 10), [rows, 10]);
   setFrame(gpu, { offset });
-  const [got, tg] = await run([augmentTrain(gpu, imgs, NORM, permBuf, paramBuf, images, targets)], [images, targets], mark);
+  const [got, tg] = await run(
+    [augmentTrain(gpu, imgs, NORM, permBuf, paramBuf, images, targets)],
+    [images, targets],
+    mark,
+  );
   const mix = 9 / 1024;
   for (let r = 0; r < rows; r++) {
     const img = perm[offset + r], [dy, dx, flip, cut, cy, cx, partner] = spec[img];
@@ -819,7 +884,8 @@ Deno.test("gatherEval: rows < h unflipped from frame.offset (clamped), rows >= h
   const h = 3, offset = 4; // images 4, 5, 5 (clamped to the last)
   const mark = gpu.allocated.length;
   const imgs = uploadSplit(raw, LABELS);
-  const images = upload(gpu, garbage(2 * h * 3072), [2 * h, 32, 32, 3]), targets = upload(gpu, garbage(2 * h * 10), [2 * h, 10]);
+  const images = upload(gpu, garbage(2 * h * 3072), [2 * h, 32, 32, 3]),
+    targets = upload(gpu, garbage(2 * h * 10), [2 * h, 10]);
   setFrame(gpu, { offset });
   const [got, tg] = await run([gatherEval(gpu, imgs, NORM, images, targets)], [images, targets], mark);
   for (let r = 0; r < 2 * h; r++) {
@@ -838,6 +904,9 @@ Deno.test("gatherEval: rows < h unflipped from frame.offset (clamped), rows >= h
   }
 });
 
+// Note: on Mesa lavapipe (llvmpipe) a shader invocation stops looping after ~65535 loop iterations in
+// all (gallivm's loop limiter), silently. patch_moments runs ~961 x (1 + 3 + 12 + 78) iterations per thread,
+// so on that device it returns partial sums and leaves most of its 90 outputs unwritten.
 Deno.test("patchMoments: per image sums and upper-triangle products of 2x2 patches (c, ky, kx)", async () => {
   const raw = randomImages(903, N_IMAGES);
   const mark = gpu.allocated.length;
@@ -849,7 +918,9 @@ Deno.test("patchMoments: per image sums and upper-triangle products of 2x2 patch
     for (let y = 0; y < 31; y++) {
       for (let x = 0; x < 31; x++) {
         for (let c = 0; c < 3; c++) {
-          for (let ky = 0; ky < 2; ky++) for (let kx = 0; kx < 2; kx++) v[c * 4 + ky * 2 + kx] = normalised(raw, i, c, y + ky, x + kx);
+          for (let ky = 0; ky < 2; ky++) {
+            for (let kx = 0; kx < 2; kx++) v[c * 4 + ky * 2 + kx] = normalised(raw, i, c, y + ky, x + kx);
+          }
         }
         let k = 12;
         for (let a = 0; a < 12; a++) {
@@ -917,7 +988,10 @@ Deno.test("jacobiEigen: A v = lambda v, orthonormal vectors (random, repeated ei
 Deno.test("whiteningFilters: correlated 12-dim patches get ~identity covariance, largest eigenvalue first", () => {
   const rng = new Prng(1002);
   const d = 12, n = 20000;
-  const mix = Array.from({ length: d }, (_, i) => Array.from({ length: d }, (_, j) => rng.normal() + (i === j ? 1 : 0)));
+  const mix = Array.from(
+    { length: d },
+    (_, i) => Array.from({ length: d }, (_, j) => rng.normal() + (i === j ? 1 : 0)),
+  );
   const scales = Array.from({ length: d }, (_, i) => 0.1 + i); // very different variances
   const samples = Array.from({ length: n }, () => {
     const z = scales.map((s) => s * rng.normal());
@@ -926,7 +1000,9 @@ Deno.test("whiteningFilters: correlated 12-dim patches get ~identity covariance,
   const cov = (xs: number[][]) => {
     const m = Array.from({ length: d }, (_, j) => xs.reduce((s, x) => s + x[j], 0) / xs.length);
     const c = Array.from({ length: d }, () => new Array(d).fill(0));
-    for (const x of xs) for (let i = 0; i < d; i++) for (let j = 0; j < d; j++) c[i][j] += (x[i] - m[i]) * (x[j] - m[j]);
+    for (const x of xs) {
+      for (let i = 0; i < d; i++) for (let j = 0; j < d; j++) c[i][j] += (x[i] - m[i]) * (x[j] - m[j]);
+    }
     return c.map((r) => r.map((v) => v / (xs.length - 1)));
   };
   const c = cov(samples);
@@ -949,16 +1025,17 @@ Deno.test("oneCycleLr: PyTorch OneCycleLR (linear, pct_start 0.23, div 1e16, fin
   const max = 2.5, T = 581;
   const initial = max / 1e16, final = 0.07 * max;
   const peak = 0.23 * 581 - 1; // 132.63: end of phase 1
-  const near = (a: number, b: number, what: string) => assert.ok(Math.abs(a - b) <= 1e-12 * (1 + Math.abs(b)), `${what}: ${a} vs ${b}`);
+  const near = (a: number, b: number, what: string) =>
+    assert.ok(Math.abs(a - b) <= 1e-12 * (1 + Math.abs(b)), `${what}: ${a} vs ${b}`);
   near(peak, 132.63, "phase 1 end");
   near(oneCycleLr(0, T, max), initial, "step 0");
   near(oneCycleLr(132, T, max), initial + (max - initial) * (132 / 132.63), "step 132");
   near(oneCycleLr(133, T, max), max + (final - max) * ((133 - 132.63) / (580 - 132.63)), "step 133");
   near(oneCycleLr(580, T, max), final, "step 580");
   near(oneCycleLr(356, T, max), max + (final - max) * ((356 - 132.63) / 447.37), "step 356");
-  // the same numbers by hand: 132 / 132.63 = 0.995249943..., 0.37 / 447.37 = 8.2706e-4
-  assert.ok(Math.abs(oneCycleLr(132, T, max) / max - 0.9952499) < 1e-7);
-  assert.ok(Math.abs(oneCycleLr(133, T, max) / max - (1 - 0.93 * 8.270555e-4)) < 1e-9);
+  // the same numbers by hand: 132 / 132.63 = 0.99524994..., 1 - 0.93 * 0.37 / 447.37 = 0.99923084...
+  assert.ok(Math.abs(oneCycleLr(132, T, max) / max - 0.99524994) < 1e-8);
+  assert.ok(Math.abs(oneCycleLr(133, T, max) / max - 0.99923084) < 1e-8);
   assert.ok(oneCycleLr(132, T, max) < max && oneCycleLr(133, T, max) < max);
 });
 

@@ -1,0 +1,58 @@
+// Convolution kernels of the network at a small batch (lavapipe-sized; pass BENCH_BATCH and
+// BENCH_BASE_DEPTH to measure real GPU shapes, e.g. 1024 and 64). Each iteration submits the
+// kernel and waits for the GPU, so the time includes one queue round trip (~11 ms on lavapipe:
+// compare ratios measured in the same run, and the GFLOP/s printed once per shape at the end).
+import { conv2d, conv2dBackwardData, conv2dBackwardWeight, type Dispatch, initGpu, submit, tensor } from "../main.ts";
+
+const gpu = await initGpu();
+const batch = Number(Deno.env.get("BENCH_BATCH") ?? 32), base = Number(Deno.env.get("BENCH_BASE_DEPTH") ?? 8);
+const widths = [base, 4 * base, 8 * base];
+
+// [name, H (=W), Cin, Cout, kernel, pad]: every conv of the network, with its input size
+const shapes: [string, number, number, number, number, number][] = [
+  ["whiten 2x2", 32, 3, 24, 2, 0],
+  ["group1 conv1", 31, 24, widths[0], 3, 1],
+  ["group1 conv2", 15, widths[0], widths[0], 3, 1],
+  ["group2 conv1", 15, widths[0], widths[1], 3, 1],
+  ["group2 conv2", 7, widths[1], widths[1], 3, 1],
+  ["group3 conv1", 7, widths[1], widths[2], 3, 1],
+  ["group3 conv2", 3, widths[2], widths[2], 3, 1],
+];
+
+for (const [name, h, cin, cout, k, pad] of shapes) {
+  const ho = h + 2 * pad - k + 1;
+  const x = tensor(gpu, [batch, h, h, cin]), w = tensor(gpu, [k, k, cin, cout]), y = tensor(gpu, [batch, ho, ho, cout]);
+  const flop = 2 * batch * ho * ho * cout * cin * k * k;
+  const passes: [string, Dispatch[]][] = [
+    ["forward", [conv2d(gpu, x, w, y, pad)]],
+    ["backward data", [conv2dBackwardData(gpu, y, w, x, pad)]],
+    ["backward weight", conv2dBackwardWeight(gpu, x, y, w, pad)],
+  ];
+  for (const [pass, list] of passes) {
+    let best = Infinity;
+    Deno.bench({
+      name: `${name} ${pass}`,
+      group: pass,
+      baseline: name === "group1 conv1",
+      n: 3,
+      warmup: 1,
+      async fn(b) {
+        b.start();
+        const t = performance.now();
+        submit(gpu, list);
+        await gpu.device.queue.onSubmittedWorkDone();
+        best = Math.min(best, performance.now() - t);
+        b.end();
+      },
+    });
+    addEventListener("unload", () => {
+      if (best < Infinity) {
+        console.log(
+          `${`${name} ${pass}`.padEnd(32)} ${(flop / best / 1e6).toFixed(2)} GFLOP/s (best ${
+            best.toFixed(1)
+          } ms, batch ${batch})`,
+        );
+      }
+    });
+  }
+}
