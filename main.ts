@@ -63,21 +63,23 @@ export interface Gpu {
   frame: GPUBuffer; // per-submit values (batch offset, valid rows, lr, EMA decay), see setFrame
   allocated: GPUBuffer[]; // every buffer we created, so a run can free its own
   error?: string; // first uncaptured WebGPU error or device loss, raised at the next check
+  profiler?: Profiler; // set by initGpu({ profile: true }) when the adapter has timestamp queries
 }
 
 const KERNEL_FILES = ["conv", "reduce", "act", "pool", "norm", "linear", "loss", "optim", "data"];
 const MAX_GROUPS = 65535; // per grid dimension (WebGPU's default limit)
 
-export async function initGpu(): Promise<Gpu> {
+export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
   const noAdapter = "no WebGPU adapter found: install or update your GPU driver (Vulkan, Metal or D3D12); " +
     "on Linux without a GPU, `apt-get install mesa-vulkan-drivers` gives a (slow) CPU device";
   if (!("gpu" in navigator)) throw new Error(noAdapter);
   const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
   if (!adapter) throw new Error(noAdapter);
   const hasF16 = adapter.features.has("shader-f16");
+  const profile = opts.profile && adapter.features.has("timestamp-query");
   const a = adapter.limits;
   const device = await adapter.requestDevice({
-    requiredFeatures: hasF16 ? ["shader-f16"] : [],
+    requiredFeatures: [...(hasF16 ? ["shader-f16" as const] : []), ...(profile ? ["timestamp-query" as const] : [])],
     requiredLimits: {
       maxStorageBufferBindingSize: a.maxStorageBufferBindingSize,
       maxBufferSize: a.maxBufferSize,
@@ -102,6 +104,7 @@ export async function initGpu(): Promise<Gpu> {
     pipelines: new Map(),
     frame: device.createBuffer({ size: 32, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST }),
     allocated: [],
+    profiler: profile ? new Profiler(device) : undefined,
   };
   device.addEventListener("uncapturederror", (e) => {
     gpu.error ??= `WebGPU error: ${(e as GPUUncapturedErrorEvent).error.message}`;
@@ -224,18 +227,19 @@ export function setFrame(gpu: Gpu, f: Frame) {
 
 /** One recorded kernel launch: built once (pipeline, bind group), replayed every step. */
 export interface Dispatch {
-  label: string;
+  label: string; // kernel and shape, the row name of the --profile table
+  flop?: number; // floating-point operations (2 x multiply-adds), for GFLOP/s in the profile
   pipeline: GPUComputePipeline;
   bindGroup: GPUBindGroup;
   grid: [number, number, number];
 }
 
-function pipeline(gpu: Gpu, file: string, entryPoint: string, constants?: Record<string, number>) {
-  const key = `${file}:${entryPoint}:${JSON.stringify(constants ?? {})}`;
+function pipeline(gpu: Gpu, file: string, entryPoint: string) {
+  const key = `${file}:${entryPoint}`;
   let p = gpu.pipelines.get(key);
   if (!p) {
     const module = gpu.device.createShaderModule({ label: file, code: gpu.sources.get(file)! });
-    p = gpu.device.createComputePipeline({ label: key, layout: "auto", compute: { module, entryPoint, constants } });
+    p = gpu.device.createComputePipeline({ label: key, layout: "auto", compute: { module, entryPoint } });
     gpu.pipelines.set(key, p);
   }
   return p;
@@ -247,9 +251,9 @@ function kernel(
   entryPoint: string,
   bindings: Record<number, GPUBuffer | Tensor>,
   grid: [number, number, number],
-  constants?: Record<string, number>,
+  info: { label?: string; flop?: number } = {},
 ): Dispatch {
-  const p = pipeline(gpu, file, entryPoint, constants);
+  const p = pipeline(gpu, file, entryPoint);
   const entries = Object.entries(bindings).map(([binding, b]) => ({
     binding: Number(binding),
     resource: "shape" in b ? { buffer: b.buffer, offset: b.offset, size: numel(b.shape) * 4 } : { buffer: b },
@@ -258,7 +262,8 @@ function kernel(
   if (grid[0] > MAX_GROUPS || grid[1] > MAX_GROUPS || grid[2] > MAX_GROUPS) {
     throw new Error(`${file}:${entryPoint} needs a grid of [${grid}] workgroups: lower --batch-size`);
   }
-  return { label: `${file}.${entryPoint}`, pipeline: p, bindGroup, grid };
+  const label = `${file}.${entryPoint}${info.label ? ` ${info.label}` : ""}`;
+  return { label, pipeline: p, bindGroup, grid, flop: info.flop };
 }
 
 /** Grid for a 1-D kernel over `count` items; the kernel folds y back: i = g.x + g.y * nw.x * WG. */
@@ -278,11 +283,86 @@ export function encode(pass: GPUComputePassEncoder, list: Dispatch[]) {
 /** Encodes `list` in one compute pass and submits it; nothing waits for the GPU. */
 export function submit(gpu: Gpu, list: Dispatch[], after?: (enc: GPUCommandEncoder) => void) {
   const enc = gpu.device.createCommandEncoder();
-  const pass = enc.beginComputePass();
-  encode(pass, list);
-  pass.end();
+  if (gpu.profiler) {
+    gpu.profiler.encode(enc, list);
+  } else {
+    const pass = enc.beginComputePass();
+    encode(pass, list);
+    pass.end();
+  }
   after?.(enc);
   gpu.device.queue.submit([enc.finish()]);
+}
+
+/**
+ * --profile: every dispatch gets its own compute pass with timestamps; after each submit the
+ * caller awaits `collect()` (one readback per submit: profiled runs are slower, their table is not).
+ */
+export class Profiler {
+  private querySet: GPUQuerySet;
+  private resolved: GPUBuffer;
+  private staging: GPUBuffer;
+  private pending: Dispatch[] = [];
+  readonly totals = new Map<string, { ns: number; calls: number; flop: number }>();
+  constructor(private device: GPUDevice, private capacity = 1024) {
+    this.querySet = device.createQuerySet({ type: "timestamp", count: capacity });
+    const usage = GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC;
+    this.resolved = device.createBuffer({ size: capacity * 8, usage });
+    this.staging = device.createBuffer({
+      size: capacity * 8,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+  }
+  encode(enc: GPUCommandEncoder, list: Dispatch[]) {
+    if (this.pending.length) throw new Error("Profiler: collect() the previous submit first");
+    if (2 * list.length > this.capacity) throw new Error(`Profiler: ${list.length} dispatches in one submit`);
+    list.forEach((d, i) => {
+      const pass = enc.beginComputePass({
+        timestampWrites: { querySet: this.querySet, beginningOfPassWriteIndex: 2 * i, endOfPassWriteIndex: 2 * i + 1 },
+      });
+      encode(pass, [d]);
+      pass.end();
+    });
+    if (list.length === 0) return;
+    enc.resolveQuerySet(this.querySet, 0, 2 * list.length, this.resolved, 0);
+    enc.copyBufferToBuffer(this.resolved, 0, this.staging, 0, 2 * list.length * 8);
+    this.pending = list;
+  }
+  async collect() {
+    if (!this.pending.length) return;
+    await this.staging.mapAsync(GPUMapMode.READ);
+    const t = new BigInt64Array(this.staging.getMappedRange().slice(0));
+    this.staging.unmap();
+    this.pending.forEach((d, i) => {
+      const row = this.totals.get(d.label) ?? { ns: 0, calls: 0, flop: 0 };
+      row.ns += Number(t[2 * i + 1] - t[2 * i]);
+      row.calls += 1;
+      row.flop += d.flop ?? 0;
+      this.totals.set(d.label, row);
+    });
+    this.pending = [];
+  }
+  /** The table a speedrunner reads first: kernels by total GPU time. */
+  report(): string {
+    const rows = [...this.totals].sort((a, b) => b[1].ns - a[1].ns);
+    const all = rows.reduce((a, [, r]) => a + r.ns, 0);
+    const width = Math.max(6, ...rows.map(([l]) => l.length));
+    const lines = [
+      `${"kernel".padEnd(width)}  ${"calls".padStart(6)}  ${"total ms".padStart(10)}  ${"mean us".padStart(9)}  ` +
+      `${"share".padStart(6)}  ${"GFLOP/s".padStart(8)}`,
+    ];
+    for (const [label, r] of rows) {
+      const gflops = r.flop ? (r.flop / r.ns).toFixed(1) : "";
+      lines.push(
+        `${label.padEnd(width)}  ${String(r.calls).padStart(6)}  ${(r.ns / 1e6).toFixed(1).padStart(10)}  ` +
+          `${(r.ns / r.calls / 1e3).toFixed(1).padStart(9)}  ${((100 * r.ns) / all).toFixed(1).padStart(5)}%  ${
+            gflops.padStart(8)
+          }`,
+      );
+    }
+    lines.push(`${"all kernels".padEnd(width)}  ${"".padStart(6)}  ${(all / 1e6).toFixed(1).padStart(10)}`);
+    return lines.join("\n");
+  }
 }
 
 /** Frees every buffer allocated since `mark = gpu.allocated.length`. */
@@ -330,6 +410,12 @@ function convUniform(gpu: Gpu, c: ReturnType<typeof convShape>, pad: number, m: 
   return uniform(gpu, [c.batch, c.h, c.w, c.cin, c.ho, c.wo, c.cout, c.kh, c.kw, pad, m, n, kps, 0, 0, 0]);
 }
 
+/** Profile row name and FLOP count of a conv (the same for all three passes). */
+const convInfo = (c: ReturnType<typeof convShape>) => ({
+  label: `${c.h}x${c.w}x${c.cin} -> ${c.cout} (${c.kh}x${c.kw})`,
+  flop: 2 * c.batch * c.ho * c.wo * c.cout * c.cin * c.kh * c.kw,
+});
+
 /** Grid of a conv kernel: each thread owns BLOCK rows x BLOCK columns; workgroups of WG threads run along rows. */
 function convGrid(gpu: Gpu, rowBlocks: number, n: number, splits = 1): [number, number, number] {
   const { wg, block } = convBlock(gpu);
@@ -341,7 +427,7 @@ export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number): 
   const c = convShape(x.shape, w.shape, y.shape, pad);
   const m = c.batch * c.ho * c.wo, n = c.cout;
   const grid = convGrid(gpu, Math.ceil(m / convBlock(gpu).block), n);
-  return kernel(gpu, "conv", "forward", { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y }, grid);
+  return kernel(gpu, "conv", "forward", { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y }, grid, convInfo(c));
 }
 
 /** dx = d conv / dx, given dy. */
@@ -349,7 +435,8 @@ export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, 
   const c = convShape(dx.shape, w.shape, dy.shape, pad);
   const m = c.batch * c.h * c.w, n = c.cin;
   const grid = convGrid(gpu, Math.ceil(m / convBlock(gpu).block), n);
-  return kernel(gpu, "conv", "backward_data", { 0: convUniform(gpu, c, pad, m, n), 1: dy, 2: w, 3: dx }, grid);
+  const u = convUniform(gpu, c, pad, m, n);
+  return kernel(gpu, "conv", "backward_data", { 0: u, 1: dy, 2: w, 3: dx }, grid, convInfo(c));
 }
 
 /** dw = d conv / dw, given x and dy: split-K over the pixels into partials, then a sum over the splits. */
@@ -365,8 +452,12 @@ export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor
   const partials = tensor(gpu, [splits, m, n]);
   const grid = convGrid(gpu, c.kh * c.kw * Math.ceil(c.cin / convBlock(gpu).block), n, splits);
   return [
-    kernel(gpu, "conv", "backward_weight", { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials }, grid),
-    kernel(gpu, "reduce", "sum_splits", { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw }, grid1d(m * n)),
+    kernel(gpu, "conv", "backward_weight", { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials }, grid, {
+      ...convInfo(c),
+    }),
+    kernel(gpu, "reduce", "sum_splits", { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw }, grid1d(m * n), {
+      label: convInfo(c).label,
+    }),
   ];
 }
 
@@ -1150,6 +1241,7 @@ export async function patchCovariance(gpu: Gpu, imgs: GpuImages, norm: ChannelSt
   const mark = gpu.allocated.length;
   const out = tensor(gpu, [imgs.count, 90]);
   submit(gpu, [patchMoments(gpu, imgs, norm, out)]);
+  await gpu.profiler?.collect();
   const m = await readTensor(gpu, out);
   freeSince(gpu, mark);
   const sum = new Array(12).fill(0), prod = new Array(78).fill(0);
@@ -1608,6 +1700,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
           list,
           emaNow && !emaExists ? (enc) => enc.copyBufferToBuffer(state, 0, ema, 0, stateBytes) : undefined,
         );
+        await gpu.profiler?.collect();
         if (emaNow) emaExists = true;
       }
       await device.queue.onSubmittedWorkDone();
@@ -1617,6 +1710,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       for (let start = 0; start < nTest; start += half) {
         setFrame(gpu, { offset: start, valid: Math.min(half, nTest - start) });
         submit(gpu, emaExists ? [...evalNet, ...evalEma] : evalNet);
+        await gpu.profiler?.collect();
       }
       const m = await readBuffer(gpu, metrics, 0, 6 * 4);
       const row: EpochMetrics = {
@@ -1722,6 +1816,7 @@ export interface CliOptions {
   testSubset?: number;
   seed: number;
   json?: string;
+  profile: boolean;
 }
 
 const FLAG_RANGES = {
@@ -1749,6 +1844,8 @@ usage: deno run -A main.ts [flags]
   --test-subset N     evaluate on the first N test images (default: all 10000)
   --seed S            seed of the first run, 0..4294967295 (default: random, printed)
   --json FILE         write the results as JSON (accuracies as fractions)
+  --profile           time every kernel with GPU timestamps and print the table after training
+                      (one readback per submit: the run is slower, the table's times are not)
   --help              show this help`;
 
 export function parseFlags(argv: string[]): CliOptions {
@@ -1760,6 +1857,7 @@ export function parseFlags(argv: string[]): CliOptions {
       allowPositionals: false,
       options: {
         help: { type: "boolean", short: "h" },
+        profile: { type: "boolean" },
         data: { type: "string" },
         json: { type: "string" },
         ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" as const }])),
@@ -1794,6 +1892,7 @@ export function parseFlags(argv: string[]): CliOptions {
   }
   return {
     help: Boolean(v.help),
+    profile: Boolean(v.profile),
     data: v.data as string | undefined,
     json: v.json as string | undefined,
     runs: num("runs") ?? 1,
@@ -1815,7 +1914,8 @@ export async function main(argv: string[]) {
     url: Deno.env.get("CIFAR10_URL") || undefined, // a mirror of the official tarball (same md5)
   });
   const cifar = await loadCifar10(dir, { trainSubset: o.trainSubset, testSubset: o.testSubset });
-  const gpu = await initGpu();
+  const gpu = await initGpu({ profile: o.profile });
+  if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
   const data = uploadDataset(gpu, cifar);
   console.log(
     `device: ${gpu.adapterName} | precision: f32 | train ${data.train.count} / test ${data.test.count} images | ` +
@@ -1869,11 +1969,12 @@ export async function main(argv: string[]) {
       );
     }
   }
+  if (gpu.profiler) console.log(`\nper-kernel GPU time, all runs (--profile)\n${gpu.profiler.report()}`);
   if (o.json) {
     const out = {
       device: gpu.adapterName,
       precision: "f32",
-      flags: { ...o, help: undefined },
+      flags: { ...o, help: undefined, profile: undefined },
       runs: runs.map((r) => ({
         seed: r.seed,
         emaValAcc: r.emaValAcc,

@@ -1,0 +1,35 @@
+// End-to-end training on a small synthetic dataset (lavapipe-sized; BENCH_BATCH, BENCH_BASE_DEPTH and
+// BENCH_STEPS scale it up on a real GPU). Measures train() as a user runs it: whitening, the epoch's
+// steps, evaluation. The training images per second of the steps alone (the table's clock) are
+// printed at the end, measured in the last iteration.
+import { type Cifar10, initGpu, train, uploadDataset } from "../main.ts";
+
+const gpu = await initGpu();
+const batch = Number(Deno.env.get("BENCH_BATCH") ?? 64);
+const baseDepth = Number(Deno.env.get("BENCH_BASE_DEPTH") ?? 8);
+const steps = Number(Deno.env.get("BENCH_STEPS") ?? 4);
+
+function synthetic(n: number): { images: Uint8Array; labels: Uint8Array } {
+  const images = new Uint8Array(n * 3072).map((_, i) => (i * 2654435761) >>> 24);
+  return { images, labels: Uint8Array.from({ length: n }, (_, i) => i % 10) };
+}
+const tr = synthetic(batch * steps), te = synthetic(batch);
+const cifar: Cifar10 = { trainImages: tr.images, trainLabels: tr.labels, testImages: te.images, testLabels: te.labels };
+const data = uploadDataset(gpu, cifar);
+let imagesPerSecond = 0;
+
+Deno.bench({
+  name: `train: ${steps} steps of batch ${batch}, base depth ${baseDepth}, + eval of ${batch} images`,
+  n: 2,
+  warmup: 1,
+  async fn() {
+    const r = await train({ gpu, data, seed: 1, epochs: 1, baseDepth, batchSize: batch });
+    imagesPerSecond = (steps * batch) / r.trainSeconds;
+  },
+});
+
+addEventListener("unload", () => {
+  if (imagesPerSecond) {
+    console.log(`training steps: ${imagesPerSecond.toFixed(1)} images/s (batch ${batch}, base depth ${baseDepth})`);
+  }
+});
