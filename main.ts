@@ -1908,14 +1908,19 @@ export function parseFlags(argv: string[]): CliOptions {
 export async function main(argv: string[]) {
   const o = parseFlags(argv);
   if (o.help) return console.log(HELP);
+  const gpu = await initGpu({ profile: o.profile }); // first: no point downloading 160 MB without a GPU
+  if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
   const dir = await resolveCifar10Dir({
     dir: o.data ?? (Deno.env.get("CIFAR10_DIR") || undefined),
     cacheDir: fileURLToPath(new URL("./data", import.meta.url)),
     url: Deno.env.get("CIFAR10_URL") || undefined, // a mirror of the official tarball (same md5)
   });
   const cifar = await loadCifar10(dir, { trainSubset: o.trainSubset, testSubset: o.testSubset });
-  const gpu = await initGpu({ profile: o.profile });
-  if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
+  if (o.batchSize > cifar.trainLabels.length) {
+    throw new Error(
+      `--batch-size ${o.batchSize} is larger than the training set (${cifar.trainLabels.length} images): lower it`,
+    );
+  }
   const data = uploadDataset(gpu, cifar);
   console.log(
     `device: ${gpu.adapterName} | precision: f32 | train ${data.train.count} / test ${data.test.count} images | ` +

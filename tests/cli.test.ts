@@ -67,6 +67,15 @@ Deno.test("main: a bad flag prints one line and exits 1", async () => {
   assert.equal(r.stderr, 'error: --batch-size must be an integer from 2 to 50000, got "0"');
 });
 
+Deno.test("main: no WebGPU adapter -> one line saying how to get one", async () => {
+  // ask Deno's WebGPU for a backend this OS does not have
+  const missing = Deno.build.os === "windows" ? "metal" : "dx12";
+  const r = await runMain(["--data", join(ROOT, "data"), "--epochs", "1"], { env: { DENO_WEBGPU_BACKEND: missing } });
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^error: no WebGPU adapter found: install or update your GPU driver .*mesa-vulkan-drivers/);
+  assert.equal(r.stderr.split("\n").length, 1, r.stderr);
+});
+
 Deno.test("main: no dataset and no network -> one clear line, nothing left behind", async () => {
   // a copy of the script in an empty folder, so its default cache data/ starts empty
   const dir = await Deno.makeTempDir();
