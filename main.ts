@@ -1195,7 +1195,7 @@ export function stateViews(buffer: GPUBuffer, layout: StateLayout): Record<strin
 }
 
 /** Initial state on the CPU: PyTorch's default uniform init, then dirac on each group's convs. */
-export function initState(layout: StateLayout, rng: Rng, whiten: Float32Array): Float32Array {
+export function initState(layout: StateLayout, rng: Rng, whiten: Float32Array): Float32Array<ArrayBuffer> {
   const state = new Float32Array(layout.nTotal);
   const at = (name: string) => {
     const e = layout.entries.get(name)!;
@@ -1629,7 +1629,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
     const layout = layoutState(stateSpec(baseDepth)), stateBytes = layout.nTotal * 4;
     const state = createBuffer(gpu, stateBytes), grads = createBuffer(gpu, stateBytes);
     const momentum = createBuffer(gpu, stateBytes), ema = createBuffer(gpu, stateBytes);
-    device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten) as Float32Array<ArrayBuffer>);
+    device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
     const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
     const A = makeActivations(gpu, B, baseDepth);
     const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8), metrics = createBuffer(gpu, 6 * 4);
