@@ -1609,6 +1609,76 @@ export interface TrainOptions {
 
 const METRIC_SLOTS = { train: 0, val: 1, ema: 2 }; // (loss sum, correct count) pairs in the metrics buffer
 
+/** Runs `build` inside WebGPU error scopes: out-of-memory and validation errors become one clear Error. */
+async function withErrorScopes<T>(gpu: Gpu, what: string, build: () => T): Promise<T> {
+  gpu.device.pushErrorScope("out-of-memory");
+  gpu.device.pushErrorScope("validation");
+  let result: T | undefined, thrown: unknown;
+  try {
+    result = build();
+  } catch (e) {
+    thrown = e;
+  }
+  const validation = await gpu.device.popErrorScope(), oom = await gpu.device.popErrorScope();
+  if (thrown) throw thrown;
+  if (oom) throw new Error(`out of GPU memory building ${what} (${oom.message}): lower --batch-size or --base-depth`);
+  if (validation) throw new Error(`WebGPU rejected ${what}: ${validation.message}`);
+  return result as T;
+}
+
+/** The run's GPU state (parameters, gradients, momentum, EMA, activations) and its recorded programs. */
+function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rng) {
+  if (!data.whiten) throw new Error("buildRun: compute data.whiten first");
+  const device = gpu.device, N = data.train.count;
+  const layout = layoutState(stateSpec(baseDepth)), stateBytes = layout.nTotal * 4;
+  const state = createBuffer(gpu, stateBytes), grads = createBuffer(gpu, stateBytes);
+  const momentum = createBuffer(gpu, stateBytes), ema = createBuffer(gpu, stateBytes);
+  device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
+  const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
+  const A = makeActivations(gpu, B, baseDepth);
+  const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8), metrics = createBuffer(gpu, 6 * 4);
+
+  const trainForward = [
+    augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets),
+    ...forward(gpu, A, P, true),
+    crossEntropy(gpu, A.logits, A.targets, A.loss, A.correct, A.dlogits, hyp.opt.lossScaleBatch / B),
+  ];
+  const firstBatchMetrics = accumulateMetrics(gpu, A.loss, A.correct, metrics, METRIC_SLOTS.train);
+  const wd = {
+    weights: hyp.opt.weightDecayPerSample * B,
+    biases: hyp.opt.weightDecayPerSample * B * hyp.opt.biasDecayScaler,
+  };
+  const update = [...backward(gpu, A, P, G), sgdNesterov(gpu, layout, state, grads, momentum, wd)];
+  const emaStep = emaUpdate(gpu, layout, state, ema);
+
+  // Eval batches hold `half` images and their mirrors (flip TTA) in the same buffers.
+  const half = Math.floor(B / 2), E2 = activationsWithRows(A, 2 * half);
+  const h = (t: Tensor) => withRows(t, half), tta = h(A.logitsTta);
+  const evalOf = (params: Record<string, Tensor>, slot: number) => [
+    ...forward(gpu, E2, params, false),
+    ttaAverage(gpu, E2.logits, tta),
+    crossEntropy(gpu, tta, h(A.targets), h(A.loss), h(A.correct), h(A.dlogits), 0),
+    accumulateMetrics(gpu, h(A.loss), h(A.correct), metrics, slot),
+  ];
+  const evalNet = [gatherEval(gpu, data.test, data.norm, E2.x, E2.targets), ...evalOf(P, METRIC_SLOTS.val)];
+  const evalEma = evalOf(PE, METRIC_SLOTS.ema);
+  return {
+    state,
+    ema,
+    stateBytes,
+    perm,
+    augParams,
+    metrics,
+    half,
+    trainForward,
+    firstBatchMetrics,
+    update,
+    emaStep,
+    evalNet,
+    evalEma,
+  };
+}
+
 export async function train(o: TrainOptions): Promise<RunResult> {
   const { gpu, data } = o, device = gpu.device;
   const E = o.epochs ?? hyp.misc.trainEpochs, B = o.batchSize ?? hyp.misc.batchSize;
@@ -1623,54 +1693,10 @@ export async function train(o: TrainOptions): Promise<RunResult> {
   try {
     data.whiten ??= whiteningWeight(whiteningFilters(await patchCovariance(gpu, data.train, data.norm)));
 
-    // ---- build every buffer and recorded program once; WebGPU errors here become one clear line
-    device.pushErrorScope("out-of-memory");
-    device.pushErrorScope("validation");
-    const layout = layoutState(stateSpec(baseDepth)), stateBytes = layout.nTotal * 4;
-    const state = createBuffer(gpu, stateBytes), grads = createBuffer(gpu, stateBytes);
-    const momentum = createBuffer(gpu, stateBytes), ema = createBuffer(gpu, stateBytes);
-    device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
-    const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
-    const A = makeActivations(gpu, B, baseDepth);
-    const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8), metrics = createBuffer(gpu, 6 * 4);
-
-    const trainForward = [
-      augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets),
-      ...forward(gpu, A, P, true),
-      crossEntropy(gpu, A.logits, A.targets, A.loss, A.correct, A.dlogits, hyp.opt.lossScaleBatch / B),
-    ];
-    const firstBatchMetrics = accumulateMetrics(gpu, A.loss, A.correct, metrics, METRIC_SLOTS.train);
-    const wd = {
-      weights: hyp.opt.weightDecayPerSample * B,
-      biases: hyp.opt.weightDecayPerSample * B * hyp.opt.biasDecayScaler,
-    };
-    const update = [...backward(gpu, A, P, G), sgdNesterov(gpu, layout, state, grads, momentum, wd)];
-    const emaStep = emaUpdate(gpu, layout, state, ema);
-
-    // Eval batches hold `half` images and their mirrors (flip TTA) in the same buffers.
-    const half = Math.floor(B / 2), E2 = activationsWithRows(A, 2 * half);
-    const tta = withRows(A.logitsTta, half);
-    const evalOf = (params: Record<string, Tensor>, slot: number) => [
-      ...forward(gpu, E2, params, false),
-      ttaAverage(gpu, E2.logits, tta),
-      crossEntropy(
-        gpu,
-        tta,
-        withRows(A.targets, half),
-        withRows(A.loss, half),
-        withRows(A.correct, half),
-        withRows(A.dlogits, half),
-        0,
-      ),
-      accumulateMetrics(gpu, withRows(A.loss, half), withRows(A.correct, half), metrics, slot),
-    ];
-    const evalNet = [gatherEval(gpu, data.test, data.norm, E2.x, E2.targets), ...evalOf(P, METRIC_SLOTS.val)];
-    const evalEma = evalOf(PE, METRIC_SLOTS.ema);
-    const validation = await device.popErrorScope(), oom = await device.popErrorScope();
-    if (oom) {
-      throw new Error(`out of GPU memory building the network (${oom.message}): lower --batch-size or --base-depth`);
-    }
-    if (validation) throw new Error(`WebGPU rejected the network: ${validation.message}`);
+    // ---- every buffer and recorded program, built once; WebGPU errors here become one clear line
+    const run = await withErrorScopes(gpu, "the network", () => buildRun(gpu, data, B, baseDepth, rng));
+    const { state, ema, stateBytes, perm, augParams, metrics, half } = run;
+    const { trainForward, firstBatchMetrics, update, emaStep, evalNet, evalEma } = run;
 
     // ---- the epoch loop: the CPU only waits at the end of each epoch's steps (for the clock) and after eval
     const epochs: EpochMetrics[] = [];
