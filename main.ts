@@ -1827,6 +1827,39 @@ export async function writeFileAtomic(path: string, text: string) {
   }
 }
 
+/**
+ * The run log: what a later comparison needs to trust a result (the exact script and kernels by
+ * sha256, the script's text, hyperparameters, flags, device, Deno version, every epoch's metrics).
+ * File name <date>-<time>-<first 8 hex of the script's sha256>.json; written atomically.
+ */
+export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs: RunResult[], startedAt: Date) {
+  const sha256 = (text: string) => createHash("sha256").update(text).digest("hex");
+  const scriptPath = fileURLToPath(import.meta.url), source = await Deno.readTextFile(scriptPath);
+  const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
+  const log = {
+    startedAt: startedAt.toISOString(),
+    finishedAt: new Date().toISOString(),
+    script: { path: scriptPath, sha256: sha256(source), source },
+    kernels: Object.fromEntries([...gpu.sources].map(([file, text]) => [`${file}.wgsl`, sha256(text)])),
+    deno: Deno.version,
+    device: gpu.adapterName,
+    precision: "f32",
+    flags: { ...flags, help: undefined },
+    hyp,
+    runs,
+    meanEmaValAcc: accs.length ? mean(accs) : null,
+    stdEmaValAcc: accs.length ? sampleStd(accs) : null,
+  };
+  const stamp = startedAt.toISOString().replace(/[-:]/g, "").replace("T", "-").slice(0, 15); // 20261127-184216
+  await Deno.mkdir(dir, { recursive: true }).catch((e) => {
+    throw new Error(`could not create the log folder ${dir} (${errorText(e)}): pass --log-dir DIR or --no-log`);
+  });
+  let path = join(dir, `${stamp}-${log.script.sha256.slice(0, 8)}.json`);
+  if (await exists(path)) path = path.replace(/\.json$/, `-${Deno.pid}.json`);
+  await writeFileAtomic(path, JSON.stringify(log, null, 1) + "\n");
+  return path;
+}
+
 // =================================================================================================
 // 8. Command line
 // =================================================================================================
@@ -1843,6 +1876,8 @@ export interface CliOptions {
   seed: number;
   json?: string;
   profile: boolean;
+  logDir?: string; // default: runs/ next to main.ts
+  noLog: boolean;
 }
 
 const FLAG_RANGES = {
@@ -1870,6 +1905,9 @@ usage: deno run -A main.ts [flags]
   --test-subset N     evaluate on the first N test images (default: all 10000)
   --seed S            seed of the first run, 0..4294967295 (default: random, printed)
   --json FILE         write the results as JSON (accuracies as fractions)
+  --log-dir DIR       where the run log goes (default: runs/ next to main.ts): script text and sha256,
+                      hyperparameters, flags, device, every epoch's metrics
+  --no-log            write no run log
   --profile           time every kernel with GPU timestamps and print the table after training
                       (one readback per submit: the run is slower, the table's times are not)
   --help              show this help`;
@@ -1884,6 +1922,8 @@ export function parseFlags(argv: string[]): CliOptions {
       options: {
         help: { type: "boolean", short: "h" },
         profile: { type: "boolean" },
+        "log-dir": { type: "string" },
+        "no-log": { type: "boolean" },
         data: { type: "string" },
         json: { type: "string" },
         ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" as const }])),
@@ -1913,12 +1953,14 @@ export function parseFlags(argv: string[]): CliOptions {
     }
     return x;
   };
-  for (const name of ["data", "json"]) {
+  for (const name of ["data", "json", "log-dir"]) {
     if (v[name] === "") throw new Error(`--${name} needs a value: see --help`);
   }
   return {
     help: Boolean(v.help),
     profile: Boolean(v.profile),
+    logDir: v["log-dir"] as string | undefined,
+    noLog: Boolean(v["no-log"]),
     data: v.data as string | undefined,
     json: v.json as string | undefined,
     runs: num("runs") ?? 1,
@@ -1932,7 +1974,7 @@ export function parseFlags(argv: string[]): CliOptions {
 }
 
 export async function main(argv: string[]) {
-  const o = parseFlags(argv);
+  const o = parseFlags(argv), startedAt = new Date();
   if (o.help) return console.log(HELP);
   const gpu = await initGpu({ profile: o.profile }); // first: no point downloading 160 MB without a GPU
   if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
@@ -1999,6 +2041,10 @@ export async function main(argv: string[]) {
           `train time ${mean(times).toFixed(2)} ± ${sampleStd(times).toFixed(2)} s`,
       );
     }
+  }
+  if (!o.noLog) {
+    const dir = o.logDir ?? fileURLToPath(new URL("./runs", import.meta.url));
+    console.log(`run log: ${await writeRunLog(dir, gpu, o, runs, startedAt)}`);
   }
   if (gpu.profiler) console.log(`\nper-kernel GPU time, all runs (--profile)\n${gpu.profiler.report()}`);
   if (o.json) {

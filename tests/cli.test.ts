@@ -1,5 +1,6 @@
 // The command line: flag parsing and validation, and main.ts run as a user runs it (a child process).
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { FILE_BYTES, parseFlags, RECORD_BYTES } from "../main.ts";
 
@@ -35,6 +36,10 @@ Deno.test("flags: defaults follow hyp, values parse", () => {
   const p = parseFlags(["--train-subset", "10000", "--test-subset", "2000", "--data", "/x", "--json", "r.json"]);
   assert.deepEqual([p.trainSubset, p.testSubset, p.data, p.json], [10000, 2000, "/x", "r.json"]);
   assert.equal(parseFlags(["--help"]).help, true);
+  assert.equal(d.noLog, false);
+  assert.equal(d.logDir, undefined);
+  const l = parseFlags(["--log-dir", "/tmp/logs", "--no-log", "--profile"]);
+  assert.deepEqual([l.logDir, l.noLog, l.profile], ["/tmp/logs", true, true]);
 });
 
 Deno.test("flags: a bad value names the flag and its range", () => {
@@ -136,6 +141,8 @@ Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomi
       "11",
       "--json",
       json,
+      "--log-dir",
+      join(dir, "logs"),
     ]);
     assert.equal(r.code, 0, r.stderr);
     assert.ok(!r.stdout.includes("\r"), "piped output has no in-place updates");
@@ -159,7 +166,26 @@ Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomi
     assert.equal(typeof out.stdEmaValAcc, "number");
     const names = [];
     for await (const e of Deno.readDir(dir)) names.push(e.name);
-    assert.deepEqual(names.sort(), ["cifar-10-batches-bin", "results.json"]); // no temp file left
+    assert.deepEqual(names.sort(), ["cifar-10-batches-bin", "logs", "results.json"]); // no temp file left
+    // the run log: the exact script (text and sha256), flags, hyp, device, every epoch
+    const logs = [];
+    for await (const e of Deno.readDir(join(dir, "logs"))) logs.push(e.name);
+    assert.equal(logs.length, 1);
+    const source = await Deno.readTextFile(join(ROOT, "main.ts"));
+    const sha = createHash("sha256").update(source).digest("hex");
+    assert.match(logs[0], new RegExp(`^\\d{8}-\\d{6}-${sha.slice(0, 8)}\\.json$`));
+    assert.ok(r.stdout.includes(`run log: ${join(dir, "logs", logs[0])}`));
+    const log = JSON.parse(await Deno.readTextFile(join(dir, "logs", logs[0])));
+    assert.equal(log.script.sha256, sha);
+    assert.equal(log.script.source, source);
+    assert.equal(Object.keys(log.kernels).length, 9);
+    assert.equal(log.flags.seed, 11);
+    assert.equal(log.flags.baseDepth, 4);
+    assert.equal(log.hyp.opt.momentum, 0.85);
+    assert.equal(log.deno.deno, Deno.version.deno);
+    assert.equal(typeof log.device, "string");
+    assert.deepEqual(log.runs, out.runs);
+    assert.equal(log.meanEmaValAcc, out.meanEmaValAcc);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
