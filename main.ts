@@ -3,7 +3,7 @@
 // kernel lives in kernels/*.wgsl. Read it top to bottom:
 //   1. hyperparameters   2. GPU plumbing   3. ops (one function per kernel)   4. data
 //   5. network (init, forward, backward)  6. training (schedule, optimiser, EMA, epoch loop)
-//   7. evaluation and printing            8. command line
+//   7. printing and run logs              8. command line
 // Precision: f32 everywhere (storage, accumulation, master weights). The original trains in fp16.
 
 import { createHash } from "node:crypto";
@@ -711,7 +711,7 @@ function dataUniform(gpu: Gpu, rows: number, imgs: GpuImages, norm: ChannelStats
     f32((cutmixSize * cutmixSize) / (IMAGE_SIDE * IMAGE_SIDE)),
     i32(-half + even),
     i32(half),
-    0,
+    i32(hyp.net.padAmount),
     ...norm.mean.map(f32),
     f32(0),
     ...inv.map(f32),
@@ -1564,6 +1564,9 @@ export function trainingPlan(nTrain: number, batchSize: number, epochs: number) 
  * offsets (0..3: offset 4 is never drawn, a quirk of the original), flip, cutmix square and partner.
  */
 export function epochAugmentation(rng: Rng, n: number, cutmix: boolean) {
+  if (!(hyp.net.padAmount >= 0 && hyp.net.padAmount <= 2)) {
+    throw new Error(`hyp.net.padAmount must be 0, 1 or 2: the crop offsets are packed in 2 bits (data.wgsl)`);
+  }
   const perm = rng.permutation(n), partner = cutmix ? rng.permutation(n) : perm;
   const size = hyp.net.cutmixSize, even = size % 2 === 0 ? 1 : 0, half = Math.floor(size / 2);
   const lowest = half - even, centres = IMAGE_SIDE - half - even - lowest; // centre in [lowest, lowest + centres)

@@ -25,12 +25,11 @@
 
 const WG: u32 = 256u;
 const SIDE: u32 = 32u;
-const PAD: i32 = 2;
 const IMAGE_BYTES: u32 = 3072u;
 
 struct DataShape {
   rows: u32, images_per_part: u32, n_images: u32, classes: u32,
-  mix: f32, cut_lo: i32, cut_hi: i32, _p0: u32,
+  mix: f32, cut_lo: i32, cut_hi: i32, pad: i32,
   mean: vec4f,
   inv_std: vec4f,
 }
@@ -62,9 +61,9 @@ fn pixel(image: u32, c: u32, y: u32, x: u32) -> f32 {
   return (v / 255.0 - s.mean[c]) * s.inv_std[c];
 }
 
-// index into the reflect-padded image (PyTorch 'reflect': -1 -> 1, 32 -> 30)
+// index into the image reflect-padded by s.pad (PyTorch 'reflect': -1 -> 1, 32 -> 30)
 fn reflect(p: i32) -> u32 {
-  var q = p - PAD;
+  var q = p - s.pad;
   if (q < 0) { q = -q; }
   if (q > i32(SIDE) - 1) { q = 2 * (i32(SIDE) - 1) - q; }
   return u32(q);
