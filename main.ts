@@ -1597,6 +1597,7 @@ export interface RunResult {
   valAcc: number;
   trainSeconds: number;
   epochs: EpochMetrics[];
+  weights?: Map<string, { shape: number[]; data: Float32Array }>; // the final EMA network (the net if no EMA)
 }
 
 export interface TrainOptions {
@@ -1608,6 +1609,7 @@ export interface TrainOptions {
   batchSize?: number;
   onEpochStart?: (epoch: number) => void;
   onEpoch?: (m: EpochMetrics) => void;
+  returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
 }
 
 const METRIC_SLOTS = { train: 0, val: 1, ema: 2 }; // (loss sum, correct count) pairs in the metrics buffer
@@ -1627,6 +1629,31 @@ async function withErrorScopes<T>(gpu: Gpu, what: string, build: () => T): Promi
   if (oom) throw new Error(`out of GPU memory building ${what} (${oom.message}): lower --batch-size or --base-depth`);
   if (validation) throw new Error(`WebGPU rejected ${what}: ${validation.message}`);
   return result as T;
+}
+
+/**
+ * Evaluation programs over the training buffers: a batch holds `half` test images and their mirrors
+ * (flip TTA); `evalOf(params, slot)` adds that network's loss and correct count to metrics[slot].
+ */
+function evalPrograms(gpu: Gpu, data: GpuData, A: Activations, metrics: GPUBuffer) {
+  const half = Math.floor(A.x.shape[0] / 2), E2 = activationsWithRows(A, 2 * half);
+  const h = (t: Tensor) => withRows(t, half), tta = h(A.logitsTta);
+  const evalOf = (params: Record<string, Tensor>, slot: number) => [
+    ...forward(gpu, E2, params, false),
+    ttaAverage(gpu, E2.logits, tta),
+    crossEntropy(gpu, tta, h(A.targets), h(A.loss), h(A.correct), h(A.dlogits), 0),
+    accumulateMetrics(gpu, h(A.loss), h(A.correct), metrics, slot),
+  ];
+  return { half, evalOf, gather: gatherEval(gpu, data.test, data.norm, E2.x, E2.targets) };
+}
+
+/** Runs `list` over the test set, `half` images (and mirrors) per submit. */
+async function evaluateTestSet(gpu: Gpu, nTest: number, half: number, list: Dispatch[]) {
+  for (let start = 0; start < nTest; start += half) {
+    setFrame(gpu, { offset: start, valid: Math.min(half, nTest - start) });
+    submit(gpu, list);
+    await gpu.profiler?.collect();
+  }
 }
 
 /** The run's GPU state (parameters, gradients, momentum, EMA, activations) and its recorded programs. */
@@ -1654,18 +1681,11 @@ function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rn
   const update = [...backward(gpu, A, P, G), sgdNesterov(gpu, layout, state, grads, momentum, wd)];
   const emaStep = emaUpdate(gpu, layout, state, ema);
 
-  // Eval batches hold `half` images and their mirrors (flip TTA) in the same buffers.
-  const half = Math.floor(B / 2), E2 = activationsWithRows(A, 2 * half);
-  const h = (t: Tensor) => withRows(t, half), tta = h(A.logitsTta);
-  const evalOf = (params: Record<string, Tensor>, slot: number) => [
-    ...forward(gpu, E2, params, false),
-    ttaAverage(gpu, E2.logits, tta),
-    crossEntropy(gpu, tta, h(A.targets), h(A.loss), h(A.correct), h(A.dlogits), 0),
-    accumulateMetrics(gpu, h(A.loss), h(A.correct), metrics, slot),
-  ];
-  const evalNet = [gatherEval(gpu, data.test, data.norm, E2.x, E2.targets), ...evalOf(P, METRIC_SLOTS.val)];
+  const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
+  const evalNet = [gather, ...evalOf(P, METRIC_SLOTS.val)];
   const evalEma = evalOf(PE, METRIC_SLOTS.ema);
   return {
+    layout,
     state,
     ema,
     stateBytes,
@@ -1736,11 +1756,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       trainSeconds += (performance.now() - t0) / 1000;
       checkGpu(gpu);
 
-      for (let start = 0; start < nTest; start += half) {
-        setFrame(gpu, { offset: start, valid: Math.min(half, nTest - start) });
-        submit(gpu, emaExists ? [...evalNet, ...evalEma] : evalNet);
-        await gpu.profiler?.collect();
-      }
+      await evaluateTestSet(gpu, nTest, half, emaExists ? [...evalNet, ...evalEma] : evalNet);
       const m = await readBuffer(gpu, metrics, 0, 6 * 4);
       const row: EpochMetrics = {
         epoch,
@@ -1761,7 +1777,15 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       o.onEpoch?.(row);
     }
     const last = epochs[epochs.length - 1];
-    return { seed: o.seed, emaValAcc: last.emaValAcc, valAcc: last.valAcc, trainSeconds, epochs };
+    let weights;
+    if (o.returnWeights) {
+      const values = await readBuffer(gpu, emaExists ? ema : state, 0, stateBytes);
+      weights = new Map([...run.layout.entries].map(([name, e]) => [
+        name,
+        { shape: e.shape, data: values.slice(e.offset, e.offset + numel(e.shape)) },
+      ]));
+    }
+    return { seed: o.seed, emaValAcc: last.emaValAcc, valAcc: last.valAcc, trainSeconds, epochs, weights };
   } finally {
     freeSince(gpu, mark);
   }
@@ -1819,10 +1843,12 @@ export const sampleStd = (xs: number[]) =>
   xs.length < 2 ? 0 : Math.sqrt(xs.reduce((a, x) => a + (x - mean(xs)) ** 2, 0) / (xs.length - 1));
 
 /** Writes next to the target, then renames: an interrupted run never leaves a half-written file. */
-export async function writeFileAtomic(path: string, text: string) {
+export const writeFileAtomic = (path: string, text: string) => writeBytesAtomic(path, new TextEncoder().encode(text));
+
+export async function writeBytesAtomic(path: string, bytes: Uint8Array) {
   const tmp = `${path}.tmp-${Deno.pid}`;
   try {
-    await Deno.writeTextFile(tmp, text);
+    await Deno.writeFile(tmp, bytes);
     await Deno.rename(tmp, path);
   } catch (e) {
     await Deno.remove(tmp).catch(() => {});
@@ -1849,7 +1875,7 @@ export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs
     precision: "f32",
     flags: { ...flags, help: undefined },
     hyp,
-    runs,
+    runs: runs.map(({ weights: _, ...r }) => r),
     meanEmaValAcc: accs.length ? mean(accs) : null,
     stdEmaValAcc: accs.length ? sampleStd(accs) : null,
   };
@@ -1861,6 +1887,87 @@ export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs
   if (await exists(path)) path = path.replace(/\.json$/, `-${Deno.pid}.json`);
   await writeFileAtomic(path, JSON.stringify(log, null, 1) + "\n");
   return path;
+}
+
+// ---- saved weights: the safetensors format (8-byte little-endian header length, JSON header, raw data)
+
+type Weights = Map<string, { shape: number[]; data: Float32Array }>;
+
+export function encodeSafetensors(weights: Weights, metadata: Record<string, string>): Uint8Array {
+  const header: Record<string, unknown> = { __metadata__: metadata };
+  let offset = 0;
+  for (const [name, t] of weights) {
+    header[name] = { dtype: "F32", shape: t.shape, data_offsets: [offset, offset + t.data.length * 4] };
+    offset += t.data.length * 4;
+  }
+  let json = JSON.stringify(header);
+  json += " ".repeat((8 - ((8 + json.length) % 8)) % 8); // data starts 8-byte aligned
+  const head = new TextEncoder().encode(json), out = new Uint8Array(8 + head.length + offset);
+  new DataView(out.buffer).setBigUint64(0, BigInt(head.length), true);
+  out.set(head, 8);
+  let at = 8 + head.length;
+  for (const t of weights.values()) {
+    out.set(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength), at);
+    at += t.data.byteLength;
+  }
+  return out;
+}
+
+export function decodeSafetensors(
+  bytes: Uint8Array,
+  file: string,
+): { weights: Weights; metadata: Record<string, string> } {
+  const bad = (why: string) => new Error(`${file} is not a valid safetensors file (${why}): save it again with --save`);
+  if (bytes.length < 8) throw bad("shorter than its 8-byte header length");
+  const n = Number(new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(0, true));
+  if (8 + n > bytes.length) throw bad(`header of ${n} bytes but the file has ${bytes.length}`);
+  let header: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+  try {
+    header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + n)));
+  } catch {
+    throw bad("header is not JSON");
+  }
+  const { __metadata__: metadata = {}, ...tensors } = header as Record<string, never>;
+  const data = bytes.subarray(8 + n), weights: Weights = new Map();
+  for (
+    const [name, t] of Object.entries(tensors) as [string, { dtype: string; shape: number[]; data_offsets: number[] }][]
+  ) {
+    const [begin, end] = t.data_offsets ?? [];
+    if (t.dtype !== "F32") throw bad(`${name} has dtype ${t.dtype}, only F32 is read`);
+    if (!(begin >= 0 && end <= data.length && end - begin === numel(t.shape) * 4)) throw bad(`${name} is truncated`);
+    weights.set(name, { shape: t.shape, data: new Float32Array(data.slice(begin, end).buffer) });
+  }
+  return { weights, metadata };
+}
+
+/** Test accuracy and loss (flip TTA) of saved weights; the network's widths come from the weights. */
+export async function evaluateWeights(gpu: Gpu, data: GpuData, weights: Weights, batchSize: number, file: string) {
+  const first = weights.get("conv_group_1.conv1.weight");
+  if (!first || first.shape.length !== 4) {
+    throw new Error(`${file} has no conv_group_1.conv1.weight: not a network of ours`);
+  }
+  const layout = layoutState(stateSpec(first.shape[3])), values = new Float32Array(layout.nTotal);
+  for (const [name, e] of layout.entries) {
+    const t = weights.get(name);
+    if (!t || t.shape.join() !== e.shape.join()) {
+      throw new Error(
+        `${file} does not match the network: ${name} is [${t?.shape ?? "missing"}], expected [${e.shape}]`,
+      );
+    }
+    values.set(t.data, e.offset);
+  }
+  const mark = gpu.allocated.length;
+  try {
+    const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, 6 * 4);
+    gpu.device.queue.writeBuffer(state, 0, values);
+    const A = makeActivations(gpu, batchSize, first.shape[3]);
+    const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
+    await evaluateTestSet(gpu, data.test.count, half, [gather, ...evalOf(stateViews(state, layout), METRIC_SLOTS.val)]);
+    const m = await readBuffer(gpu, metrics, 0, 6 * 4);
+    return { valLoss: m[2] / data.test.count, valAcc: m[3] / data.test.count };
+  } finally {
+    freeSince(gpu, mark);
+  }
 }
 
 // =================================================================================================
@@ -1881,6 +1988,8 @@ export interface CliOptions {
   profile: boolean;
   logDir?: string; // default: runs/ next to main.ts
   noLog: boolean;
+  save?: string;
+  eval?: string;
 }
 
 const FLAG_RANGES = {
@@ -1911,6 +2020,8 @@ usage: deno run -A main.ts [flags]
   --log-dir DIR       where the run log goes (default: runs/ next to main.ts): script text and sha256,
                       hyperparameters, flags, device, every epoch's metrics
   --no-log            write no run log
+  --save FILE         save the final EMA network of the last run as safetensors (NHWC, HWIO conv weights)
+  --eval FILE         no training: load safetensors weights and print their test accuracy (flip TTA)
   --profile           time every kernel with GPU timestamps and print the table after training
                       (one readback per submit: the run is slower, the table's times are not)
   --help              show this help`;
@@ -1927,6 +2038,8 @@ export function parseFlags(argv: string[]): CliOptions {
         profile: { type: "boolean" },
         "log-dir": { type: "string" },
         "no-log": { type: "boolean" },
+        save: { type: "string" },
+        eval: { type: "string" },
         data: { type: "string" },
         json: { type: "string" },
         ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" as const }])),
@@ -1956,7 +2069,7 @@ export function parseFlags(argv: string[]): CliOptions {
     }
     return x;
   };
-  for (const name of ["data", "json", "log-dir"]) {
+  for (const name of ["data", "json", "log-dir", "save", "eval"]) {
     if (v[name] === "") throw new Error(`--${name} needs a value: see --help`);
   }
   return {
@@ -1964,6 +2077,8 @@ export function parseFlags(argv: string[]): CliOptions {
     profile: Boolean(v.profile),
     logDir: v["log-dir"] as string | undefined,
     noLog: Boolean(v["no-log"]),
+    save: v.save as string | undefined,
+    eval: v.eval as string | undefined,
     data: v.data as string | undefined,
     json: v.json as string | undefined,
     runs: num("runs") ?? 1,
@@ -1993,6 +2108,22 @@ export async function main(argv: string[]) {
     );
   }
   const data = uploadDataset(gpu, cifar);
+  if (o.eval) {
+    let bytes: Uint8Array;
+    try {
+      bytes = await Deno.readFile(o.eval);
+    } catch (e) {
+      throw new Error(`cannot read --eval ${o.eval} (${errorText(e)}): check the path`);
+    }
+    const { weights } = decodeSafetensors(bytes, o.eval);
+    const r = await evaluateWeights(gpu, data, weights, o.batchSize, o.eval);
+    console.log(
+      `${o.eval}: test accuracy ${(100 * r.valAcc).toFixed(2)}% | test loss ${
+        r.valLoss.toFixed(4)
+      } | ${data.test.count} images, flip TTA`,
+    );
+    return gpu.device.destroy();
+  }
   console.log(
     `device: ${gpu.adapterName} | precision: f32 | train ${data.train.count} / test ${data.test.count} images | ` +
       `batch ${o.batchSize} | epochs ${o.epochs} | base depth ${o.baseDepth}`,
@@ -2011,6 +2142,7 @@ export async function main(argv: string[]) {
       batchSize: o.batchSize,
       onEpochStart: (e) => table.epochStart(e),
       onEpoch: (m) => table.row(m),
+      returnWeights: Boolean(o.save) && r === o.runs - 1,
     });
     table.end();
     const ema = result.emaValAcc === null ? "n/a (the EMA never started)" : `${(100 * result.emaValAcc).toFixed(2)}%`;
@@ -2044,6 +2176,15 @@ export async function main(argv: string[]) {
           `train time ${mean(times).toFixed(2)} ± ${sampleStd(times).toFixed(2)} s`,
       );
     }
+  }
+  const saved = runs[runs.length - 1].weights;
+  if (o.save && saved) {
+    const metadata = {
+      format: "hlb-cifar10-webgpu",
+      layout: "conv weights HWIO [kh][kw][cin][cout], linear [out][in]",
+    };
+    await writeBytesAtomic(o.save, encodeSafetensors(saved, metadata));
+    console.log(`weights written to ${o.save}`);
   }
   if (!o.noLog) {
     const dir = o.logDir ?? fileURLToPath(new URL("./runs", import.meta.url));

@@ -143,6 +143,8 @@ Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomi
       json,
       "--log-dir",
       join(dir, "logs"),
+      "--save",
+      join(dir, "final.safetensors"),
     ]);
     assert.equal(r.code, 0, r.stderr);
     assert.ok(!r.stdout.includes("\r"), "piped output has no in-place updates");
@@ -166,7 +168,34 @@ Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomi
     assert.equal(typeof out.stdEmaValAcc, "number");
     const names = [];
     for await (const e of Deno.readDir(dir)) names.push(e.name);
-    assert.deepEqual(names.sort(), ["cifar-10-batches-bin", "logs", "results.json"]); // no temp file left
+    assert.deepEqual(names.sort(), ["cifar-10-batches-bin", "final.safetensors", "logs", "results.json"]); // no temp file
+    // --eval of the saved EMA network reproduces the last run's final EMA accuracy
+    const evaluated = await runMain([
+      "--data",
+      data,
+      "--test-subset",
+      "50",
+      "--batch-size",
+      "64",
+      "--eval",
+      join(dir, "final.safetensors"),
+    ]);
+    assert.equal(evaluated.code, 0, evaluated.stderr);
+    const acc = (100 * out.runs[1].emaValAcc).toFixed(2);
+    assert.match(
+      evaluated.stdout,
+      new RegExp(`final\\.safetensors: test accuracy ${acc.replace(".", "\\.")}% \\| test loss`),
+    );
+    await Deno.writeFile(
+      join(dir, "cut.safetensors"),
+      (await Deno.readFile(join(dir, "final.safetensors"))).slice(0, 1000),
+    );
+    const cut = await runMain(["--data", data, "--eval", join(dir, "cut.safetensors")]);
+    assert.equal(cut.code, 1);
+    assert.match(
+      cut.stderr,
+      /^error: .*cut\.safetensors is not a valid safetensors file \(.*\): save it again with --save$/,
+    );
     // the run log: the exact script (text and sha256), flags, hyp, device, every epoch
     const logs = [];
     for await (const e of Deno.readDir(join(dir, "logs"))) logs.push(e.name);
