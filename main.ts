@@ -213,6 +213,7 @@ export interface Frame {
   lrWeights?: number;
   lrBiases?: number;
   emaDecay?: number;
+  step?: number; // optimiser step number (0-based), for the non-finite-loss flag
 }
 
 export function setFrame(gpu: Gpu, f: Frame) {
@@ -222,6 +223,7 @@ export function setFrame(gpu: Gpu, f: Frame) {
   data.setFloat32(8, f.lrWeights ?? 0, true);
   data.setFloat32(12, f.lrBiases ?? 0, true);
   data.setFloat32(16, f.emaDecay ?? 0, true);
+  data.setUint32(20, f.step ?? 0, true);
   gpu.device.queue.writeBuffer(gpu.frame, 0, data.buffer);
 }
 
@@ -634,6 +636,12 @@ export function ttaAverage(gpu: Gpu, logits: Tensor, out: Tensor): Dispatch {
   const [rows, classes] = out.shape;
   const u = uniform(gpu, [rows, classes, 0, 0]);
   return kernel(gpu, "loss", "tta_average", { 0: u, 2: logits, 6: out }, [Math.ceil((rows * classes) / 64), 1, 1]);
+}
+
+/** flags[slot] = min(flags[slot], frame.step) if any loss[0..rows) is NaN or infinite (u32 view of the buffer). */
+export function flagNonFinite(gpu: Gpu, loss: Tensor, flags: GPUBuffer, slot: number): Dispatch {
+  const u = uniform(gpu, [0, 0, loss.shape[0], slot]);
+  return kernel(gpu, "reduce", "flag_nonfinite", { 0: u, 3: loss, 6: flags, 7: gpu.frame }, [1, 1, 1]);
 }
 
 /** metrics[2 slot] += sum(loss), metrics[2 slot + 1] += sum(correct), over `rows` rows. */
@@ -1612,7 +1620,10 @@ export interface TrainOptions {
   returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
 }
 
-const METRIC_SLOTS = { train: 0, val: 1, ema: 2 }; // (loss sum, correct count) pairs in the metrics buffer
+// The metrics buffer, read once per epoch: (loss sum, correct count) f32 pairs for the first train
+// batch, the val set and the EMA's val set, then one u32: the first step whose loss was not finite.
+const METRIC_SLOTS = { train: 0, val: 1, ema: 2 };
+const METRICS_FLOATS = 8, NONFINITE_FLAG = 6, NO_BAD_STEP = 0xffffffff;
 
 /** Runs `build` inside WebGPU error scopes: out-of-memory and validation errors become one clear Error. */
 async function withErrorScopes<T>(gpu: Gpu, what: string, build: () => T): Promise<T> {
@@ -1666,12 +1677,14 @@ function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rn
   device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
   const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
   const A = makeActivations(gpu, B, baseDepth);
-  const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8), metrics = createBuffer(gpu, 6 * 4);
+  const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8);
+  const metrics = createBuffer(gpu, METRICS_FLOATS * 4);
 
   const trainForward = [
     augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets),
     ...forward(gpu, A, P, true),
     crossEntropy(gpu, A.logits, A.targets, A.loss, A.correct, A.dlogits, hyp.opt.lossScaleBatch / B),
+    flagNonFinite(gpu, A.loss, metrics, NONFINITE_FLAG),
   ];
   const firstBatchMetrics = accumulateMetrics(gpu, A.loss, A.correct, metrics, METRIC_SLOTS.train);
   const wd = {
@@ -1730,7 +1743,9 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       const aug = epochAugmentation(rng, N, epoch >= plan.cutmixFrom);
       device.queue.writeBuffer(perm, 0, aug.perm as Uint32Array<ArrayBuffer>);
       device.queue.writeBuffer(augParams, 0, aug.params as Uint32Array<ArrayBuffer>);
-      device.queue.writeBuffer(metrics, 0, new Float32Array(6));
+      const reset = new Uint32Array(METRICS_FLOATS); // zero sums (0.0f is all zero bits) and no bad step
+      reset[NONFINITE_FLAG] = NO_BAD_STEP;
+      device.queue.writeBuffer(metrics, 0, reset);
       for (let s = 0; s < plan.stepsIn(epoch); s++) {
         const lrStep = stepsDone++; // the schedule is indexed by steps taken before this one
         const emaNow = epoch >= plan.emaFrom && stepsDone % hyp.misc.ema.everyNSteps === 0;
@@ -1740,6 +1755,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
           lrWeights: oneCycleLr(lrStep, T, hyp.opt.nonBiasLr),
           lrBiases: oneCycleLr(lrStep, T, hyp.opt.biasLr),
           emaDecay: emaDecay(stepsDone, T),
+          step: lrStep,
         });
         const list = [...trainForward, ...(s === 0 ? [firstBatchMetrics] : []), ...update];
         if (emaNow && emaExists) list.push(emaStep);
@@ -1757,7 +1773,14 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       checkGpu(gpu);
 
       await evaluateTestSet(gpu, nTest, half, emaExists ? [...evalNet, ...evalEma] : evalNet);
-      const m = await readBuffer(gpu, metrics, 0, 6 * 4);
+      const m = await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4);
+      const badStep = new Uint32Array(m.buffer)[NONFINITE_FLAG];
+      if (badStep !== NO_BAD_STEP) {
+        throw new Error(
+          `the training loss became NaN or infinite at step ${badStep} (epoch ${epoch}): ` +
+            "lower the learning rates in hyp.opt, or undo the last change",
+        );
+      }
       const row: EpochMetrics = {
         epoch,
         trainLoss: m[0] / B,
@@ -1958,12 +1981,12 @@ export async function evaluateWeights(gpu: Gpu, data: GpuData, weights: Weights,
   }
   const mark = gpu.allocated.length;
   try {
-    const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, 6 * 4);
+    const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, METRICS_FLOATS * 4);
     gpu.device.queue.writeBuffer(state, 0, values);
     const A = makeActivations(gpu, batchSize, first.shape[3]);
     const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
     await evaluateTestSet(gpu, data.test.count, half, [gather, ...evalOf(stateViews(state, layout), METRIC_SLOTS.val)]);
-    const m = await readBuffer(gpu, metrics, 0, 6 * 4);
+    const m = await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4);
     return { valLoss: m[2] / data.test.count, valAcc: m[3] / data.test.count };
   } finally {
     freeSince(gpu, mark);

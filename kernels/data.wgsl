@@ -33,7 +33,7 @@ struct DataShape {
   mean: vec4f,
   inv_std: vec4f,
 }
-struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, _p0: u32, _p1: u32, _p2: u32 }
+struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, step: u32, _p1: u32, _p2: u32 }
 
 @group(0) @binding(0) var<uniform> s: DataShape;
 @group(0) @binding(1) var<uniform> frame: Frame;

@@ -15,7 +15,7 @@
 const WG: u32 = 64u;
 
 struct LossShape { rows: u32, classes: u32, smoothing: f32, grad_scale: f32 }
-struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, _p0: u32, _p1: u32, _p2: u32 }
+struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, step: u32, _p1: u32, _p2: u32 }
 
 @group(0) @binding(0) var<uniform> s: LossShape;
 @group(0) @binding(1) var<uniform> frame: Frame;

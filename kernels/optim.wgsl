@@ -17,7 +17,7 @@ struct OptimShape {
   n_weights: u32, n_trainable: u32, n_copy: u32, n_total: u32,
   wd_weights: f32, wd_biases: f32, momentum: f32, _p0: u32,
 }
-struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, _p0: u32, _p1: u32, _p2: u32 }
+struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, step: u32, _p1: u32, _p2: u32 }
 
 @group(0) @binding(0) var<uniform> s: OptimShape;
 @group(0) @binding(1) var<uniform> frame: Frame;

@@ -5,10 +5,14 @@
 // accumulate_metrics: one workgroup adds sum(loss[0..rows)) and sum(correct[0..rows)) into
 //   metrics[2*slot] and metrics[2*slot + 1]. Rows a kernel masked out hold zeros.
 //   Bindings: 0 uniform ReduceShape, 3 loss, 4 correct, 5 metrics (read_write).
+// flag_nonfinite: one workgroup; if any loss[0..rows) is NaN or infinite, flags[slot] =
+//   min(flags[slot], frame.step): the first bad step, found without reading anything back.
+//   Bindings: 0 uniform ReduceShape, 3 loss, 6 flags (the metrics buffer as atomics), 7 frame.
 
 const WG: u32 = 256u;
 
 struct ReduceShape { len: u32, splits: u32, rows: u32, slot: u32 }
+struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, step: u32, _p1: u32, _p2: u32 }
 
 @group(0) @binding(0) var<uniform> s: ReduceShape;
 @group(0) @binding(1) var<storage, read> part: array<f32>;
@@ -16,6 +20,8 @@ struct ReduceShape { len: u32, splits: u32, rows: u32, slot: u32 }
 @group(0) @binding(3) var<storage, read> loss: array<f32>;
 @group(0) @binding(4) var<storage, read> correct: array<f32>;
 @group(0) @binding(5) var<storage, read_write> metrics: array<f32>;
+@group(0) @binding(7) var<uniform> frame: Frame;
+@group(0) @binding(6) var<storage, read_write> flags: array<atomic<u32>>;
 
 @compute @workgroup_size(WG)
 fn sum_splits(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
@@ -51,4 +57,16 @@ fn accumulate_metrics(@builtin(local_invocation_index) li: u32) {
     metrics[2u * s.slot] += sum_loss[0];
     metrics[2u * s.slot + 1u] += sum_correct[0];
   }
+}
+
+var<workgroup> any_bad: atomic<u32>;
+
+@compute @workgroup_size(WG)
+fn flag_nonfinite(@builtin(local_invocation_index) li: u32) {
+  for (var r = li; r < s.rows; r += WG) {
+    // exponent bits all ones: NaN or infinity (a bit test, which fast-math cannot fold away)
+    if ((bitcast<u32>(loss[r]) & 0x7f800000u) == 0x7f800000u) { atomicStore(&any_bad, 1u); }
+  }
+  workgroupBarrier();
+  if (li == 0u && atomicLoad(&any_bad) == 1u) { atomicMin(&flags[s.slot], frame.step); }
 }

@@ -1,7 +1,7 @@
 // End-to-end: a tiny training run on a synthetic, easily learnable dataset must lower the loss,
 // beat chance clearly, and be reproducible from its seed. Small enough for lavapipe in CI.
 import assert from "node:assert/strict";
-import { type Cifar10, initGpu, train, uploadDataset } from "../main.ts";
+import { type Cifar10, hyp, initGpu, train, uploadDataset } from "../main.ts";
 
 const gpu = await initGpu();
 
@@ -55,4 +55,18 @@ Deno.test("the same seed gives the same run; another seed does not", async () =>
     c = await train({ ...opts, seed: 8 });
   assert.deepEqual(strip(a), strip(b));
   assert.notDeepEqual(strip(a), strip(c));
+});
+
+Deno.test("an absurd learning rate is caught on the GPU and names the first non-finite step", async () => {
+  const saved = { ...hyp.opt };
+  hyp.opt.nonBiasLr = 1e8;
+  hyp.opt.biasLr = 1e8;
+  try {
+    await assert.rejects(
+      () => train({ gpu, data, seed: 1, epochs: 1, baseDepth: 4, batchSize: 64 }),
+      /^Error: the training loss became NaN or infinite at step [1-7] \(epoch 0\): lower the learning rates in hyp\.opt/,
+    );
+  } finally {
+    Object.assign(hyp.opt, saved);
+  }
 });
