@@ -1606,6 +1606,7 @@ export interface RunResult {
   trainSeconds: number;
   epochs: EpochMetrics[];
   weights?: Map<string, { shape: number[]; data: Float32Array }>; // the final EMA network (the net if no EMA)
+  interrupted?: { epoch: number; steps: number }; // set when `stop` ended the run early
 }
 
 export interface TrainOptions {
@@ -1618,6 +1619,7 @@ export interface TrainOptions {
   onEpochStart?: (epoch: number) => void;
   onEpoch?: (m: EpochMetrics) => void;
   returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
+  stop?: () => boolean; // asked after every step; true ends the run there (Ctrl-C)
 }
 
 // The metrics buffer, read once per epoch: (loss sum, correct count) f32 pairs for the first train
@@ -1767,6 +1769,19 @@ export async function train(o: TrainOptions): Promise<RunResult> {
         );
         await gpu.profiler?.collect();
         if (emaNow) emaExists = true;
+        if (o.stop?.()) {
+          await device.queue.onSubmittedWorkDone();
+          const last = epochs[epochs.length - 1];
+          const interrupted = { epoch, steps: stepsDone };
+          return {
+            seed: o.seed,
+            emaValAcc: last?.emaValAcc ?? null,
+            valAcc: last?.valAcc ?? NaN,
+            trainSeconds,
+            epochs,
+            interrupted,
+          };
+        }
       }
       await device.queue.onSubmittedWorkDone();
       trainSeconds += (performance.now() - t0) / 1000;
@@ -1885,10 +1900,12 @@ export async function writeBytesAtomic(path: string, bytes: Uint8Array) {
  * File name <date>-<time>-<first 8 hex of the script's sha256>.json; written atomically.
  */
 export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs: RunResult[], startedAt: Date) {
+  const status = runs.some((r) => r.interrupted) ? "interrupted" : "completed";
   const sha256 = (text: string) => createHash("sha256").update(text).digest("hex");
   const scriptPath = fileURLToPath(import.meta.url), source = await Deno.readTextFile(scriptPath);
   const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
   const log = {
+    status,
     startedAt: startedAt.toISOString(),
     finishedAt: new Date().toISOString(),
     script: { path: scriptPath, sha256: sha256(source), source },
@@ -2114,6 +2131,8 @@ export function parseFlags(argv: string[]): CliOptions {
   };
 }
 
+const defaultLogDir = () => fileURLToPath(new URL("./runs", import.meta.url));
+
 export async function main(argv: string[]) {
   const o = parseFlags(argv), startedAt = new Date();
   if (o.help) return console.log(HELP);
@@ -2151,6 +2170,14 @@ export async function main(argv: string[]) {
     `device: ${gpu.adapterName} | precision: f32 | train ${data.train.count} / test ${data.test.count} images | ` +
       `batch ${o.batchSize} | epochs ${o.epochs} | base depth ${o.baseDepth}`,
   );
+  // Ctrl-C: finish the current step, write the run log as interrupted, exit 130; a second Ctrl-C quits at once
+  let stopRequested = false;
+  const onInterrupt = () => {
+    if (stopRequested) Deno.exit(130);
+    stopRequested = true;
+    console.log("\nCtrl-C: stopping after the current step (press again to quit at once)");
+  };
+  Deno.addSignalListener("SIGINT", onInterrupt);
   const runs: RunResult[] = [];
   for (let r = 0; r < o.runs; r++) {
     const seed = (o.seed + r) >>> 0, table = new Table();
@@ -2166,8 +2193,18 @@ export async function main(argv: string[]) {
       onEpochStart: (e) => table.epochStart(e),
       onEpoch: (m) => table.row(m),
       returnWeights: Boolean(o.save) && r === o.runs - 1,
+      stop: () => stopRequested,
     });
     table.end();
+    if (result.interrupted) {
+      runs.push(result);
+      const where = `epoch ${result.interrupted.epoch}, after ${result.interrupted.steps} steps`;
+      const log = o.noLog
+        ? "no run log (--no-log)"
+        : `run log: ${await writeRunLog(o.logDir ?? defaultLogDir(), gpu, o, runs, startedAt)}`;
+      console.error(`interrupted in run ${r + 1}, ${where}; ${log}`);
+      Deno.exit(130);
+    }
     const ema = result.emaValAcc === null ? "n/a (the EMA never started)" : `${(100 * result.emaValAcc).toFixed(2)}%`;
     console.log(
       `final EMA val accuracy: ${ema} | val accuracy: ${(100 * result.valAcc).toFixed(2)}% | train time ${
@@ -2210,8 +2247,7 @@ export async function main(argv: string[]) {
     console.log(`weights written to ${o.save}`);
   }
   if (!o.noLog) {
-    const dir = o.logDir ?? fileURLToPath(new URL("./runs", import.meta.url));
-    console.log(`run log: ${await writeRunLog(dir, gpu, o, runs, startedAt)}`);
+    console.log(`run log: ${await writeRunLog(o.logDir ?? defaultLogDir(), gpu, o, runs, startedAt)}`);
   }
   if (gpu.profiler) console.log(`\nper-kernel GPU time, all runs (--profile)\n${gpu.profiler.report()}`);
   if (o.json) {
@@ -2231,6 +2267,7 @@ export async function main(argv: string[]) {
     await writeFileAtomic(o.json, JSON.stringify(out, null, 2) + "\n");
     console.log(`results written to ${o.json}`);
   }
+  Deno.removeSignalListener("SIGINT", onInterrupt);
   gpu.device.destroy();
 }
 

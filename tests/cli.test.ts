@@ -23,6 +23,21 @@ async function runMain(args: string[], opts: { cwd?: string; env?: Record<string
   return { code: out.code, stdout: text(out.stdout), stderr };
 }
 
+/** A valid-looking dataset folder in `dir`: exact file sizes, labels 0..9, patterned pixels. */
+async function writeFixtureDataset(dir: string) {
+  const bytes = new Uint8Array(FILE_BYTES).map((_, i) => (i * 37) % 251);
+  for (let r = 0; r < FILE_BYTES / RECORD_BYTES; r++) bytes[r * RECORD_BYTES] = r % 10;
+  const data = join(dir, "cifar-10-batches-bin");
+  await Deno.mkdir(data);
+  for (
+    const f of ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"]
+  ) {
+    await Deno.writeFile(join(data, f), bytes);
+  }
+  await Deno.writeFile(join(data, "test_batch.bin"), bytes);
+  return data;
+}
+
 Deno.test("flags: defaults follow hyp, values parse", () => {
   const d = parseFlags([]);
   assert.equal(d.runs, 1);
@@ -110,17 +125,7 @@ Deno.test("main: no dataset and no network -> one clear line, nothing left behin
 Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomically", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    // a valid-looking dataset: exact file sizes, labels 0..9, patterned pixels
-    const bytes = new Uint8Array(FILE_BYTES).map((_, i) => (i * 37) % 251);
-    for (let r = 0; r < FILE_BYTES / RECORD_BYTES; r++) bytes[r * RECORD_BYTES] = r % 10;
-    const data = join(dir, "cifar-10-batches-bin");
-    await Deno.mkdir(data);
-    for (
-      const f of ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"]
-    ) {
-      await Deno.writeFile(join(data, f), bytes);
-    }
-    await Deno.writeFile(join(data, "test_batch.bin"), bytes);
+    const data = await writeFixtureDataset(dir);
     const json = join(dir, "results.json");
     const r = await runMain([
       "--data",
@@ -215,6 +220,53 @@ Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomi
     assert.equal(typeof log.device, "string");
     assert.deepEqual(log.runs, out.runs);
     assert.equal(log.meanEmaValAcc, out.meanEmaValAcc);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("main: Ctrl-C stops after the current step, writes the run log as interrupted, exits 130", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = await writeFixtureDataset(dir);
+    const env = { ...Deno.env.toObject() };
+    delete env.CIFAR10_DIR;
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", join(ROOT, "main.ts"), "--data", data, "--train-subset", "640", "--test-subset", "64"]
+        .concat(["--base-depth", "4", "--batch-size", "64", "--epochs", "30", "--log-dir", join(dir, "logs")]),
+      env,
+      clearEnv: true,
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    // wait for the first epoch's row, then interrupt
+    let seen = "";
+    const decoder = new TextDecoder();
+    const reader = child.stdout.getReader();
+    while (!/\|\s+0\s+\|/.test(seen)) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      seen += decoder.decode(value);
+    }
+    child.kill("SIGINT");
+    const pump = (async () => {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        seen += decoder.decode(value);
+      }
+    })();
+    const [status, stderr] = await Promise.all([child.status, new Response(child.stderr).text(), pump]);
+    assert.equal(status.code, 130, stderr);
+    assert.match(seen, /Ctrl-C: stopping after the current step/);
+    assert.match(stderr, /interrupted in run 1, epoch \d+, after \d+ steps; run log: /);
+    const logs = [];
+    for await (const e of Deno.readDir(join(dir, "logs"))) logs.push(e.name);
+    assert.equal(logs.length, 1);
+    const log = JSON.parse(await Deno.readTextFile(join(dir, "logs", logs[0])));
+    assert.equal(log.status, "interrupted");
+    assert.ok(log.runs[0].interrupted.steps >= 10 && log.runs[0].interrupted.steps < 300);
+    assert.ok(log.runs[0].epochs.length >= 1);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
