@@ -2,7 +2,8 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
-import { FILE_BYTES, parseFlags, RECORD_BYTES } from "../main.ts";
+import { parseFlags } from "../main.ts";
+import { writeFixtureDataset } from "./util.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 
@@ -21,21 +22,6 @@ async function runMain(args: string[], opts: { cwd?: string; env?: Record<string
   // Vulkan loaders may warn about XDG_RUNTIME_DIR on machines without a session: not ours
   const stderr = text(out.stderr).split("\n").filter((l) => l && !l.includes("XDG_RUNTIME_DIR")).join("\n");
   return { code: out.code, stdout: text(out.stdout), stderr };
-}
-
-/** A valid-looking dataset folder in `dir`: exact file sizes, labels 0..9, patterned pixels. */
-async function writeFixtureDataset(dir: string) {
-  const bytes = new Uint8Array(FILE_BYTES).map((_, i) => (i * 37) % 251);
-  for (let r = 0; r < FILE_BYTES / RECORD_BYTES; r++) bytes[r * RECORD_BYTES] = r % 10;
-  const data = join(dir, "cifar-10-batches-bin");
-  await Deno.mkdir(data);
-  for (
-    const f of ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"]
-  ) {
-    await Deno.writeFile(join(data, f), bytes);
-  }
-  await Deno.writeFile(join(data, "test_batch.bin"), bytes);
-  return data;
 }
 
 Deno.test("flags: defaults follow hyp, values parse", () => {

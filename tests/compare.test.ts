@@ -2,7 +2,7 @@
 // variant reported without stopping the comparison.
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { FILE_BYTES, RECORD_BYTES } from "../main.ts";
+import { writeFixtureDataset } from "./util.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 
@@ -18,11 +18,7 @@ async function fork(dir: string, name: string, edit: (src: string) => string) {
 Deno.test("compare: two forks, N runs each, table, intervals, p-values; a crashing fork is reported", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const bytes = new Uint8Array(FILE_BYTES).map((_, i) => (i * 37) % 251);
-    for (let r = 0; r < FILE_BYTES / RECORD_BYTES; r++) bytes[r * RECORD_BYTES] = r % 10;
-    const data = join(dir, "cifar-10-batches-bin");
-    await Deno.mkdir(data);
-    for (const f of ["data_batch_1.bin", "test_batch.bin"]) await Deno.writeFile(join(data, f), bytes);
+    const data = await writeFixtureDataset(dir);
     const a = await fork(dir, "a.ts", (s) => s);
     const b = await fork(dir, "b.ts", (s) => s.replace("scalingFactor: 1 / 9,", "scalingFactor: 1 / 8,"));
     const crash = await fork(

@@ -1,5 +1,7 @@
 // Shared test helpers: a seeded PRNG and a closeness assertion. Nothing here reuses main.ts math.
 import assert from "node:assert/strict";
+import { join } from "node:path";
+import { FILE_BYTES, RECORD_BYTES } from "../main.ts";
 
 /** mulberry32: a tiny seeded PRNG, so a failure reproduces. */
 export class Prng {
@@ -47,4 +49,19 @@ export function assertClose(name: string, got: ArrayLike<number>, ref: ArrayLike
     `${name}: max abs err ${err.toExponential(3)} > ${bound.toExponential(3)} at [${worst}]: ` +
       `got ${got[worst]}, want ${ref[worst]}`,
   );
+}
+
+/** A valid-looking dataset folder in `dir`: exact file sizes, labels 0..9, patterned pixels. */
+export async function writeFixtureDataset(dir: string) {
+  const bytes = new Uint8Array(FILE_BYTES).map((_, i) => (i * 37) % 251);
+  for (let r = 0; r < FILE_BYTES / RECORD_BYTES; r++) bytes[r * RECORD_BYTES] = r % 10;
+  const data = join(dir, "cifar-10-batches-bin");
+  await Deno.mkdir(data);
+  for (
+    const f of ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"]
+  ) {
+    await Deno.writeFile(join(data, f), bytes);
+  }
+  await Deno.writeFile(join(data, "test_batch.bin"), bytes);
+  return data;
 }
