@@ -7,9 +7,15 @@ import { writeFixtureDataset } from "./util.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 
-async function runMain(args: string[], opts: { cwd?: string; env?: Record<string, string>; script?: string } = {}) {
-  const env = { ...Deno.env.toObject(), ...opts.env };
+/** The environment of a child main.ts: ours, without CIFAR10_DIR (each test names its data), plus `extra`. */
+function childEnv(extra: Record<string, string> = {}) {
+  const env = { ...Deno.env.toObject(), ...extra };
   delete env.CIFAR10_DIR;
+  return env;
+}
+
+async function runMain(args: string[], opts: { cwd?: string; env?: Record<string, string>; script?: string } = {}) {
+  const env = childEnv(opts.env);
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", opts.script ?? join(ROOT, "main.ts"), ...args],
     cwd: opts.cwd ?? ROOT,
@@ -215,8 +221,7 @@ Deno.test("main: Ctrl-C stops after the current step, writes the run log as inte
   const dir = await Deno.makeTempDir();
   try {
     const data = await writeFixtureDataset(dir);
-    const env = { ...Deno.env.toObject() };
-    delete env.CIFAR10_DIR;
+    const env = childEnv();
     const child = new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", join(ROOT, "main.ts"), "--data", data, "--train-subset", "640", "--test-subset", "64"]
         .concat(["--base-depth", "4", "--batch-size", "64", "--epochs", "30", "--log-dir", join(dir, "logs")]),
