@@ -5,14 +5,18 @@
 // Welch's t-test p-values. A crashing run is reported and left out; it does not stop the others.
 import { join } from "node:path";
 import { mean, std, welch } from "./stats.ts";
+import { type EpochRow, meanCurve, plotSvg, writeSvg } from "./plot.ts";
 
 interface Outcome {
   acc: number;
   seconds: number;
+  epochs: EpochRow[]; // per-epoch metrics, for --plot
 }
 
 function usage(message: string): never {
-  console.error(`error: ${message}\nusage: deno task compare A.ts B.ts [--runs N] [--seed S] [main.ts flags ...]`);
+  console.error(
+    `error: ${message}\nusage: deno task compare A.ts B.ts [--runs N] [--seed S] [--plot FILE.svg] [main.ts flags ...]`,
+  );
   Deno.exit(2);
 }
 
@@ -31,7 +35,7 @@ async function runOnce(script: string, flags: string[], seed: number, logDir: st
   const log = JSON.parse(await Deno.readTextFile(join(logDir, files[0])));
   const run = log.runs[0];
   if (run.emaValAcc === null) return "the EMA never started (too few steps): no accuracy to compare";
-  return { acc: run.emaValAcc, seconds: run.trainSeconds };
+  return { acc: run.emaValAcc, seconds: run.trainSeconds, epochs: run.epochs };
 }
 
 const argv = [...Deno.args];
@@ -48,7 +52,14 @@ for (const [flag, set] of [["--runs", (v: number) => (runs = v)], ["--seed", (v:
   set(v);
   argv.splice(i, 2);
 }
-if (argv.some((f) => f === "--runs" || f === "--seed" || f === "--log-dir" || f === "--no-log")) {
+let plot: string | undefined;
+const plotAt = argv.indexOf("--plot");
+if (plotAt >= 0) {
+  plot = argv[plotAt + 1];
+  if (!plot || plot.startsWith("-")) usage("--plot needs a file name, e.g. --plot curves.svg");
+  argv.splice(plotAt, 2);
+}
+if (argv.some((f) => f === "--plot" || f === "--runs" || f === "--seed" || f === "--log-dir" || f === "--no-log")) {
   usage("pass --runs and --seed once; compare sets --log-dir itself");
 }
 
@@ -84,6 +95,15 @@ for (const s of [a, b]) {
       fmt(r.map((x) => x.seconds), 1, 2, " s")
     }`,
   );
+}
+if (plot) {
+  const curves = [a, b].filter((s) => results[s].length).map((s) =>
+    meanCurve(`${s} (mean of ${results[s].length})`, results[s])
+  );
+  if (curves.length) {
+    await writeSvg(plot, plotSvg(curves));
+    console.log(`\nmean curves written to ${plot}`);
+  }
 }
 const [ra, rb] = [results[a], results[b]];
 if (ra.length < 2 || rb.length < 2) {

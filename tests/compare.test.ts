@@ -44,9 +44,23 @@ Deno.test("compare: two forks, N runs each, table, intervals, p-values; a crashi
       "--epochs",
       "2",
     ];
+    const svg = join(dir, "curves.svg");
     const run = async (x: string, y: string) => {
       const out = await new Deno.Command(Deno.execPath(), {
-        args: ["run", "-A", join(ROOT, "bench/compare.ts"), x, y, "--runs", "2", "--seed", "5", ...flags],
+        args: [
+          "run",
+          "-A",
+          join(ROOT, "bench/compare.ts"),
+          x,
+          y,
+          "--runs",
+          "2",
+          "--seed",
+          "5",
+          "--plot",
+          svg,
+          ...flags,
+        ],
         stdout: "piped",
         stderr: "piped",
       }).output();
@@ -63,6 +77,11 @@ Deno.test("compare: two forks, N runs each, table, intervals, p-values; a crashi
     );
     assert.match(ok.stdout, /B - A train time: -?\d+\.\d\d s, 95% interval/);
     assert.match(ok.stdout, /(is faster, by|no significant difference in training time)/);
+    assert.match(ok.stdout, /mean curves written to .*curves\.svg/);
+    const curves = await Deno.readTextFile(svg); // tests/plot.test.ts checks the drawing itself
+    for (const label of ["a.ts (mean of 2)", "b.ts (mean of 2)"]) {
+      assert.ok(curves.includes(`data-log="${join(dir, label)}"`));
+    }
     const bad = await run(a, crash);
     assert.equal(bad.code, 1);
     assert.match(bad.stdout, /crash\.ts run 1\/2, seed 5: FAILED \(exit 1: error: boom\)/);
