@@ -63,6 +63,7 @@ export interface Gpu {
   frame: GPUBuffer; // per-submit values (batch offset, valid rows, lr, EMA decay), see setFrame
   allocated: GPUBuffer[]; // every buffer we created, so a run can free its own
   error?: string; // first uncaptured WebGPU error or device loss, raised at the next check
+  released?: boolean; // set by releaseGpu: a loss after it is ours, not an error
   profiler?: Profiler; // set by initGpu({ profile: true }) when the adapter has timestamp queries
 }
 
@@ -109,10 +110,20 @@ export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
   device.addEventListener("uncapturederror", (e) => {
     gpu.error ??= `WebGPU error: ${(e as GPUUncapturedErrorEvent).error.message}`;
   });
+  // Any loss we did not ask for is an error (a driver reset, a GPU timeout, or another program's destroy()).
   device.lost.then((info) => {
-    if (info.reason !== "destroyed") gpu.error ??= `the GPU device was lost (${info.message}): restart the run`;
+    if (!gpu.released) {
+      gpu.error ??= `the GPU device was lost (${info.message || info.reason}): restart the run; ` +
+        "if it happens again, update the GPU driver or lower --batch-size";
+    }
   });
   return gpu;
+}
+
+/** Ends our use of the device: its loss after this is expected, not reported. */
+export function releaseGpu(gpu: Gpu) {
+  gpu.released = true;
+  gpu.device.destroy();
 }
 
 // Raises the first WebGPU error seen so far; called wherever we wait for the GPU anyway.
@@ -1617,6 +1628,7 @@ export interface TrainOptions {
   baseDepth?: number;
   batchSize?: number;
   onEpochStart?: (epoch: number) => void;
+  onStep?: (epoch: number, step: number, steps: number) => void; // after each step is submitted (no GPU wait)
   onEpoch?: (m: EpochMetrics) => void;
   returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
   stop?: () => boolean; // asked after every step; true ends the run there (Ctrl-C)
@@ -1768,6 +1780,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
           emaNow && !emaExists ? (enc) => enc.copyBufferToBuffer(state, 0, ema, 0, stateBytes) : undefined,
         );
         await gpu.profiler?.collect();
+        o.onStep?.(epoch, s + 1, plan.stepsIn(epoch));
         if (emaNow) emaExists = true;
         if (o.stop?.()) {
           await device.queue.onSubmittedWorkDone();
@@ -1859,14 +1872,27 @@ export const rowValues = (m: EpochMetrics) => [
   m.totalTimeSeconds,
 ];
 
-/** Prints rows; on a terminal a "training epoch N" line stands where the next row will appear. */
+/**
+ * Prints rows; on a terminal a live "training epoch N: step k/K" line stands where the next row
+ * will appear. It counts submitted steps, so it costs no GPU round trip; the GPU may lag behind it.
+ */
 class Table {
   private live = Deno.stdout.isTerminal();
+  private lastDraw = 0;
   header() {
     console.log(tableHeader());
   }
+  private status(text: string) {
+    Deno.stdout.writeSync(new TextEncoder().encode(`\r\x1b[2K|  ${text}`));
+    this.lastDraw = performance.now();
+  }
   epochStart(epoch: number) {
-    if (this.live) Deno.stdout.writeSync(new TextEncoder().encode(`|  training epoch ${epoch} ...`));
+    if (this.live) this.status(`training epoch ${epoch} ...`);
+  }
+  step(epoch: number, step: number, steps: number) {
+    // at most ~10 redraws a second, and always the epoch's last step
+    if (!this.live || (step < steps && performance.now() - this.lastDraw < 100)) return;
+    this.status(`training epoch ${epoch}: ${step}/${steps} steps submitted`);
   }
   row(m: EpochMetrics) {
     console.log((this.live ? "\r\x1b[2K" : "") + formatRow(rowValues(m)));
@@ -2164,7 +2190,7 @@ export async function main(argv: string[]) {
         r.valLoss.toFixed(4)
       } | ${data.test.count} images, flip TTA`,
     );
-    return gpu.device.destroy();
+    return releaseGpu(gpu);
   }
   console.log(
     `device: ${gpu.adapterName} | precision: f32 | train ${data.train.count} / test ${data.test.count} images | ` +
@@ -2191,6 +2217,7 @@ export async function main(argv: string[]) {
       baseDepth: o.baseDepth,
       batchSize: o.batchSize,
       onEpochStart: (e) => table.epochStart(e),
+      onStep: (e, k, n) => table.step(e, k, n),
       onEpoch: (m) => table.row(m),
       returnWeights: Boolean(o.save) && r === o.runs - 1,
       stop: () => stopRequested,
@@ -2268,7 +2295,7 @@ export async function main(argv: string[]) {
     console.log(`results written to ${o.json}`);
   }
   Deno.removeSignalListener("SIGINT", onInterrupt);
-  gpu.device.destroy();
+  releaseGpu(gpu);
 }
 
 if (import.meta.main) {

@@ -262,3 +262,43 @@ Deno.test("main: Ctrl-C stops after the current step, writes the run log as inte
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("main: on a terminal a live step counter stands where the next row appears, then the row replaces it", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = await writeFixtureDataset(dir);
+    const cmd = [Deno.execPath(), "run", "-A", join(ROOT, "main.ts"), "--data", data, "--no-log", "--seed", "1"]
+      .concat([
+        "--train-subset",
+        "96",
+        "--test-subset",
+        "16",
+        "--base-depth",
+        "4",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+      ]);
+    // util-linux `script` gives the child a pseudo-terminal, so stdout.isTerminal() is true there
+    const out = await new Deno.Command("script", {
+      args: ["-q", "-e", "-c", cmd.map((a) => `'${a}'`).join(" "), "/dev/null"],
+      env: childEnv(),
+      clearEnv: true,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const tty = new TextDecoder().decode(out.stdout);
+    assert.equal(out.code, 0, tty);
+    for (const epoch of [0, 1]) {
+      // the epoch's last step always shows, and the row then clears the line and takes its place
+      const row = new RegExp(
+        `\\r\\x1b\\[2K\\|  training epoch ${epoch}: 6/6 steps submitted\\r\\x1b\\[2K\\|\\s+${epoch}  \\|`,
+      );
+      assert.match(tty, row);
+    }
+    assert.doesNotMatch(tty, /steps submitted\r?\n/, "the counter never stays behind on its own line");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -70,3 +70,28 @@ Deno.test("an absurd learning rate is caught on the GPU and names the first non-
     Object.assign(hyp.opt, saved);
   }
 });
+
+Deno.test("a lost GPU device ends the run with one clear line", async () => {
+  const own = await initGpu(); // a device of its own, since this test loses it
+  const ownData = uploadDataset(own, cifar);
+  await assert.rejects(
+    () =>
+      train({
+        gpu: own,
+        data: ownData,
+        seed: 1,
+        epochs: 1,
+        baseDepth: 4,
+        batchSize: 64,
+        onStep: (_, step) => step === 2 && own.device.destroy(), // as a driver reset would
+      }),
+    /^Error: the GPU device was lost \(.*\): restart the run; if it happens again, update the GPU driver or lower --batch-size$/,
+  );
+});
+
+Deno.test("a network too big for the GPU's limits is refused with one line naming the flag", async () => {
+  await assert.rejects(
+    () => train({ gpu, data, seed: 1, epochs: 1, baseDepth: 160, batchSize: 256 }), // 150 MiB of activations
+    /^Error: a \[256,31,31,160\] tensor needs 150 MiB but this GPU binds at most \d+ MiB: lower --batch-size$/,
+  );
+});

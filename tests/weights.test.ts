@@ -6,6 +6,7 @@ import {
   evaluateWeights,
   initGpu,
   layoutState,
+  releaseGpu,
   stateSpec,
   uploadDataset,
 } from "../main.ts";
@@ -73,5 +74,5 @@ Deno.test("evaluateWeights: a file for another network is rejected by name and s
   );
   full.delete("conv_group_1.conv1.weight");
   await assert.rejects(() => evaluateWeights(gpu, data, full, 4, "w.safetensors"), /has no conv_group_1.conv1.weight/);
-  gpu.device.destroy();
+  releaseGpu(gpu);
 });
