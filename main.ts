@@ -65,7 +65,21 @@ export interface Gpu {
   error?: string; // first uncaptured WebGPU error or device loss, raised at the next check
   released?: boolean; // set by releaseGpu: a loss after it is ours, not an error
   profiler?: Profiler; // set by initGpu({ profile: true }) when the adapter has timestamp queries
+  convKernels: ConvKernels; // which conv kernel set this device runs (see CONV_KERNELS)
 }
+
+/**
+ * The conv kernel sets of kernels/conv.wgsl, as outputs per thread. "block" (4 x 4) is for GPUs;
+ * "wide" (16 x 8) is for CPU devices such as lavapipe, where each storage load is a per-lane gather
+ * that costs far more than the FMAs it feeds (measured in bench/RESULTS.md). Set gpu.convKernels to
+ * override the choice initGpu makes from the adapter's name.
+ */
+export type ConvKernels = "block" | "wide";
+const CONV_KERNELS = {
+  block: { suffix: "", rows: "BLOCK", cols: "BLOCK" },
+  wide: { suffix: "_wide", rows: "WIDE_ROWS", cols: "WIDE_COLS" },
+} as const;
+const CPU_DEVICE = /llvmpipe|lavapipe|swiftshader|\bwarp\b/i; // software rasterisers running on the CPU
 
 const KERNEL_FILES = ["conv", "reduce", "act", "pool", "norm", "linear", "loss", "optim", "data"];
 const MAX_GROUPS = 65535; // per grid dimension (WebGPU's default limit)
@@ -96,9 +110,10 @@ export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
     sources.set(file, await res.text());
   }
   const info = adapter.info;
+  const adapterName = info.description || `${info.vendor} ${info.architecture} ${info.device}`.trim();
   const gpu: Gpu = {
     device,
-    adapterName: info.description || `${info.vendor} ${info.architecture} ${info.device}`.trim(),
+    adapterName,
     hasF16,
     limits: { maxBinding: a.maxStorageBufferBindingSize, maxBuffer: a.maxBufferSize },
     sources,
@@ -106,6 +121,7 @@ export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
     frame: device.createBuffer({ size: 32, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST }),
     allocated: [],
     profiler: profile ? new Profiler(device) : undefined,
+    convKernels: CPU_DEVICE.test(`${adapterName} ${info.vendor} ${info.device}`) ? "wide" : "block",
   };
   device.addEventListener("uncapturederror", (e) => {
     gpu.error ??= `WebGPU error: ${(e as GPUUncapturedErrorEvent).error.message}`;
@@ -406,7 +422,16 @@ export function setKernelConst(gpu: Gpu, file: string, name: string, value: numb
   for (const key of [...gpu.pipelines.keys()]) if (key.startsWith(`${file}:`)) gpu.pipelines.delete(key);
 }
 
-const convBlock = (gpu: Gpu) => ({ wg: kernelConst(gpu, "conv", "WG"), block: kernelConst(gpu, "conv", "BLOCK") });
+/** The conv kernel set of this device (or `set`): entry-point suffix, threads per workgroup, outputs per thread. */
+function convBlock(gpu: Gpu, set = gpu.convKernels) {
+  const k = CONV_KERNELS[set];
+  return {
+    suffix: k.suffix,
+    wg: kernelConst(gpu, "conv", "WG"),
+    rows: kernelConst(gpu, "conv", k.rows),
+    cols: kernelConst(gpu, "conv", k.cols),
+  };
+}
 // backward-weight split-K: aim for `target` pixels per split and at most `max` splits, but never more
 // than `longest` pixels per thread (lavapipe silently stops a shader after ~65,535 loop iterations)
 const CONV_SPLIT_K = { target: 8192, max: 32, longest: 16384 };
@@ -429,27 +454,28 @@ const convInfo = (c: ReturnType<typeof convShape>) => ({
   flop: 2 * c.batch * c.ho * c.wo * c.cout * c.cin * c.kh * c.kw,
 });
 
-/** Grid of a conv kernel: each thread owns BLOCK rows x BLOCK columns; workgroups of WG threads run along rows. */
-function convGrid(gpu: Gpu, rowBlocks: number, n: number, splits = 1): [number, number, number] {
-  const { wg, block } = convBlock(gpu);
-  return [Math.ceil(rowBlocks / wg), Math.ceil(n / block), splits];
+/** Grid of a conv kernel: each thread owns `rows` x `cols` outputs; workgroups of WG threads run along rows. */
+function convGrid(gpu: Gpu, rowBlocks: number, n: number, splits = 1, set = gpu.convKernels): [number, number, number] {
+  const { wg, cols } = convBlock(gpu, set);
+  return [Math.ceil(rowBlocks / wg), Math.ceil(n / cols), splits];
 }
 
 /** y = conv(x, w), stride 1, zero padding `pad`. */
 export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number): Dispatch {
   const c = convShape(x.shape, w.shape, y.shape, pad);
   const m = c.batch * c.ho * c.wo, n = c.cout;
-  const grid = convGrid(gpu, Math.ceil(m / convBlock(gpu).block), n);
-  return kernel(gpu, "conv", "forward", { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y }, grid, convInfo(c));
+  const { rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
+  const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y };
+  return kernel(gpu, "conv", `forward${suffix}`, bindings, grid, convInfo(c));
 }
 
 /** dx = d conv / dx, given dy. */
 export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, pad: number): Dispatch {
   const c = convShape(dx.shape, w.shape, dy.shape, pad);
   const m = c.batch * c.h * c.w, n = c.cin;
-  const grid = convGrid(gpu, Math.ceil(m / convBlock(gpu).block), n);
+  const { rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
   const u = convUniform(gpu, c, pad, m, n);
-  return kernel(gpu, "conv", "backward_data", { 0: u, 1: dy, 2: w, 3: dx }, grid, convInfo(c));
+  return kernel(gpu, "conv", `backward_data${suffix}`, { 0: u, 1: dy, 2: w, 3: dx }, grid, convInfo(c));
 }
 
 /** dw = d conv / dw, given x and dy: split-K over the pixels into partials, then a sum over the splits. */
@@ -463,11 +489,13 @@ export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor
   const kps = Math.ceil(pixels / splits);
   splits = Math.ceil(pixels / kps);
   const partials = tensor(gpu, [splits, m, n]);
-  const grid = convGrid(gpu, c.kh * c.kw * Math.ceil(c.cin / convBlock(gpu).block), n, splits);
+  // a wide thread covers 16 input channels: with fewer, most of its loads would be wasted (measured slower)
+  const set = gpu.convKernels === "wide" && c.cin < kernelConst(gpu, "conv", "WIDE_ROWS") ? "block" : gpu.convKernels;
+  const { rows, suffix } = convBlock(gpu, set);
+  const grid = convGrid(gpu, c.kh * c.kw * Math.ceil(c.cin / rows), n, splits, set);
+  const bindings = { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials };
   return [
-    kernel(gpu, "conv", "backward_weight", { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials }, grid, {
-      ...convInfo(c),
-    }),
+    kernel(gpu, "conv", `backward_weight${suffix}`, bindings, grid, convInfo(c)),
     kernel(gpu, "reduce", "sum_splits", { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw }, grid1d(m * n), {
       label: convInfo(c).label,
     }),
@@ -1939,6 +1967,7 @@ export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs
     deno: Deno.version,
     device: gpu.adapterName,
     precision: "f32",
+    convKernels: gpu.convKernels,
     flags: { ...flags, help: undefined },
     hyp,
     runs: runs.map(({ weights: _, ...r }) => r),
@@ -2193,7 +2222,7 @@ export async function main(argv: string[]) {
     return releaseGpu(gpu);
   }
   console.log(
-    `device: ${gpu.adapterName} | precision: f32 | train ${data.train.count} / test ${data.test.count} images | ` +
+    `device: ${gpu.adapterName} | precision: f32 | conv kernels: ${gpu.convKernels} | train ${data.train.count} / test ${data.test.count} images | ` +
       `batch ${o.batchSize} | epochs ${o.epochs} | base depth ${o.baseDepth}`,
   );
   // Ctrl-C: finish the current step, write the run log as interrupted, exit 130; a second Ctrl-C quits at once
@@ -2281,6 +2310,7 @@ export async function main(argv: string[]) {
     const out = {
       device: gpu.adapterName,
       precision: "f32",
+      convKernels: gpu.convKernels,
       flags: { ...o, help: undefined, profile: undefined },
       runs: runs.map((r) => ({
         seed: r.seed,

@@ -2,7 +2,16 @@
 // BENCH_BASE_DEPTH to measure real GPU shapes, e.g. 1024 and 64). Each iteration submits the
 // kernel and waits for the GPU, so the time includes one queue round trip (~11 ms on lavapipe:
 // compare ratios measured in the same run, and the GFLOP/s printed once per shape at the end).
-import { conv2d, conv2dBackwardData, conv2dBackwardWeight, type Dispatch, initGpu, submit, tensor } from "../main.ts";
+import {
+  conv2d,
+  conv2dBackwardData,
+  conv2dBackwardWeight,
+  type ConvKernels,
+  type Dispatch,
+  initGpu,
+  submit,
+  tensor,
+} from "../main.ts";
 
 const gpu = await initGpu();
 const batch = Number(Deno.env.get("BENCH_BATCH") ?? 32), base = Number(Deno.env.get("BENCH_BASE_DEPTH") ?? 8);
@@ -19,40 +28,46 @@ const shapes: [string, number, number, number, number, number][] = [
   ["group3 conv2", 3, widths[2], widths[2], 3, 1],
 ];
 
+// Each (conv, pass) is a group: both kernel sets, "block" (4 x 4 outputs per thread, the GPU set
+// and the port's first version) as the baseline, and "wide" (16 x 8, the CPU-device set).
+const sets: ConvKernels[] = ["block", "wide"];
 for (const [name, h, cin, cout, k, pad] of shapes) {
   const ho = h + 2 * pad - k + 1;
   const x = tensor(gpu, [batch, h, h, cin]), w = tensor(gpu, [k, k, cin, cout]), y = tensor(gpu, [batch, ho, ho, cout]);
   const flop = 2 * batch * ho * ho * cout * cin * k * k;
-  const passes: [string, Dispatch[]][] = [
-    ["forward", [conv2d(gpu, x, w, y, pad)]],
-    ["backward data", [conv2dBackwardData(gpu, y, w, x, pad)]],
-    ["backward weight", conv2dBackwardWeight(gpu, x, y, w, pad)],
-  ];
-  for (const [pass, list] of passes) {
-    let best = Infinity;
-    Deno.bench({
-      name: `${name} ${pass}`,
-      group: pass,
-      baseline: name === "group1 conv1",
-      n: 3,
-      warmup: 1,
-      async fn(b) {
-        b.start();
-        const t = performance.now();
-        submit(gpu, list);
-        await gpu.device.queue.onSubmittedWorkDone();
-        best = Math.min(best, performance.now() - t);
-        b.end();
-      },
-    });
-    addEventListener("unload", () => {
-      if (best < Infinity) {
-        console.log(
-          `${`${name} ${pass}`.padEnd(32)} ${(flop / best / 1e6).toFixed(2)} GFLOP/s (best ${
-            best.toFixed(1)
-          } ms, batch ${batch})`,
-        );
-      }
-    });
+  for (const set of sets) {
+    gpu.convKernels = set; // read when the dispatches are recorded
+    const passes: [string, Dispatch[]][] = [
+      ["forward", [conv2d(gpu, x, w, y, pad)]],
+      ["backward data", [conv2dBackwardData(gpu, y, w, x, pad)]],
+      ["backward weight", conv2dBackwardWeight(gpu, x, y, w, pad)],
+    ];
+    for (const [pass, list] of passes) {
+      let best = Infinity;
+      Deno.bench({
+        name: `${name} ${pass} [${set}]`,
+        group: `${name} ${pass}`,
+        baseline: set === "block",
+        n: 3,
+        warmup: 1,
+        async fn(b) {
+          b.start();
+          const t = performance.now();
+          submit(gpu, list);
+          await gpu.device.queue.onSubmittedWorkDone();
+          best = Math.min(best, performance.now() - t);
+          b.end();
+        },
+      });
+      addEventListener("unload", () => {
+        if (best < Infinity) {
+          console.log(
+            `${`${name} ${pass} [${set}]`.padEnd(40)} ${(flop / best / 1e6).toFixed(2)} GFLOP/s (best ${
+              best.toFixed(1)
+            } ms, batch ${batch})`,
+          );
+        }
+      });
+    }
   }
 }

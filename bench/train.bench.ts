@@ -2,7 +2,7 @@
 // BENCH_STEPS scale it up on a real GPU). Measures train() as a user runs it: whitening, the epoch's
 // steps, evaluation. The training images per second of the steps alone (the table's clock) are
 // printed at the end, measured in the last iteration.
-import { type Cifar10, initGpu, train, uploadDataset } from "../main.ts";
+import { type Cifar10, type ConvKernels, initGpu, train, uploadDataset } from "../main.ts";
 
 const gpu = await initGpu();
 const batch = Number(Deno.env.get("BENCH_BATCH") ?? 64);
@@ -16,20 +16,26 @@ function synthetic(n: number): { images: Uint8Array; labels: Uint8Array } {
 const tr = synthetic(batch * steps), te = synthetic(batch);
 const cifar: Cifar10 = { trainImages: tr.images, trainLabels: tr.labels, testImages: te.images, testLabels: te.labels };
 const data = uploadDataset(gpu, cifar);
-let imagesPerSecond = 0;
+const imagesPerSecond: Record<string, number> = {};
 
-Deno.bench({
-  name: `train: ${steps} steps of batch ${batch}, base depth ${baseDepth}, + eval of ${batch} images`,
-  n: 2,
-  warmup: 1,
-  async fn() {
-    const r = await train({ gpu, data, seed: 1, epochs: 1, baseDepth, batchSize: batch });
-    imagesPerSecond = (steps * batch) / r.trainSeconds;
-  },
-});
+// "block" (the conv kernels of the port's first version, the GPU set) is the baseline; "wide" is the CPU-device set.
+for (const set of ["block", "wide"] as ConvKernels[]) {
+  Deno.bench({
+    name: `train [${set} conv kernels]: ${steps} steps of batch ${batch}, base depth ${baseDepth}, + eval of ${batch}`,
+    group: "train",
+    baseline: set === "block",
+    n: 2,
+    warmup: 1,
+    async fn() {
+      gpu.convKernels = set;
+      const r = await train({ gpu, data, seed: 1, epochs: 1, baseDepth, batchSize: batch });
+      imagesPerSecond[set] = (steps * batch) / r.trainSeconds;
+    },
+  });
+}
 
 addEventListener("unload", () => {
-  if (imagesPerSecond) {
-    console.log(`training steps: ${imagesPerSecond.toFixed(1)} images/s (batch ${batch}, base depth ${baseDepth})`);
+  for (const [set, v] of Object.entries(imagesPerSecond)) {
+    console.log(`training steps [${set}]: ${v.toFixed(1)} images/s (batch ${batch}, base depth ${baseDepth})`);
   }
 });

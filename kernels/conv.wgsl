@@ -17,6 +17,9 @@
 // Inner loops walk taps, then channels (or pixels) with running counters: no integer division there.
 // Bindings: 0 uniform ConvShape; 1 `a_in` (x, or dy for backward_data); 2 `b_in` (w, or dy for
 //   backward_weight); 3 `out` (y, dx or the partials).
+// Two sets of entry points compute the same results: forward/backward_data/backward_weight (4 x 4
+// outputs per thread, for GPUs) and the *_wide ones at the end (16 x 8, for CPU devices); main.ts
+// picks the set per device (Gpu.convKernels).
 
 const WG: u32 = 64u; // threads per workgroup, along the rows
 const BLOCK: u32 = 4u; // rows and columns per thread (the code below is written out for 4)
@@ -184,4 +187,180 @@ fn backward_weight(@builtin(global_invocation_id) g: vec3u) {
   store_row(base + s.n, n, ci + 1u < s.cin, acc1);
   store_row(base + 2u * s.n, n, ci + 2u < s.cin, acc2);
   store_row(base + 3u * s.n, n, ci + 3u < s.cin, acc3);
+}
+
+// ---- Wide variants, for CPU devices (lavapipe): each thread owns WIDE_ROWS x WIDE_COLS = 16 x 8
+// outputs, held as 4 x 2 tiles of 4 x 4. On a CPU every storage load is a per-lane gather that costs
+// far more than an FMA, so the bigger block pays: 24 loads feed 128 FMAs (4 x 4: 8 loads, 16 FMAs).
+// Same layouts, bindings and results as the kernels above; main.ts picks one set per device.
+// Grid: x = ceil(ceil(rows / WIDE_ROWS) / WG), y = ceil(columns / WIDE_COLS), z = splits.
+
+const WIDE_ROWS: u32 = 16u; // 4 row groups of 4 (the code below is written out for 16 x 8)
+const WIDE_COLS: u32 = 8u; // 2 column groups of 4
+
+struct Tile { r0: vec4f, r1: vec4f, r2: vec4f, r3: vec4f } // 4 rows x 4 columns of accumulators
+
+fn tile_fma(t: Tile, a: vec4f, b: vec4f) -> Tile {
+  return Tile(fma(vec4f(a.x), b, t.r0), fma(vec4f(a.y), b, t.r1), fma(vec4f(a.z), b, t.r2), fma(vec4f(a.w), b, t.r3));
+}
+
+// Stores the 4 x 4 tile whose first row is `row` and first column `n`, skipping rows >= `rows`.
+fn store_tile(t: Tile, row: u32, rows: u32, n: u32) {
+  store_row(row * s.n, n, row < rows, t.r0);
+  store_row((row + 1u) * s.n, n, row + 1u < rows, t.r1);
+  store_row((row + 2u) * s.n, n, row + 2u < rows, t.r2);
+  store_row((row + 3u) * s.n, n, row + 3u < rows, t.r3);
+}
+
+// 4 consecutive columns n.. of one b_in row, clamped at the last column (those results are not stored).
+fn load_b_cols(row: u32, n: u32, last_col: u32) -> vec4f {
+  return vec4f(b_in[row + n], b_in[row + min(n + 1u, last_col)], b_in[row + min(n + 2u, last_col)],
+               b_in[row + min(n + 3u, last_col)]);
+}
+
+@compute @workgroup_size(WG)
+fn forward_wide(@builtin(global_invocation_id) g: vec3u) {
+  let first = g.x * WIDE_ROWS;
+  let n = g.y * WIDE_COLS;
+  if (first >= s.m || n >= s.n) { return; }
+  let rows0 = pixel_rows(first, s.ho, s.wo);
+  let rows1 = pixel_rows(first + 4u, s.ho, s.wo);
+  let rows2 = pixel_rows(first + 8u, s.ho, s.wo);
+  let rows3 = pixel_rows(first + 12u, s.ho, s.wo);
+  let last_col = s.n - 1u;
+  var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
+  var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
+  for (var ky = 0u; ky < s.kh; ky++) {
+    for (var kx = 0u; kx < s.kw; kx++) {
+      let dy = i32(ky) - i32(s.pad);
+      let dx = i32(kx) - i32(s.pad);
+      let o0 = tap_offsets(rows0, dy, dx, s.h, s.w, s.cin);
+      let o1 = tap_offsets(rows1, dy, dx, s.h, s.w, s.cin);
+      let o2 = tap_offsets(rows2, dy, dx, s.h, s.w, s.cin);
+      let o3 = tap_offsets(rows3, dy, dx, s.h, s.w, s.cin);
+      var w_row = (ky * s.kw + kx) * s.cin * s.cout; // w[ky][kx][0][0]
+      for (var ci = 0u; ci < s.cin; ci++) {
+        let b0 = load_b_cols(w_row, n, last_col);
+        let b1 = load_b_cols(w_row, n + 4u, last_col);
+        let a0 = load_a(o0, ci); let a1 = load_a(o1, ci); let a2 = load_a(o2, ci); let a3 = load_a(o3, ci);
+        t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
+        t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);
+        t20 = tile_fma(t20, a2, b0); t21 = tile_fma(t21, a2, b1);
+        t30 = tile_fma(t30, a3, b0); t31 = tile_fma(t31, a3, b1);
+        w_row += s.cout;
+      }
+    }
+  }
+  store_tile(t00, first, s.m, n); store_tile(t01, first, s.m, n + 4u);
+  store_tile(t10, first + 4u, s.m, n); store_tile(t11, first + 4u, s.m, n + 4u);
+  store_tile(t20, first + 8u, s.m, n); store_tile(t21, first + 8u, s.m, n + 4u);
+  store_tile(t30, first + 12u, s.m, n); store_tile(t31, first + 12u, s.m, n + 4u);
+}
+
+@compute @workgroup_size(WG)
+fn backward_data_wide(@builtin(global_invocation_id) g: vec3u) {
+  let first = g.x * WIDE_ROWS;
+  let n = g.y * WIDE_COLS; // input channel
+  if (first >= s.m || n >= s.n) { return; }
+  let rows0 = pixel_rows(first, s.h, s.w);
+  let rows1 = pixel_rows(first + 4u, s.h, s.w);
+  let rows2 = pixel_rows(first + 8u, s.h, s.w);
+  let rows3 = pixel_rows(first + 12u, s.h, s.w);
+  let last_col = s.n - 1u;
+  var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
+  var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
+  for (var ky = 0u; ky < s.kh; ky++) {
+    for (var kx = 0u; kx < s.kw; kx++) {
+      let dy = i32(s.pad) - i32(ky);
+      let dx = i32(s.pad) - i32(kx);
+      let o0 = tap_offsets(rows0, dy, dx, s.ho, s.wo, s.cout);
+      let o1 = tap_offsets(rows1, dy, dx, s.ho, s.wo, s.cout);
+      let o2 = tap_offsets(rows2, dy, dx, s.ho, s.wo, s.cout);
+      let o3 = tap_offsets(rows3, dy, dx, s.ho, s.wo, s.cout);
+      // w[ky][kx][ci][co] = w_tap + ci * Cout + co: the 8 columns (input channels) are Cout apart
+      let w_tap = (ky * s.kw + kx) * s.cin * s.cout;
+      let c0 = w_tap + n * s.cout;
+      let c1 = w_tap + min(n + 1u, last_col) * s.cout;
+      let c2 = w_tap + min(n + 2u, last_col) * s.cout;
+      let c3 = w_tap + min(n + 3u, last_col) * s.cout;
+      let c4 = w_tap + min(n + 4u, last_col) * s.cout;
+      let c5 = w_tap + min(n + 5u, last_col) * s.cout;
+      let c6 = w_tap + min(n + 6u, last_col) * s.cout;
+      let c7 = w_tap + min(n + 7u, last_col) * s.cout;
+      for (var co = 0u; co < s.cout; co++) {
+        let b0 = vec4f(b_in[c0 + co], b_in[c1 + co], b_in[c2 + co], b_in[c3 + co]);
+        let b1 = vec4f(b_in[c4 + co], b_in[c5 + co], b_in[c6 + co], b_in[c7 + co]);
+        let a0 = load_a(o0, co); let a1 = load_a(o1, co); let a2 = load_a(o2, co); let a3 = load_a(o3, co);
+        t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
+        t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);
+        t20 = tile_fma(t20, a2, b0); t21 = tile_fma(t21, a2, b1);
+        t30 = tile_fma(t30, a3, b0); t31 = tile_fma(t31, a3, b1);
+      }
+    }
+  }
+  store_tile(t00, first, s.m, n); store_tile(t01, first, s.m, n + 4u);
+  store_tile(t10, first + 4u, s.m, n); store_tile(t11, first + 4u, s.m, n + 4u);
+  store_tile(t20, first + 8u, s.m, n); store_tile(t21, first + 8u, s.m, n + 4u);
+  store_tile(t30, first + 12u, s.m, n); store_tile(t31, first + 12u, s.m, n + 4u);
+}
+
+// x at channels ci.. of one pixel (offset xo), clamped at the last channel (those rows are not stored).
+fn load_a_channels(xo: u32, ci: u32, last_ci: u32) -> vec4f {
+  return vec4f(a_in[xo + min(ci, last_ci)], a_in[xo + min(ci + 1u, last_ci)], a_in[xo + min(ci + 2u, last_ci)],
+               a_in[xo + min(ci + 3u, last_ci)]);
+}
+
+@compute @workgroup_size(WG)
+fn backward_weight_wide(@builtin(global_invocation_id) g: vec3u) {
+  let blocks_per_tap = (s.cin + WIDE_ROWS - 1u) / WIDE_ROWS;
+  let tap = g.x / blocks_per_tap;
+  let ci = (g.x % blocks_per_tap) * WIDE_ROWS;
+  let n = g.y * WIDE_COLS; // output channel
+  if (tap >= s.kh * s.kw || n >= s.n) { return; }
+  let ty = i32(tap / s.kw) - i32(s.pad);
+  let tx = i32(tap % s.kw) - i32(s.pad);
+  let last_ci = s.cin - 1u;
+  let last_col = s.n - 1u;
+  let pixels = s.batch * s.ho * s.wo;
+  let k_begin = g.z * s.k_per_split;
+  let k_end = min(k_begin + s.k_per_split, pixels);
+  var ox = k_begin % s.wo;
+  var oy = (k_begin / s.wo) % s.ho;
+  var ob = k_begin / (s.wo * s.ho);
+  var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
+  var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
+  for (var p = k_begin; p < k_end; p++) {
+    let sy = i32(oy) + ty;
+    let sx = i32(ox) + tx;
+    if (sy >= 0 && sx >= 0 && sy < i32(s.h) && sx < i32(s.w)) {
+      let xo = ((ob * s.h + u32(sy)) * s.w + u32(sx)) * s.cin;
+      let d = p * s.cout;
+      let b0 = load_b_cols(d, n, last_col);
+      let b1 = load_b_cols(d, n + 4u, last_col);
+      let a0 = load_a_channels(xo, ci, last_ci);
+      let a1 = load_a_channels(xo, ci + 4u, last_ci);
+      let a2 = load_a_channels(xo, ci + 8u, last_ci);
+      let a3 = load_a_channels(xo, ci + 12u, last_ci);
+      t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
+      t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);
+      t20 = tile_fma(t20, a2, b0); t21 = tile_fma(t21, a2, b1);
+      t30 = tile_fma(t30, a3, b0); t31 = tile_fma(t31, a3, b1);
+    }
+    ox += 1u;
+    if (ox == s.wo) {
+      ox = 0u;
+      oy += 1u;
+      if (oy == s.ho) {
+        oy = 0u;
+        ob += 1u;
+      }
+    }
+  }
+  // rows of the partial are (tap, ci): row = tap * Cin + ci; rows past this tap's channels are skipped
+  let base_row = g.z * s.m + tap * s.cin;
+  let rows = base_row + s.cin;
+  store_tile(t00, base_row + ci, rows, n); store_tile(t01, base_row + ci, rows, n + 4u);
+  store_tile(t10, base_row + ci + 4u, rows, n); store_tile(t11, base_row + ci + 4u, rows, n + 4u);
+  store_tile(t20, base_row + ci + 8u, rows, n); store_tile(t21, base_row + ci + 8u, rows, n + 4u);
+  store_tile(t30, base_row + ci + 12u, rows, n); store_tile(t31, base_row + ci + 12u, rows, n + 4u);
 }

@@ -1,13 +1,14 @@
 // GPU tests of the convolution kernels (conv.wgsl + the split-K sum in reduce.wgsl) against
 // independent float64 CPU references written here, plus central finite differences of the CPU
 // forward for the gradients. Shapes are small and odd on purpose: the CPU device (lavapipe) is slow,
-// and odd sizes exercise the 4x4 block edges of the kernels.
+// and odd sizes exercise the block edges of both kernel sets (4 x 4 and 16 x 8 outputs per thread).
 import assert from "node:assert/strict";
 import {
   checkGpu,
   conv2d,
   conv2dBackwardData,
   conv2dBackwardWeight,
+  type ConvKernels,
   freeSince,
   initGpu,
   readTensor,
@@ -117,9 +118,14 @@ function convWeightRef(c: ConvCase, x: ArrayLike<number>, dy: ArrayLike<number>)
   return dw;
 }
 
-/** Runs forward, backward-data and backward-weight on the GPU (outputs pre-filled with garbage). */
-async function runConv(c: ConvCase, x: Float32Array, w: Float32Array, dy: Float32Array) {
+/**
+ * Runs forward, backward-data and backward-weight on the GPU (outputs pre-filled with garbage) with
+ * one of the conv kernel sets: "block" (4 x 4 outputs per thread) or "wide" (16 x 8).
+ */
+async function runConv(c: ConvCase, x: Float32Array, w: Float32Array, dy: Float32Array, kernels: ConvKernels) {
   const { ho, wo } = outSize(c);
+  const devices = gpu.convKernels;
+  gpu.convKernels = kernels;
   const mark = gpu.allocated.length;
   const garbage = (n: number) => new Float32Array(n).fill(-777.5);
   const xs = [c.b, c.h, c.w, c.cin], ws = [c.kh, c.kw, c.cin, c.cout], ys = [c.b, ho, wo, c.cout];
@@ -131,8 +137,11 @@ async function runConv(c: ConvCase, x: Float32Array, w: Float32Array, dy: Float3
   const y = await readTensor(gpu, yt), dx = await readTensor(gpu, dxt), dw = await readTensor(gpu, dwt);
   checkGpu(gpu);
   freeSince(gpu, mark);
+  gpu.convKernels = devices;
   return { y, dx, dw, splits: dwList[0].grid[2] };
 }
+
+const KERNEL_SETS: ConvKernels[] = ["block", "wide"];
 
 async function checkConv(c: ConvCase, seed: number) {
   const rng = new Prng(seed);
@@ -140,12 +149,17 @@ async function checkConv(c: ConvCase, seed: number) {
   const x = rng.normals(c.b * c.h * c.w * c.cin);
   const w = rng.normals(c.kh * c.kw * c.cin * c.cout, 1 / Math.sqrt(c.kh * c.kw * c.cin));
   const dy = rng.normals(c.b * ho * wo * c.cout);
-  const got = await runConv(c, x, w, dy);
-  const tag = JSON.stringify(c);
-  assertClose(`conv2d ${tag}`, got.y, convRef(c, x, w));
-  assertClose(`conv2dBackwardData ${tag}`, got.dx, convDataRef(c, dy, w));
-  assertClose(`conv2dBackwardWeight ${tag}`, got.dw, convWeightRef(c, x, dy));
-  return got;
+  const ref = { y: convRef(c, x, w), dx: convDataRef(c, dy, w), dw: convWeightRef(c, x, dy) };
+  let splits = 0;
+  for (const kernels of KERNEL_SETS) {
+    const got = await runConv(c, x, w, dy, kernels);
+    const tag = `${JSON.stringify(c)} (${kernels} kernels)`;
+    assertClose(`conv2d ${tag}`, got.y, ref.y);
+    assertClose(`conv2dBackwardData ${tag}`, got.dx, ref.dx);
+    assertClose(`conv2dBackwardWeight ${tag}`, got.dw, ref.dw);
+    splits = got.splits;
+  }
+  return { splits };
 }
 
 // ---- tests ----
@@ -191,7 +205,8 @@ Deno.test("conv: gradients match central finite differences of the float64 forwa
   const { ho, wo } = outSize(c);
   const x = rng.normals(c.b * c.h * c.w * c.cin), w = rng.normals(c.kh * c.kw * c.cin * c.cout, 0.3);
   const r = rng.normals(c.b * ho * wo * c.cout); // L = sum(y * r), so dL/dy = r
-  const got = await runConv(c, x, w, r);
+  const sets = [];
+  for (const k of KERNEL_SETS) sets.push(await runConv(c, x, w, r, k));
   const loss = (xv: ArrayLike<number>, wv: ArrayLike<number>) =>
     convRef(c, xv, wv).reduce((s, y, i) => s + y * r[i], 0);
   const fd = (v: Float32Array, i: number, f: (p: Float64Array) => number) => {
@@ -209,7 +224,10 @@ Deno.test("conv: gradients match central finite differences of the float64 forwa
     const gx = fd(x, i, (p) => loss(p, w)), gw = fd(w, j, (p) => loss(x, p));
     assert.ok(Math.abs(gx - dxRef[i]) <= 1e-7 * (1 + Math.abs(gx)), `dx[${i}] fd ${gx} vs analytic ${dxRef[i]}`);
     assert.ok(Math.abs(gw - dwRef[j]) <= 1e-7 * (1 + Math.abs(gw)), `dw[${j}] fd ${gw} vs analytic ${dwRef[j]}`);
-    assert.ok(Math.abs(got.dx[i] - gx) <= 1e-4 * (1 + Math.abs(gx)), `GPU dx[${i}] ${got.dx[i]} vs fd ${gx}`);
-    assert.ok(Math.abs(got.dw[j] - gw) <= 1e-4 * (1 + Math.abs(gw)), `GPU dw[${j}] ${got.dw[j]} vs fd ${gw}`);
+    sets.forEach((got, s) => {
+      const tag = `(${KERNEL_SETS[s]} kernels)`;
+      assert.ok(Math.abs(got.dx[i] - gx) <= 1e-4 * (1 + Math.abs(gx)), `GPU dx[${i}] ${got.dx[i]} vs fd ${gx} ${tag}`);
+      assert.ok(Math.abs(got.dw[j] - gw) <= 1e-4 * (1 + Math.abs(gw)), `GPU dw[${j}] ${got.dw[j]} vs fd ${gw} ${tag}`);
+    });
   }
 });
