@@ -2,9 +2,10 @@
 // BENCH_STEPS scale it up on a real GPU). Measures train() as a user runs it: whitening, the epoch's
 // steps, evaluation. The training images per second of the steps alone (the table's clock) are
 // printed at the end, measured in the last iteration.
-import { type Cifar10, type ConvKernels, initGpu, train, uploadDataset } from "../main.ts";
+import { type Cifar10, type ConvKernels, initGpu, loadCifar10, train, uploadDataset } from "../main.ts";
 
 const gpu = await initGpu();
+const defaultKernels = gpu.convKernels; // the set this device would train with
 const batch = Number(Deno.env.get("BENCH_BATCH") ?? 64);
 const baseDepth = Number(Deno.env.get("BENCH_BASE_DEPTH") ?? 8);
 const steps = Number(Deno.env.get("BENCH_STEPS") ?? 4);
@@ -38,4 +39,26 @@ addEventListener("unload", () => {
   for (const [set, v] of Object.entries(imagesPerSecond)) {
     console.log(`training steps [${set}]: ${v.toFixed(1)} images/s (batch ${batch}, base depth ${baseDepth})`);
   }
+});
+
+// The reduced real training of issue 3 (--base-depth 16 --train-subset 10000 --epochs 2, batch 1024, the full
+// test set): ~10 minutes on lavapipe, so it runs only when asked, e.g.
+//   BENCH_REDUCED=1 CIFAR10_DIR=../shared/data/cifar-10-batches-bin deno bench -A bench/train.bench.ts
+const reducedDir = Deno.env.get("CIFAR10_DIR");
+const reduced = Deno.env.get("BENCH_REDUCED") === "1" && reducedDir;
+Deno.bench({
+  name: "reduced training: real CIFAR-10, base depth 16, 10000 train images, 2 epochs, batch 1024",
+  ignore: !reduced,
+  n: 1,
+  warmup: 0,
+  async fn() {
+    gpu.convKernels = defaultKernels;
+    const cifar10 = await loadCifar10(reducedDir!, { trainSubset: 10000 });
+    const real = uploadDataset(gpu, cifar10);
+    const r = await train({ gpu, data: real, seed: 1, epochs: 2, baseDepth: 16, batchSize: 1024 });
+    console.log(
+      `reduced training [${gpu.convKernels}]: EMA val acc ${(100 * (r.emaValAcc ?? NaN)).toFixed(2)}%, ` +
+        `val acc ${(100 * r.valAcc).toFixed(2)}%, train ${r.trainSeconds.toFixed(1)} s`,
+    );
+  },
 });
