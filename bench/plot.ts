@@ -56,10 +56,10 @@ const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"
 const STYLE = { train: "2,3", val: "", ema: "8,4" } as const; // stroke-dasharray per series
 const PANEL = { w: 420, h: 300, left: 58, right: 16, top: 34, bottom: 46 };
 
-/** Tick values enclosing [lo, hi] at a "nice" step (1, 2 or 5 x 10^k), about `count` intervals. */
-export function niceTicks(lo: number, hi: number, count = 5): number[] {
+/** Tick values enclosing [lo, hi] at a "nice" step (1, 2 or 5 x 10^k, at least minStep), about `count` intervals. */
+export function niceTicks(lo: number, hi: number, count = 5, minStep = 0): number[] {
   if (!(hi > lo)) [lo, hi] = [lo - 0.5, lo + 0.5];
-  const raw = (hi - lo) / count, mag = 10 ** Math.floor(Math.log10(raw));
+  const raw = Math.max((hi - lo) / count, minStep), mag = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw)!;
   const ticks: number[] = [];
   const first = Math.floor(lo / step + 1e-9), last = Math.ceil(hi / step - 1e-9); // the ticks enclose [lo, hi]
@@ -82,7 +82,7 @@ function panel(
   const xs = curves.flatMap((c) => c.epochs);
   const ys = curves.flatMap((c) => series.flatMap((s) => c[s.key].filter((v): v is number => v !== null)))
     .map((v) => v * scale);
-  const xTicks = niceTicks(Math.min(0, ...xs), Math.max(...xs), 6);
+  const xTicks = niceTicks(Math.min(0, ...xs), Math.max(...xs), 6, 1); // whole epochs
   const yTicks = niceTicks(Math.min(...ys), Math.max(...ys), 5);
   const [xLo, xHi, yLo, yHi] = [xTicks[0], xTicks.at(-1)!, yTicks[0], yTicks.at(-1)!];
   const px = (v: number) => num(x0 + left + (v - xLo) / (xHi - xLo) * (w - left - right));

@@ -78,6 +78,7 @@ Deno.test("plot: nice ticks enclose the range at 1/2/5 x 10^k steps", () => {
   assert.deepEqual(niceTicks(0.31, 0.87, 5), [0.2, 0.4, 0.6, 0.8, 1]);
   assert.deepEqual(niceTicks(10, 90, 4), [0, 20, 40, 60, 80, 100]);
   assert.deepEqual(niceTicks(5, 5, 5), [4.4, 4.6, 4.8, 5, 5.2, 5.4, 5.6]); // a flat line gets a range around it
+  assert.deepEqual(niceTicks(0, 1, 6, 1), [0, 1]); // epochs: never a fractional step
 });
 
 Deno.test("plot: mean curve over runs, null where a run has no EMA yet", () => {
