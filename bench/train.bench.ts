@@ -42,8 +42,9 @@ addEventListener("unload", () => {
 });
 
 // The reduced real training of issue 3 (--base-depth 16 --train-subset 10000 --epochs 2, batch 1024, the full
-// test set): ~10 minutes on lavapipe, so it runs only when asked, e.g.
-//   BENCH_REDUCED=1 CIFAR10_DIR=../shared/data/cifar-10-batches-bin deno bench -A bench/train.bench.ts
+// test set). Long on lavapipe (its steps alone took 571 s on 2 cores, see bench/RESULTS.md), so it runs only when
+// asked, e.g.
+//   BENCH_REDUCED=1 CIFAR10_DIR=../shared/data/cifar-10-batches-bin deno bench -A bench/train.bench.ts --filter reduced
 const reducedDir = Deno.env.get("CIFAR10_DIR");
 const reduced = Deno.env.get("BENCH_REDUCED") === "1" && reducedDir;
 Deno.bench({
