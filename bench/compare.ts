@@ -5,7 +5,8 @@
 // Welch's t-test p-values. A crashing run is reported and left out; it does not stop the others.
 import { join } from "node:path";
 import { mean, std, welch } from "./stats.ts";
-import { type EpochRow, meanCurve, plotSvg, writeSvg } from "./plot.ts";
+import { writeFileAtomic } from "../main.ts";
+import { type EpochRow, meanCurve, plotSvg } from "./plot.ts";
 
 interface Outcome {
   acc: number;
@@ -101,7 +102,7 @@ if (plot) {
     meanCurve(`${s} (mean of ${results[s].length})`, results[s])
   );
   if (curves.length) {
-    await writeSvg(plot, plotSvg(curves));
+    await writeFileAtomic(plot, plotSvg(curves));
     console.log(`\nmean curves written to ${plot}`);
   }
 }

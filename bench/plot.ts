@@ -4,6 +4,7 @@
 // (`--runs N`) is drawn as the mean over its runs. Plain SVG written by hand: no dependency.
 import { basename } from "node:path";
 import { parseArgs } from "node:util";
+import { writeFileAtomic } from "../main.ts";
 
 /** One line set to draw: per-epoch values (null where missing, e.g. before the EMA starts). */
 export interface Curve {
@@ -180,18 +181,6 @@ export function plotSvg(curves: Curve[]): string {
   ].join("\n");
 }
 
-/** Writes an SVG via a temporary file and a rename, so a reader never sees half a figure. */
-export async function writeSvg(path: string, svg: string) {
-  const tmp = `${path}.tmp-${Deno.pid}`;
-  try {
-    await Deno.writeTextFile(tmp, svg);
-    await Deno.rename(tmp, path);
-  } catch (e) {
-    await Deno.remove(tmp).catch(() => {});
-    throw new Error(`could not write ${path} (${e instanceof Error ? e.message : e})`);
-  }
-}
-
 if (import.meta.main) {
   try {
     const { values, positionals } = parseArgs({
@@ -206,7 +195,7 @@ if (import.meta.main) {
     if (!positionals.length) throw new Error("name at least one run log (runs/*.json)");
     if (!values.out) throw new Error("-o FILE.svg is required");
     const curves = await Promise.all(positionals.map(readLogCurve));
-    await writeSvg(values.out, plotSvg(curves));
+    await writeFileAtomic(values.out, plotSvg(curves)); // temp file + rename: never half a figure
     console.log(`wrote ${values.out} (${curves.length} log${curves.length > 1 ? "s" : ""})`);
   } catch (e) {
     console.error(`error: ${e instanceof Error ? e.message : e}\nusage: deno task plot LOG.json [...] -o FILE.svg`);

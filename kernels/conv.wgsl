@@ -90,6 +90,18 @@ fn load_a(o: vec4i, c: u32) -> vec4f {
   return select(vec4f(0.0), v, o >= vec4i(0));
 }
 
+// 4 consecutive columns n.. of one b_in row, clamped at the last column (those results are not stored).
+fn load_b_cols(row: u32, n: u32, last_col: u32) -> vec4f {
+  return vec4f(b_in[row + n], b_in[row + min(n + 1u, last_col)], b_in[row + min(n + 2u, last_col)],
+               b_in[row + min(n + 3u, last_col)]);
+}
+
+// x at channels ci.. of one pixel (offset xo), clamped at the last channel (those rows are not stored).
+fn load_a_channels(xo: u32, ci: u32, last_ci: u32) -> vec4f {
+  return vec4f(a_in[xo + min(ci, last_ci)], a_in[xo + min(ci + 1u, last_ci)], a_in[xo + min(ci + 2u, last_ci)],
+               a_in[xo + min(ci + 3u, last_ci)]);
+}
+
 @compute @workgroup_size(WG)
 fn forward(@builtin(global_invocation_id) g: vec3u) {
   let first = g.x * BLOCK;
@@ -102,12 +114,7 @@ fn forward(@builtin(global_invocation_id) g: vec3u) {
       let o = tap_offsets(rows, i32(ky) - i32(s.pad), i32(kx) - i32(s.pad), s.h, s.w, s.cin);
       var w_row = (ky * s.kw + kx) * s.cin * s.cout; // w[ky][kx][0][0]
       for (var ci = 0u; ci < s.cin; ci++) {
-        let b = vec4f(
-          b_in[w_row + n],
-          b_in[w_row + min(n + 1u, last_col)],
-          b_in[w_row + min(n + 2u, last_col)],
-          b_in[w_row + min(n + 3u, last_col)],
-        );
+        let b = load_b_cols(w_row, n, last_col);
         fma_block(load_a(o, ci), b);
         w_row += s.cout;
       }
@@ -167,9 +174,7 @@ fn backward_weight(@builtin(global_invocation_id) g: vec3u) {
     let sx = i32(ox) + tx;
     if (sy >= 0 && sx >= 0 && sy < i32(s.h) && sx < i32(s.w)) {
       let xo = ((ob * s.h + u32(sy)) * s.w + u32(sx)) * s.cin;
-      let a = vec4f(a_in[xo + ci], a_in[xo + min(ci + 1u, last_ci)], a_in[xo + min(ci + 2u, last_ci)], a_in[xo + min(ci + 3u, last_ci)]);
-      let d = p * s.cout;
-      fma_block(a, vec4f(b_in[d + n], b_in[d + min(n + 1u, last_co)], b_in[d + min(n + 2u, last_co)], b_in[d + min(n + 3u, last_co)]));
+      fma_block(load_a_channels(xo, ci, last_ci), load_b_cols(p * s.cout, n, last_co));
     }
     ox += 1u;
     if (ox == s.wo) {
@@ -210,12 +215,6 @@ fn store_tile(t: Tile, row: u32, rows: u32, n: u32) {
   store_row((row + 1u) * s.n, n, row + 1u < rows, t.r1);
   store_row((row + 2u) * s.n, n, row + 2u < rows, t.r2);
   store_row((row + 3u) * s.n, n, row + 3u < rows, t.r3);
-}
-
-// 4 consecutive columns n.. of one b_in row, clamped at the last column (those results are not stored).
-fn load_b_cols(row: u32, n: u32, last_col: u32) -> vec4f {
-  return vec4f(b_in[row + n], b_in[row + min(n + 1u, last_col)], b_in[row + min(n + 2u, last_col)],
-               b_in[row + min(n + 3u, last_col)]);
 }
 
 @compute @workgroup_size(WG)
@@ -302,12 +301,6 @@ fn backward_data_wide(@builtin(global_invocation_id) g: vec3u) {
   store_tile(t10, first + 4u, s.m, n); store_tile(t11, first + 4u, s.m, n + 4u);
   store_tile(t20, first + 8u, s.m, n); store_tile(t21, first + 8u, s.m, n + 4u);
   store_tile(t30, first + 12u, s.m, n); store_tile(t31, first + 12u, s.m, n + 4u);
-}
-
-// x at channels ci.. of one pixel (offset xo), clamped at the last channel (those rows are not stored).
-fn load_a_channels(xo: u32, ci: u32, last_ci: u32) -> vec4f {
-  return vec4f(a_in[xo + min(ci, last_ci)], a_in[xo + min(ci + 1u, last_ci)], a_in[xo + min(ci + 2u, last_ci)],
-               a_in[xo + min(ci + 3u, last_ci)]);
 }
 
 @compute @workgroup_size(WG)
