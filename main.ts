@@ -69,19 +69,26 @@ export interface Gpu {
 }
 
 /**
- * The conv kernel sets of kernels/conv.wgsl, as outputs per thread. "block" (4 x 4) is for GPUs;
- * "wide" (16 x 8) is for CPU devices such as lavapipe, where each storage load is a per-lane gather
- * that costs far more than the FMAs it feeds (measured in bench/RESULTS.md). Set gpu.convKernels to
- * override the choice initGpu makes from the adapter's name.
+ * The conv kernel sets, each computing the same three passes: "tiled" (kernels/conv_tiled.wgsl,
+ * implicit GEMM with 64 x 64 tiles staged in workgroup memory, 4 x 4 outputs per thread) is the
+ * classic GPU schedule and the default on GPUs; "block" (kernels/conv.wgsl, 4 x 4 outputs per thread
+ * read straight from storage) is the port's first version; "wide" (conv.wgsl, 16 x 8 per thread) is
+ * for CPU devices such as lavapipe, where a barrier costs microseconds and each storage load is a
+ * per-lane gather that costs far more than the FMAs it feeds (measured in bench/RESULTS.md).
+ * `--conv-kernels` (or gpu.convKernels) overrides the choice initGpu makes from the adapter's name.
  */
-export type ConvKernels = "block" | "wide";
+export type ConvKernels = "tiled" | "block" | "wide";
+export const CONV_KERNEL_SETS: ConvKernels[] = ["tiled", "block", "wide"];
+// per set: WGSL file, entry-point suffix, and the names of its constants (threads per workgroup
+// along the rows, rows and columns of outputs per thread, or per workgroup for "tiled")
 const CONV_KERNELS = {
-  block: { suffix: "", rows: "BLOCK", cols: "BLOCK" },
-  wide: { suffix: "_wide", rows: "WIDE_ROWS", cols: "WIDE_COLS" },
+  tiled: { file: "conv_tiled", suffix: "", wg: "", rows: "TILE_M", cols: "TILE_N" },
+  block: { file: "conv", suffix: "", wg: "WG", rows: "BLOCK", cols: "BLOCK" },
+  wide: { file: "conv", suffix: "_wide", wg: "WG", rows: "WIDE_ROWS", cols: "WIDE_COLS" },
 } as const;
 const CPU_DEVICE = /llvmpipe|lavapipe|swiftshader|\bwarp\b/i; // software rasterisers running on the CPU
 
-const KERNEL_FILES = ["conv", "reduce", "act", "pool", "norm", "linear", "loss", "optim", "data"];
+const KERNEL_FILES = ["conv", "conv_tiled", "reduce", "act", "pool", "norm", "linear", "loss", "optim", "data"];
 const MAX_GROUPS = 65535; // per grid dimension (WebGPU's default limit)
 
 export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
@@ -121,7 +128,7 @@ export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
     frame: device.createBuffer({ size: 32, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST }),
     allocated: [],
     profiler: profile ? new Profiler(device) : undefined,
-    convKernels: CPU_DEVICE.test(`${adapterName} ${info.vendor} ${info.device}`) ? "wide" : "block",
+    convKernels: CPU_DEVICE.test(`${adapterName} ${info.vendor} ${info.device}`) ? "wide" : "tiled",
   };
   device.addEventListener("uncapturederror", (e) => {
     gpu.error ??= `WebGPU error: ${(e as GPUUncapturedErrorEvent).error.message}`;
@@ -422,14 +429,16 @@ export function setKernelConst(gpu: Gpu, file: string, name: string, value: numb
   for (const key of [...gpu.pipelines.keys()]) if (key.startsWith(`${file}:`)) gpu.pipelines.delete(key);
 }
 
-/** The conv kernel set of this device (or `set`): entry-point suffix, threads per workgroup, outputs per thread. */
+/** The conv kernel set of this device (or `set`): file, entry-point suffix, threads per workgroup along
+ * the rows, outputs per thread (rows x cols); a "tiled" workgroup is one unit of TILE_M x TILE_N outputs. */
 function convBlock(gpu: Gpu, set = gpu.convKernels) {
   const k = CONV_KERNELS[set];
   return {
+    file: k.file,
     suffix: k.suffix,
-    wg: kernelConst(gpu, "conv", "WG"),
-    rows: kernelConst(gpu, "conv", k.rows),
-    cols: kernelConst(gpu, "conv", k.cols),
+    wg: k.wg ? kernelConst(gpu, k.file, k.wg) : 1,
+    rows: kernelConst(gpu, k.file, k.rows),
+    cols: kernelConst(gpu, k.file, k.cols),
   };
 }
 // backward-weight split-K: aim for `target` pixels per split and at most `max` splits, but never more
@@ -464,18 +473,18 @@ function convGrid(gpu: Gpu, rowBlocks: number, n: number, splits = 1, set = gpu.
 export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number): Dispatch {
   const c = convShape(x.shape, w.shape, y.shape, pad);
   const m = c.batch * c.ho * c.wo, n = c.cout;
-  const { rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
+  const { file, rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
   const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y };
-  return kernel(gpu, "conv", `forward${suffix}`, bindings, grid, convInfo(c));
+  return kernel(gpu, file, `forward${suffix}`, bindings, grid, convInfo(c));
 }
 
 /** dx = d conv / dx, given dy. */
 export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, pad: number): Dispatch {
   const c = convShape(dx.shape, w.shape, dy.shape, pad);
   const m = c.batch * c.h * c.w, n = c.cin;
-  const { rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
+  const { file, rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
   const u = convUniform(gpu, c, pad, m, n);
-  return kernel(gpu, "conv", `backward_data${suffix}`, { 0: u, 1: dy, 2: w, 3: dx }, grid, convInfo(c));
+  return kernel(gpu, file, `backward_data${suffix}`, { 0: u, 1: dy, 2: w, 3: dx }, grid, convInfo(c));
 }
 
 /** dw = d conv / dw, given x and dy: split-K over the pixels into partials, then a sum over the splits. */
@@ -491,11 +500,13 @@ export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor
   const partials = tensor(gpu, [splits, m, n]);
   // a wide thread covers 16 input channels: with fewer, most of its loads would be wasted (measured slower)
   const set = gpu.convKernels === "wide" && c.cin < kernelConst(gpu, "conv", "WIDE_ROWS") ? "block" : gpu.convKernels;
-  const { rows, suffix } = convBlock(gpu, set);
-  const grid = convGrid(gpu, c.kh * c.kw * Math.ceil(c.cin / rows), n, splits, set);
+  const { file, rows, suffix } = convBlock(gpu, set);
+  // conv.wgsl's threads own `rows` channels of one tap; a conv_tiled.wgsl workgroup, TILE_M rows of (tap, channel)
+  const rowBlocks = set === "tiled" ? Math.ceil(m / rows) : c.kh * c.kw * Math.ceil(c.cin / rows);
+  const grid = convGrid(gpu, rowBlocks, n, splits, set);
   const bindings = { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials };
   return [
-    kernel(gpu, "conv", `backward_weight${suffix}`, bindings, grid, convInfo(c)),
+    kernel(gpu, file, `backward_weight${suffix}`, bindings, grid, convInfo(c)),
     kernel(gpu, "reduce", "sum_splits", { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw }, grid1d(m * n), {
       label: convInfo(c).label,
     }),
@@ -2085,6 +2096,7 @@ export interface CliOptions {
   noLog: boolean;
   save?: string;
   eval?: string;
+  convKernels?: ConvKernels; // default: chosen from the adapter (initGpu)
 }
 
 const FLAG_RANGES = {
@@ -2117,6 +2129,8 @@ usage: deno run -A main.ts [flags]
   --no-log            write no run log
   --save FILE         save the final EMA network of the last run as safetensors (NHWC, HWIO conv weights)
   --eval FILE         no training: load safetensors weights and print their test accuracy (flip TTA)
+  --conv-kernels K    conv kernel set: tiled (workgroup-memory tiles, the GPU default), block (the
+                      first version's), wide (the CPU-device default); default: chosen from the device
   --profile           time every kernel with GPU timestamps and print the table after training
                       (one readback per submit: the run is slower, the table's times are not)
   --help              show this help`;
@@ -2137,6 +2151,7 @@ export function parseFlags(argv: string[]): CliOptions {
         eval: { type: "string" },
         data: { type: "string" },
         json: { type: "string" },
+        "conv-kernels": { type: "string" },
         ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" as const }])),
       },
     });
@@ -2167,6 +2182,10 @@ export function parseFlags(argv: string[]): CliOptions {
   for (const name of ["data", "json", "log-dir", "save", "eval"]) {
     if (v[name] === "") throw new Error(`--${name} needs a value: see --help`);
   }
+  const convKernels = v["conv-kernels"] as string | undefined;
+  if (convKernels !== undefined && !CONV_KERNEL_SETS.includes(convKernels as ConvKernels)) {
+    throw new Error(`--conv-kernels must be one of ${CONV_KERNEL_SETS.join(", ")}, got "${convKernels}"`);
+  }
   return {
     help: Boolean(v.help),
     profile: Boolean(v.profile),
@@ -2174,6 +2193,7 @@ export function parseFlags(argv: string[]): CliOptions {
     noLog: Boolean(v["no-log"]),
     save: v.save as string | undefined,
     eval: v.eval as string | undefined,
+    convKernels: convKernels as ConvKernels | undefined,
     data: v.data as string | undefined,
     json: v.json as string | undefined,
     runs: num("runs") ?? 1,
@@ -2193,6 +2213,7 @@ export async function main(argv: string[]) {
   if (o.help) return console.log(HELP);
   const gpu = await initGpu({ profile: o.profile }); // first: no point downloading 160 MB without a GPU
   if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
+  if (o.convKernels) gpu.convKernels = o.convKernels;
   const dir = await resolveCifar10Dir({
     dir: o.data ?? (Deno.env.get("CIFAR10_DIR") || undefined),
     cacheDir: fileURLToPath(new URL("./data", import.meta.url)),

@@ -6,7 +6,7 @@ import {
   conv2d,
   conv2dBackwardData,
   conv2dBackwardWeight,
-  type ConvKernels,
+  CONV_KERNEL_SETS,
   type Dispatch,
   initGpu,
   submit,
@@ -28,9 +28,10 @@ const shapes: [string, number, number, number, number, number][] = [
   ["group3 conv2", 3, widths[2], widths[2], 3, 1],
 ];
 
-// Each (conv, pass) is a group: both kernel sets, "block" (4 x 4 outputs per thread, the GPU set
-// and the port's first version) as the baseline, and "wide" (16 x 8, the CPU-device set).
-const sets: ConvKernels[] = ["block", "wide"];
+// Each (conv, pass) is a group with every kernel set: "block" (4 x 4 outputs per thread straight from
+// storage, the port's first version) as the baseline, "tiled" (64 x 64 tiles in workgroup memory, the
+// GPU set) and "wide" (16 x 8, the CPU-device set).
+const sets = CONV_KERNEL_SETS;
 for (const [name, h, cin, cout, k, pad] of shapes) {
   const ho = h + 2 * pad - k + 1;
   const x = tensor(gpu, [batch, h, h, cin]), w = tensor(gpu, [k, k, cin, cout]), y = tensor(gpu, [batch, ho, ho, cout]);

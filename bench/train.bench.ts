@@ -2,7 +2,7 @@
 // BENCH_STEPS scale it up on a real GPU). Measures train() as a user runs it: whitening, the epoch's
 // steps, evaluation. The training images per second of the steps alone (the table's clock) are
 // printed at the end, measured in the last iteration.
-import { type Cifar10, type ConvKernels, initGpu, loadCifar10, train, uploadDataset } from "../main.ts";
+import { type Cifar10, CONV_KERNEL_SETS, initGpu, loadCifar10, train, uploadDataset } from "../main.ts";
 
 const gpu = await initGpu();
 const defaultKernels = gpu.convKernels; // the set this device would train with
@@ -19,8 +19,9 @@ const cifar: Cifar10 = { trainImages: tr.images, trainLabels: tr.labels, testIma
 const data = uploadDataset(gpu, cifar);
 const imagesPerSecond: Record<string, number> = {};
 
-// "block" (the conv kernels of the port's first version, the GPU set) is the baseline; "wide" is the CPU-device set.
-for (const set of ["block", "wide"] as ConvKernels[]) {
+// "block" (the conv kernels of the port's first version) is the baseline; "tiled" is the GPU set, "wide" the
+// CPU-device set.
+for (const set of CONV_KERNEL_SETS) {
   Deno.bench({
     name: `train [${set} conv kernels]: ${steps} steps of batch ${batch}, base depth ${baseDepth}, + eval of ${batch}`,
     group: "train",

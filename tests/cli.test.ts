@@ -47,6 +47,8 @@ Deno.test("flags: defaults follow hyp, values parse", () => {
   assert.equal(d.logDir, undefined);
   const l = parseFlags(["--log-dir", "/tmp/logs", "--no-log", "--profile"]);
   assert.deepEqual([l.logDir, l.noLog, l.profile], ["/tmp/logs", true, true]);
+  assert.equal(d.convKernels, undefined); // chosen from the device
+  assert.equal(parseFlags(["--conv-kernels", "block"]).convKernels, "block");
 });
 
 Deno.test("flags: a bad value names the flag and its range", () => {
@@ -62,6 +64,7 @@ Deno.test("flags: a bad value names the flag and its range", () => {
     [["--seed=-1"], /^--seed must be an integer from 0 to 4294967295/],
     [["--frobnicate"], /^unknown flag --frobnicate: see --help$/],
     [["--data"], /^--data needs a value: see --help$/],
+    [["--conv-kernels", "fast"], /^--conv-kernels must be one of tiled, block, wide, got "fast"$/],
     [["stray"], /^unexpected argument stray: flags start with --, see --help$/],
   ];
   for (const [args, message] of cases) {

@@ -8,6 +8,7 @@ import {
   conv2d,
   conv2dBackwardData,
   conv2dBackwardWeight,
+  CONV_KERNEL_SETS,
   type ConvKernels,
   freeSince,
   initGpu,
@@ -120,7 +121,8 @@ function convWeightRef(c: ConvCase, x: ArrayLike<number>, dy: ArrayLike<number>)
 
 /**
  * Runs forward, backward-data and backward-weight on the GPU (outputs pre-filled with garbage) with
- * one of the conv kernel sets: "block" (4 x 4 outputs per thread) or "wide" (16 x 8).
+ * one of the conv kernel sets: "tiled" (64 x 64 tiles in workgroup memory), "block" (4 x 4 outputs per
+ * thread) or "wide" (16 x 8).
  */
 async function runConv(c: ConvCase, x: Float32Array, w: Float32Array, dy: Float32Array, kernels: ConvKernels) {
   const { ho, wo } = outSize(c);
@@ -141,7 +143,7 @@ async function runConv(c: ConvCase, x: Float32Array, w: Float32Array, dy: Float3
   return { y, dx, dw, splits: dwList[0].grid[2] };
 }
 
-const KERNEL_SETS: ConvKernels[] = ["block", "wide"];
+const KERNEL_SETS: ConvKernels[] = CONV_KERNEL_SETS;
 
 async function checkConv(c: ConvCase, seed: number) {
   const rng = new Prng(seed);
@@ -171,6 +173,12 @@ Deno.test("conv: 3x3 pad 1, odd spatial size and channels (Cin 3, Cout 5)", asyn
 Deno.test("conv: 3x3 pad 1, Cin 37 Cout 70 (not multiples of 4/8/32)", async () => {
   await checkConv({ b: 1, h: 5, w: 7, cin: 37, cout: 70, kh: 3, kw: 3, pad: 1 }, 2);
   await checkConv({ b: 3, h: 3, w: 3, cin: 70, cout: 37, kh: 3, kw: 3, pad: 1 }, 3);
+});
+
+Deno.test("conv: partial 64 x 64 x 16 tiles on every edge of M, N and K in all three passes", async () => {
+  // forward M = 126 pixels (2 row tiles), N = 67 (2 column tiles), K = 9 x 21 = 189 (12 slices, the last partial);
+  // backward data N = 21, K = 9 x 67; backward weight M = 189 (3 row tiles), K = 126 pixels
+  await checkConv({ b: 3, h: 7, w: 6, cin: 21, cout: 67, kh: 3, kw: 3, pad: 1 }, 15);
 });
 
 Deno.test("conv: 3x3 valid (pad 0) and pad 2 (output larger than input)", async () => {
