@@ -4,7 +4,8 @@
 //   1. hyperparameters   2. GPU plumbing   3. ops (one function per kernel)   4. data
 //   5. network (init, forward, backward)  6. training (schedule, optimiser, EMA, epoch loop)
 //   7. printing and run logs              8. command line
-// Precision: f32 everywhere (storage, accumulation, master weights). The original trains in fp16.
+// Precision: f32 everywhere by default; --precision f16 stores images, activations and their gradients
+// in f16 (arithmetic, accumulation, weights and optimiser state stay f32). The original trains in fp16.
 
 import { createHash } from "node:crypto";
 import { join } from "node:path";
@@ -51,7 +52,9 @@ export type Hyp = typeof hyp;
 // 2. GPU plumbing: device, tensors, kernels, dispatch lists, readback
 // =================================================================================================
 
-export type Tensor = { buffer: GPUBuffer; offset: number; shape: number[]; dtype: "f32" }; // offset in bytes
+/** Element type of a tensor in GPU memory. Parameters and optimiser state are always f32. */
+export type DType = "f32" | "f16";
+export type Tensor = { buffer: GPUBuffer; offset: number; shape: number[]; dtype: DType }; // offset in bytes
 
 export interface Gpu {
   device: GPUDevice;
@@ -171,30 +174,38 @@ export function createBuffer(gpu: Gpu, bytes: number, usage = 0): GPUBuffer {
 
 export const numel = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
 
-export function tensor(gpu: Gpu, shape: number[]): Tensor {
-  const bytes = numel(shape) * 4;
+const BYTES: Record<DType, number> = { f32: 4, f16: 2 };
+/** Bytes a tensor binds: WebGPU binds and copies whole 4-byte words, so an odd f16 count gets one more half. */
+const tensorBytes = (shape: number[], dtype: DType) => Math.ceil((numel(shape) * BYTES[dtype]) / 4) * 4;
+
+export function tensor(gpu: Gpu, shape: number[], dtype: DType = "f32"): Tensor {
+  const bytes = tensorBytes(shape, dtype);
   if (bytes > gpu.limits.maxBinding) {
     throw new Error(
       `a [${shape}] tensor needs ${(bytes / 2 ** 20).toFixed(0)} MiB but this GPU binds at most ` +
         `${(gpu.limits.maxBinding / 2 ** 20).toFixed(0)} MiB: lower --batch-size`,
     );
   }
-  return { buffer: createBuffer(gpu, bytes), offset: 0, shape, dtype: "f32" };
+  return { buffer: createBuffer(gpu, bytes), offset: 0, shape, dtype };
 }
 
-export function upload(gpu: Gpu, data: Float32Array, shape: number[]): Tensor {
+/** A new tensor holding `data` (rounded to f16 if dtype is f16). */
+export function upload(gpu: Gpu, data: Float32Array, shape: number[], dtype: DType = "f32"): Tensor {
   if (data.length !== numel(shape)) throw new Error(`upload: ${data.length} values for shape [${shape}]`);
-  const t = tensor(gpu, shape);
-  gpu.device.queue.writeBuffer(t.buffer, 0, data as Float32Array<ArrayBuffer>);
+  const t = tensor(gpu, shape, dtype);
+  const bytes = new Uint8Array(tensorBytes(shape, dtype));
+  if (dtype === "f16") new Float16Array(bytes.buffer, 0, data.length).set(data);
+  else new Float32Array(bytes.buffer).set(data);
+  gpu.device.queue.writeBuffer(t.buffer, 0, bytes);
   return t;
 }
 
-/** A view of `shape` at float offset `offset` of `buffer` (offsets must be multiples of 64 floats). */
-export const view = (buffer: GPUBuffer, offset: number, shape: number[]): Tensor => ({
+/** A view of `shape` at element offset `offset` of `buffer` (offsets must be multiples of 256 bytes). */
+export const view = (buffer: GPUBuffer, offset: number, shape: number[], dtype: DType = "f32"): Tensor => ({
   buffer,
-  offset: offset * 4,
+  offset: offset * BYTES[dtype],
   shape,
-  dtype: "f32",
+  dtype,
 });
 
 /** The same tensor with another leading (batch) dimension. */
@@ -217,7 +228,12 @@ export async function readBuffer(gpu: Gpu, buffer: GPUBuffer, offsetBytes: numbe
   return out;
 }
 
-export const readTensor = (gpu: Gpu, t: Tensor) => readBuffer(gpu, t.buffer, t.offset, numel(t.shape) * 4);
+/** A tensor's values as f32 (f16 tensors are widened exactly). */
+export async function readTensor(gpu: Gpu, t: Tensor): Promise<Float32Array> {
+  const bytes = tensorBytes(t.shape, t.dtype);
+  const raw = await readBuffer(gpu, t.buffer, t.offset, bytes);
+  return t.dtype === "f16" ? Float32Array.from(new Float16Array(raw.buffer, 0, numel(t.shape))) : raw;
+}
 
 // A uniform struct: plain numbers are u32, f32(x) and i32(x) mark the other field types.
 type Field = number | { f32: number } | { i32: number };
@@ -270,11 +286,19 @@ export interface Dispatch {
   grid: [number, number, number];
 }
 
-function pipeline(gpu: Gpu, file: string, entryPoint: string) {
-  const key = `${file}:${entryPoint}`;
+/**
+ * The pipeline of `file`'s `entryPoint`, compiled with the storage-type aliases in `halves` (e.g. X_T)
+ * set to f16: the kernel files declare every activation binding as `array<ALIAS>` with `alias ALIAS = f32;`.
+ */
+function pipeline(gpu: Gpu, file: string, entryPoint: string, halves: string[] = []) {
+  const key = `${file}:${entryPoint}${halves.length ? `:f16=${halves.join(",")}` : ""}`;
   let p = gpu.pipelines.get(key);
   if (!p) {
-    const module = gpu.device.createShaderModule({ label: file, code: gpu.sources.get(file)! });
+    let code = gpu.sources.get(file)!;
+    if (halves.length) {
+      code = "enable f16;\n" + halves.reduce((c, a) => c.replace(`alias ${a} = f32;`, `alias ${a} = f16;`), code);
+    }
+    const module = gpu.device.createShaderModule({ label: file, code });
     p = gpu.device.createComputePipeline({ label: key, layout: "auto", compute: { module, entryPoint } });
     gpu.pipelines.set(key, p);
   }
@@ -289,10 +313,18 @@ function kernel(
   grid: [number, number, number],
   info: { label?: string; flop?: number } = {},
 ): Dispatch {
-  const p = pipeline(gpu, file, entryPoint);
+  const halves = Object.entries(bindings).filter(([, b]) => "shape" in b && b.dtype === "f16").map(([binding]) => {
+    const alias = storageAlias(gpu, file, Number(binding));
+    if (!alias) throw new Error(`${file}.${entryPoint}: binding ${binding} holds f32 only, got an f16 tensor`);
+    if (!gpu.hasF16) throw new Error("this GPU has no shader-f16: use --precision f32");
+    return alias;
+  });
+  const p = pipeline(gpu, file, entryPoint, halves.sort());
   const entries = Object.entries(bindings).map(([binding, b]) => ({
     binding: Number(binding),
-    resource: "shape" in b ? { buffer: b.buffer, offset: b.offset, size: numel(b.shape) * 4 } : { buffer: b },
+    resource: "shape" in b
+      ? { buffer: b.buffer, offset: b.offset, size: tensorBytes(b.shape, b.dtype) }
+      : { buffer: b },
   }));
   const bindGroup = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries });
   if (grid[0] > MAX_GROUPS || grid[1] > MAX_GROUPS || grid[2] > MAX_GROUPS) {
@@ -300,6 +332,13 @@ function kernel(
   }
   const label = `${file}.${entryPoint}${info.label ? ` ${info.label}` : ""}`;
   return { label, pipeline: p, bindGroup, grid, flop: info.flop };
+}
+
+/** The alias a storage binding of `file` is declared with (`var<storage, ...> name: array<ALIAS>`), if any. */
+function storageAlias(gpu: Gpu, file: string, binding: number): string | undefined {
+  const src = gpu.sources.get(file)!;
+  const alias = src.match(new RegExp(`@binding\\(${binding}\\) var<storage[^>]*> \\w+: array<(\\w+)>`))?.[1];
+  return alias && src.includes(`alias ${alias} = f32;`) ? alias : undefined;
 }
 
 /** Grid for a 1-D kernel over `count` items; the kernel folds y back: i = g.x + g.y * nw.x * WG. */
@@ -1391,15 +1430,16 @@ export interface Activations {
   dfeats: Tensor;
   gradA: GPUBuffer; // two ping-pong buffers for the activation gradients of the backward pass
   gradB: GPUBuffer;
+  dtype: DType; // of the images, activations and their gradients (--precision); features and logits are f32
 }
 
-export function makeActivations(gpu: Gpu, batch: number, baseDepth: number): Activations {
+export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtype: DType = "f32"): Activations {
   const classes = hyp.misc.numClasses, side = IMAGE_SIDE - hyp.net.whitening.kernelSize + 1;
   const groups: GroupActs[] = [];
   let h = side, largest = 0;
   for (const c of groupWidths(baseDepth)) {
     const full = [batch, h, h, c], pooled = [batch, h >> 1, h >> 1, c];
-    const t = (shape: number[]) => tensor(gpu, shape);
+    const t = (shape: number[]) => tensor(gpu, shape, dtype);
     groups.push({
       c1: t(full),
       p1: t(pooled),
@@ -1408,18 +1448,18 @@ export function makeActivations(gpu: Gpu, batch: number, baseDepth: number): Act
       c2: t(pooled),
       n2: t(pooled),
       a2: t(pooled),
-      stats1: t([c, 2]),
-      stats2: t([c, 2]),
+      stats1: tensor(gpu, [c, 2]),
+      stats2: tensor(gpu, [c, 2]),
     });
     largest = Math.max(largest, numel(full));
     h >>= 1;
   }
   const c3 = groupWidths(baseDepth)[2];
   return {
-    x: tensor(gpu, [batch, IMAGE_SIDE, IMAGE_SIDE, 3]),
+    x: tensor(gpu, [batch, IMAGE_SIDE, IMAGE_SIDE, 3], dtype),
     targets: tensor(gpu, [batch, classes]),
-    w0: tensor(gpu, [batch, side, side, WHITEN_OUT]),
-    a0: tensor(gpu, [batch, side, side, WHITEN_OUT]),
+    w0: tensor(gpu, [batch, side, side, WHITEN_OUT], dtype),
+    a0: tensor(gpu, [batch, side, side, WHITEN_OUT], dtype),
     groups,
     feats: tensor(gpu, [batch, c3]),
     logits: tensor(gpu, [batch, classes]),
@@ -1428,8 +1468,9 @@ export function makeActivations(gpu: Gpu, batch: number, baseDepth: number): Act
     correct: tensor(gpu, [batch]),
     dlogits: tensor(gpu, [batch, classes]),
     dfeats: tensor(gpu, [batch, c3]),
-    gradA: tensor(gpu, [largest]).buffer,
-    gradB: tensor(gpu, [largest]).buffer,
+    gradA: tensor(gpu, [largest], dtype).buffer,
+    gradB: tensor(gpu, [largest], dtype).buffer,
+    dtype,
   };
 }
 
@@ -1501,10 +1542,10 @@ export function backward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, G:
   let cur = A.gradA, other = A.gradB;
   const next = (shape: number[]) => {
     [cur, other] = [other, cur];
-    return view(cur, 0, shape);
+    return view(cur, 0, shape, A.dtype);
   };
   const last = A.groups[2].a2;
-  let d = view(cur, 0, last.shape);
+  let d = view(cur, 0, last.shape, A.dtype);
   ops.push(globalMaxPoolBackward(gpu, last, A.dfeats, d));
   for (let i = 2; i >= 0; i--) {
     const g = GROUPS[i], S = A.groups[i], input = i > 0 ? A.groups[i - 1].a2 : A.a0;
@@ -1666,6 +1707,7 @@ export interface TrainOptions {
   epochs?: number;
   baseDepth?: number;
   batchSize?: number;
+  precision?: DType; // storage of images, activations and their gradients (default f32); arithmetic is f32
   onEpochStart?: (epoch: number) => void;
   onStep?: (epoch: number, step: number, steps: number) => void; // after each step is submitted (no GPU wait)
   onEpoch?: (m: EpochMetrics) => void;
@@ -1721,7 +1763,7 @@ async function evaluateTestSet(gpu: Gpu, nTest: number, half: number, list: Disp
 }
 
 /** The run's GPU state (parameters, gradients, momentum, EMA, activations) and its recorded programs. */
-function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rng) {
+function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rng, precision: DType) {
   if (!data.whiten) throw new Error("buildRun: compute data.whiten first");
   const device = gpu.device, N = data.train.count;
   const layout = layoutState(stateSpec(baseDepth)), stateBytes = layout.nTotal * 4;
@@ -1729,7 +1771,7 @@ function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rn
   const momentum = createBuffer(gpu, stateBytes), ema = createBuffer(gpu, stateBytes);
   device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
   const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
-  const A = makeActivations(gpu, B, baseDepth);
+  const A = makeActivations(gpu, B, baseDepth, precision);
   const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8);
   const metrics = createBuffer(gpu, METRICS_FLOATS * 4);
 
@@ -1783,7 +1825,11 @@ export async function train(o: TrainOptions): Promise<RunResult> {
     data.whiten ??= whiteningWeight(whiteningFilters(await patchCovariance(gpu, data.train, data.norm)));
 
     // ---- every buffer and recorded program, built once; WebGPU errors here become one clear line
-    const run = await withErrorScopes(gpu, "the network", () => buildRun(gpu, data, B, baseDepth, rng));
+    const run = await withErrorScopes(
+      gpu,
+      "the network",
+      () => buildRun(gpu, data, B, baseDepth, rng, o.precision ?? "f32"),
+    );
     const { state, ema, stateBytes, perm, augParams, metrics, half } = run;
     const { trainForward, firstBatchMetrics, update, emaStep, evalNet, evalEma } = run;
 
@@ -1959,6 +2005,10 @@ export async function writeBytesAtomic(path: string, bytes: Uint8Array) {
   }
 }
 
+/** What the header line says about --precision. */
+const precisionText = (p: DType) =>
+  p === "f16" ? "f16 activations and gradients, f32 arithmetic and weights" : "f32 everywhere";
+
 /**
  * The run log: what a later comparison needs to trust a result (the exact script and kernels by
  * sha256, the script's text, hyperparameters, flags, device, Deno version, every epoch's metrics).
@@ -1977,7 +2027,7 @@ export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs
     kernels: Object.fromEntries([...gpu.sources].map(([file, text]) => [`${file}.wgsl`, sha256(text)])),
     deno: Deno.version,
     device: gpu.adapterName,
-    precision: "f32",
+    precision: flags.precision,
     convKernels: gpu.convKernels,
     flags: { ...flags, help: undefined },
     hyp,
@@ -2047,7 +2097,14 @@ export function decodeSafetensors(
 }
 
 /** Test accuracy and loss (flip TTA) of saved weights; the network's widths come from the weights. */
-export async function evaluateWeights(gpu: Gpu, data: GpuData, weights: Weights, batchSize: number, file: string) {
+export async function evaluateWeights(
+  gpu: Gpu,
+  data: GpuData,
+  weights: Weights,
+  batchSize: number,
+  file: string,
+  precision: DType = "f32",
+) {
   const first = weights.get("conv_group_1.conv1.weight");
   if (!first || first.shape.length !== 4) {
     throw new Error(`${file} has no conv_group_1.conv1.weight: not a network of ours`);
@@ -2066,7 +2123,7 @@ export async function evaluateWeights(gpu: Gpu, data: GpuData, weights: Weights,
   try {
     const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, METRICS_FLOATS * 4);
     gpu.device.queue.writeBuffer(state, 0, values);
-    const A = makeActivations(gpu, batchSize, first.shape[3]);
+    const A = makeActivations(gpu, batchSize, first.shape[3], precision);
     const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
     await evaluateTestSet(gpu, data.test.count, half, [gather, ...evalOf(stateViews(state, layout), METRIC_SLOTS.val)]);
     const m = await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4);
@@ -2097,6 +2154,7 @@ export interface CliOptions {
   save?: string;
   eval?: string;
   convKernels?: ConvKernels; // default: chosen from the adapter (initGpu)
+  precision: DType;
 }
 
 const FLAG_RANGES = {
@@ -2131,6 +2189,8 @@ usage: deno run -A main.ts [flags]
   --eval FILE         no training: load safetensors weights and print their test accuracy (flip TTA)
   --conv-kernels K    conv kernel set: tiled (workgroup-memory tiles, the GPU default), block (the
                       first version's), wide (the CPU-device default); default: chosen from the device
+  --precision P       f32, or f16: images, activations and their gradients stored in f16 (needs
+                      shader-f16), arithmetic, weights and optimiser state in f32 (default f32)
   --profile           time every kernel with GPU timestamps and print the table after training
                       (one readback per submit: the run is slower, the table's times are not)
   --help              show this help`;
@@ -2152,6 +2212,7 @@ export function parseFlags(argv: string[]): CliOptions {
         data: { type: "string" },
         json: { type: "string" },
         "conv-kernels": { type: "string" },
+        precision: { type: "string" },
         ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" as const }])),
       },
     });
@@ -2182,6 +2243,10 @@ export function parseFlags(argv: string[]): CliOptions {
   for (const name of ["data", "json", "log-dir", "save", "eval"]) {
     if (v[name] === "") throw new Error(`--${name} needs a value: see --help`);
   }
+  const precision = (v.precision as string | undefined) ?? "f32";
+  if (precision !== "f32" && precision !== "f16") {
+    throw new Error(`--precision must be f32 or f16, got "${precision}"`);
+  }
   const convKernels = v["conv-kernels"] as string | undefined;
   if (convKernels !== undefined && !CONV_KERNEL_SETS.includes(convKernels as ConvKernels)) {
     throw new Error(`--conv-kernels must be one of ${CONV_KERNEL_SETS.join(", ")}, got "${convKernels}"`);
@@ -2194,6 +2259,7 @@ export function parseFlags(argv: string[]): CliOptions {
     save: v.save as string | undefined,
     eval: v.eval as string | undefined,
     convKernels: convKernels as ConvKernels | undefined,
+    precision,
     data: v.data as string | undefined,
     json: v.json as string | undefined,
     runs: num("runs") ?? 1,
@@ -2214,6 +2280,11 @@ export async function main(argv: string[]) {
   const gpu = await initGpu({ profile: o.profile }); // first: no point downloading 160 MB without a GPU
   if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
   if (o.convKernels) gpu.convKernels = o.convKernels;
+  if (o.precision === "f16" && !gpu.hasF16) {
+    throw new Error(
+      `--precision f16 needs the shader-f16 feature, which ${gpu.adapterName} lacks: use --precision f32`,
+    );
+  }
   const dir = await resolveCifar10Dir({
     dir: o.data ?? (Deno.env.get("CIFAR10_DIR") || undefined),
     cacheDir: fileURLToPath(new URL("./data", import.meta.url)),
@@ -2234,7 +2305,7 @@ export async function main(argv: string[]) {
       throw new Error(`cannot read --eval ${o.eval} (${errorText(e)}): check the path`);
     }
     const { weights } = decodeSafetensors(bytes, o.eval);
-    const r = await evaluateWeights(gpu, data, weights, o.batchSize, o.eval);
+    const r = await evaluateWeights(gpu, data, weights, o.batchSize, o.eval, o.precision);
     console.log(
       `${o.eval}: test accuracy ${(100 * r.valAcc).toFixed(2)}% | test loss ${
         r.valLoss.toFixed(4)
@@ -2243,7 +2314,9 @@ export async function main(argv: string[]) {
     return releaseGpu(gpu);
   }
   console.log(
-    `device: ${gpu.adapterName} | precision: f32 | conv kernels: ${gpu.convKernels} | train ${data.train.count} / test ${data.test.count} images | ` +
+    `device: ${gpu.adapterName} | precision: ${
+      precisionText(o.precision)
+    } | conv kernels: ${gpu.convKernels} | train ${data.train.count} / test ${data.test.count} images | ` +
       `batch ${o.batchSize} | epochs ${o.epochs} | base depth ${o.baseDepth}`,
   );
   // Ctrl-C: finish the current step, write the run log as interrupted, exit 130; a second Ctrl-C quits at once
@@ -2266,6 +2339,7 @@ export async function main(argv: string[]) {
       epochs: o.epochs,
       baseDepth: o.baseDepth,
       batchSize: o.batchSize,
+      precision: o.precision,
       onEpochStart: (e) => table.epochStart(e),
       onStep: (e, k, n) => table.step(e, k, n),
       onEpoch: (m) => table.row(m),
@@ -2330,7 +2404,7 @@ export async function main(argv: string[]) {
   if (o.json) {
     const out = {
       device: gpu.adapterName,
-      precision: "f32",
+      precision: o.precision,
       convKernels: gpu.convKernels,
       flags: { ...o, help: undefined, profile: undefined },
       runs: runs.map((r) => ({

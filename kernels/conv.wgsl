@@ -31,10 +31,17 @@ struct ConvShape {
   k_per_split: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
+// Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
+// f16: it compiles this file with `enable f16;` and that alias set to f16). Loads convert to f32 and
+// stores back, so all arithmetic and accumulation stays f32.
+alias A_T = f32;
+alias B_T = f32;
+alias OUT_T = f32;
+
 @group(0) @binding(0) var<uniform> s: ConvShape;
-@group(0) @binding(1) var<storage, read> a_in: array<f32>;
-@group(0) @binding(2) var<storage, read> b_in: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> a_in: array<A_T>;
+@group(0) @binding(2) var<storage, read> b_in: array<B_T>;
+@group(0) @binding(3) var<storage, read_write> out: array<OUT_T>;
 
 // Output tile bookkeeping: 4 accumulators (one vec4 of columns per row), and masks for the edges.
 var<private> acc0: vec4f;
@@ -52,7 +59,7 @@ fn fma_block(a: vec4f, b: vec4f) {
 fn store_row(row_base: u32, n: u32, rows_ok: bool, v: vec4f) {
   if (!rows_ok) { return; }
   for (var j = 0u; j < BLOCK; j++) {
-    if (n + j < s.n) { out[row_base + n + j] = v[j]; }
+    if (n + j < s.n) { out[row_base + n + j] = OUT_T(v[j]); }
   }
 }
 
@@ -86,20 +93,20 @@ fn tap_offsets(r: PixelRows, dy: i32, dx: i32, src_h: u32, src_w: u32, src_c: u3
 // a_in at channel c of the 4 pixels; rows outside the image (offset -1) read index 0 and are masked.
 fn load_a(o: vec4i, c: u32) -> vec4f {
   let safe = vec4u(max(o, vec4i(0))) + c;
-  let v = vec4f(a_in[safe.x], a_in[safe.y], a_in[safe.z], a_in[safe.w]);
+  let v = vec4f(f32(a_in[safe.x]), f32(a_in[safe.y]), f32(a_in[safe.z]), f32(a_in[safe.w]));
   return select(vec4f(0.0), v, o >= vec4i(0));
 }
 
 // 4 consecutive columns n.. of one b_in row, clamped at the last column (those results are not stored).
 fn load_b_cols(row: u32, n: u32, last_col: u32) -> vec4f {
-  return vec4f(b_in[row + n], b_in[row + min(n + 1u, last_col)], b_in[row + min(n + 2u, last_col)],
-               b_in[row + min(n + 3u, last_col)]);
+  return vec4f(f32(b_in[row + n]), f32(b_in[row + min(n + 1u, last_col)]), f32(b_in[row + min(n + 2u, last_col)]),
+               f32(b_in[row + min(n + 3u, last_col)]));
 }
 
 // x at channels ci.. of one pixel (offset xo), clamped at the last channel (those rows are not stored).
 fn load_a_channels(xo: u32, ci: u32, last_ci: u32) -> vec4f {
-  return vec4f(a_in[xo + min(ci, last_ci)], a_in[xo + min(ci + 1u, last_ci)], a_in[xo + min(ci + 2u, last_ci)],
-               a_in[xo + min(ci + 3u, last_ci)]);
+  return vec4f(f32(a_in[xo + min(ci, last_ci)]), f32(a_in[xo + min(ci + 1u, last_ci)]), f32(a_in[xo + min(ci + 2u, last_ci)]),
+               f32(a_in[xo + min(ci + 3u, last_ci)]));
 }
 
 @compute @workgroup_size(WG)
@@ -142,7 +149,7 @@ fn backward_data(@builtin(global_invocation_id) g: vec3u) {
       let c2 = w_tap + min(n + 2u, last_col) * s.cout;
       let c3 = w_tap + min(n + 3u, last_col) * s.cout;
       for (var co = 0u; co < s.cout; co++) {
-        fma_block(load_a(o, co), vec4f(b_in[c0 + co], b_in[c1 + co], b_in[c2 + co], b_in[c3 + co]));
+        fma_block(load_a(o, co), vec4f(f32(b_in[c0 + co]), f32(b_in[c1 + co]), f32(b_in[c2 + co]), f32(b_in[c3 + co])));
       }
     }
   }
@@ -287,8 +294,8 @@ fn backward_data_wide(@builtin(global_invocation_id) g: vec3u) {
       let c6 = w_tap + min(n + 6u, last_col) * s.cout;
       let c7 = w_tap + min(n + 7u, last_col) * s.cout;
       for (var co = 0u; co < s.cout; co++) {
-        let b0 = vec4f(b_in[c0 + co], b_in[c1 + co], b_in[c2 + co], b_in[c3 + co]);
-        let b1 = vec4f(b_in[c4 + co], b_in[c5 + co], b_in[c6 + co], b_in[c7 + co]);
+        let b0 = vec4f(f32(b_in[c0 + co]), f32(b_in[c1 + co]), f32(b_in[c2 + co]), f32(b_in[c3 + co]));
+        let b1 = vec4f(f32(b_in[c4 + co]), f32(b_in[c5 + co]), f32(b_in[c6 + co]), f32(b_in[c7 + co]));
         let a0 = load_a(o0, co); let a1 = load_a(o1, co); let a2 = load_a(o2, co); let a3 = load_a(o3, co);
         t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
         t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);

@@ -33,10 +33,17 @@ struct ConvShape {
   k_per_split: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
+// Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
+// f16: it compiles this file with `enable f16;` and that alias set to f16). Loads convert to f32 and
+// stores back, so all arithmetic and accumulation stays f32.
+alias A_T = f32;
+alias B_T = f32;
+alias OUT_T = f32;
+
 @group(0) @binding(0) var<uniform> s: ConvShape;
-@group(0) @binding(1) var<storage, read> a_in: array<f32>;
-@group(0) @binding(2) var<storage, read> b_in: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> a_in: array<A_T>;
+@group(0) @binding(2) var<storage, read> b_in: array<B_T>;
+@group(0) @binding(3) var<storage, read_write> out: array<OUT_T>;
 
 var<workgroup> a_tile: array<f32, TILE_K * TILE_M>; // [k][m]
 var<workgroup> b_tile: array<f32, TILE_K * TILE_N>; // [k][n]
@@ -65,7 +72,7 @@ fn multiply_tiles(li: u32) {
 // One row of this thread's outputs, columns n.. inside N only.
 fn store_row(index: u32, n: u32, v: vec4f) {
   for (var j = 0u; j < THREAD_N; j++) {
-    if (n + j < s.n) { out[index + j] = v[j]; }
+    if (n + j < s.n) { out[index + j] = OUT_T(v[j]); }
   }
 }
 
@@ -117,14 +124,14 @@ fn forward(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: 
       let r = rows[j];
       if (k < k_total && r.x >= 0) {
         let o = pixel_offset(r.x, r.y + dy, r.z + dx, s.h, s.w, s.cin);
-        if (o >= 0) { v = a_in[u32(o) + ci]; }
+        if (o >= 0) { v = f32(a_in[u32(o) + ci]); }
       }
       a_tile[ak * TILE_M + am + j * (WG / TILE_K)] = v;
     }
     for (var j = 0u; j < LOADS; j++) {
       let kr = bk + j * (WG / TILE_N);
       var v = 0.0;
-      if (k0 + kr < k_total && n0 + bn < s.n) { v = b_in[(k0 + kr) * s.cout + n0 + bn]; }
+      if (k0 + kr < k_total && n0 + bn < s.n) { v = f32(b_in[(k0 + kr) * s.cout + n0 + bn]); }
       b_tile[kr * TILE_N + bn] = v;
     }
     workgroupBarrier();
@@ -158,7 +165,7 @@ fn backward_data(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id
       let r = rows[j];
       if (k < k_total && r.x >= 0) {
         let o = pixel_offset(r.x, r.y + dy, r.z + dx, s.ho, s.wo, s.cout);
-        if (o >= 0) { v = a_in[u32(o) + co]; }
+        if (o >= 0) { v = f32(a_in[u32(o) + co]); }
       }
       a_tile[ak * TILE_M + am + j * (WG / TILE_K)] = v;
     }
@@ -167,7 +174,7 @@ fn backward_data(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id
     for (var j = 0u; j < LOADS; j++) {
       let nr = am + j * (WG / TILE_K);
       var v = 0.0;
-      if (k < k_total && n0 + nr < s.n) { v = b_in[(t * s.cin + n0 + nr) * s.cout + co]; }
+      if (k < k_total && n0 + nr < s.n) { v = f32(b_in[(t * s.cin + n0 + nr) * s.cout + co]); }
       b_tile[ak * TILE_N + nr] = v;
     }
     workgroupBarrier();
@@ -204,9 +211,9 @@ fn backward_weight(@builtin(local_invocation_index) li: u32, @builtin(workgroup_
         let r = pixel(p, s.ho, s.wo);
         if (m < s.m) {
           let o = pixel_offset(r.x, r.y + dy, r.z + dx, s.h, s.w, s.cin);
-          if (o >= 0) { a = a_in[u32(o) + ci]; }
+          if (o >= 0) { a = f32(a_in[u32(o) + ci]); }
         }
-        if (n0 + bn < s.n) { b = b_in[p * s.cout + n0 + bn]; }
+        if (n0 + bn < s.n) { b = f32(b_in[p * s.cout + n0 + bn]); }
       }
       a_tile[kr * TILE_M + am] = a;
       b_tile[kr * TILE_N + bn] = b;

@@ -35,6 +35,11 @@ struct DataShape {
 }
 struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, step: u32, _p1: u32, _p2: u32 }
 
+// Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
+// f16: it compiles this file with `enable f16;` and that alias set to f16). Loads convert to f32 and
+// stores back, so all arithmetic and accumulation stays f32.
+alias IMAGES_T = f32;
+
 @group(0) @binding(0) var<uniform> s: DataShape;
 @group(0) @binding(1) var<uniform> frame: Frame;
 @group(0) @binding(2) var<storage, read> part0: array<u32>;
@@ -42,7 +47,7 @@ struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_dec
 @group(0) @binding(4) var<storage, read> perm: array<u32>;
 @group(0) @binding(5) var<storage, read> params: array<vec2u>;
 @group(0) @binding(6) var<storage, read> labels: array<u32>;
-@group(0) @binding(7) var<storage, read_write> images: array<f32>;
+@group(0) @binding(7) var<storage, read_write> images: array<IMAGES_T>;
 @group(0) @binding(8) var<storage, read_write> targets: array<f32>;
 
 fn pixel(image: u32, c: u32, y: u32, x: u32) -> f32 {
@@ -93,7 +98,7 @@ fn augment_train(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroup
   if (((bits >> 4u) & 1u) == 1u) { xx = SIDE - 1u - x; }
   let py = reflect(i32(y + (bits & 3u)));
   let px = reflect(i32(xx + ((bits >> 2u) & 3u)));
-  for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = pixel(src, c, py, px); }
+  for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = IMAGES_T(pixel(src, c, py, px)); }
   if (x == 0u && y == 0u) {
     let mix = select(0.0, s.mix, cutmix);
     for (var k = 0u; k < s.classes; k++) {
@@ -113,7 +118,7 @@ fn gather_eval(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups)
   let image = min(frame.offset + r % half, s.n_images - 1u);
   var xx = x;
   if (r >= half) { xx = SIDE - 1u - x; }
-  for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = pixel(image, c, y, xx); }
+  for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = IMAGES_T(pixel(image, c, y, xx)); }
   if (x == 0u && y == 0u && r < half) {
     for (var k = 0u; k < s.classes; k++) { targets[r * s.classes + k] = select(0.0, 1.0, labels[image] == k); }
   }
@@ -151,5 +156,5 @@ fn patch_moments(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroup
       acc += v;
     }
   }
-  images[t] = acc;
+  images[t] = IMAGES_T(acc);
 }

@@ -25,16 +25,23 @@ struct NormShape {
   momentum: f32, eps: f32, count: u32, _p0: u32,
 }
 
+// Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
+// f16: it compiles this file with `enable f16;` and that alias set to f16). Loads convert to f32 and
+// stores back, so all arithmetic and accumulation stays f32.
+alias X_T = f32;
+alias DY_T = f32;
+alias OUT_T = f32;
+
 @group(0) @binding(0) var<uniform> s: NormShape;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<X_T>;
+@group(0) @binding(2) var<storage, read> dy: array<DY_T>;
 @group(0) @binding(3) var<storage, read_write> stats: array<vec2f>;
 @group(0) @binding(4) var<storage, read> weight: array<f32>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(7) var<storage, read_write> running_var: array<f32>;
 @group(0) @binding(8) var<storage, read_write> part: array<vec4f>;
-@group(0) @binding(9) var<storage, read_write> out: array<f32>;
+@group(0) @binding(9) var<storage, read_write> out: array<OUT_T>;
 @group(0) @binding(10) var<storage, read_write> dbias: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dweight: array<f32>;
 
@@ -46,12 +53,12 @@ fn stats_partial(@builtin(global_invocation_id) g: vec3u) {
   let r0 = z * s.rows_per_chunk;
   let r1 = min(r0 + s.rows_per_chunk, s.rows);
   var sum = 0.0;
-  for (var r = r0; r < r1; r++) { sum += x[r * s.c + c]; }
+  for (var r = r0; r < r1; r++) { sum += f32(x[r * s.c + c]); }
   let n = f32(r1 - r0);
   let mean = sum / max(n, 1.0);
   var m2 = 0.0;
   for (var r = r0; r < r1; r++) {
-    let d = x[r * s.c + c] - mean;
+    let d = f32(x[r * s.c + c]) - mean;
     m2 += d * d;
   }
   part[z * s.c + c] = vec4f(n, mean, m2, 0.0);
@@ -93,7 +100,7 @@ fn apply(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: v
   if (i >= s.count) { return; }
   let c = i % s.c;
   let st = stats[c];
-  out[i] = (x[i] - st.x) * st.y * weight[c] + bias[c];
+  out[i] = OUT_T((f32(x[i]) - st.x) * st.y * weight[c] + bias[c]);
 }
 
 @compute @workgroup_size(WG_C)
@@ -107,9 +114,9 @@ fn backward_partial(@builtin(global_invocation_id) g: vec3u) {
   var sum_dy = 0.0;
   var sum_dy_xhat = 0.0;
   for (var r = r0; r < r1; r++) {
-    let d = dy[r * s.c + c];
+    let d = f32(dy[r * s.c + c]);
     sum_dy += d;
-    sum_dy_xhat += d * (x[r * s.c + c] - st.x) * st.y;
+    sum_dy_xhat += d * (f32(x[r * s.c + c]) - st.x) * st.y;
   }
   part[z * s.c + c] = vec4f(sum_dy, sum_dy_xhat, 0.0, 0.0);
 }
@@ -135,7 +142,7 @@ fn backward_apply(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgrou
   if (i >= s.count) { return; }
   let c = i % s.c;
   let st = stats[c];
-  let xhat = (x[i] - st.x) * st.y;
+  let xhat = (f32(x[i]) - st.x) * st.y;
   let n = f32(s.rows);
-  out[i] = weight[c] * st.y * (dy[i] - dbias[c] / n - xhat * dweight[c] / n);
+  out[i] = OUT_T(weight[c] * st.y * (f32(dy[i]) - dbias[c] / n - xhat * dweight[c] / n));
 }

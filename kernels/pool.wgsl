@@ -13,12 +13,19 @@ const WG: u32 = 256u;
 
 struct PoolShape { batch: u32, h: u32, w: u32, c: u32, ho: u32, wo: u32, count: u32, _p0: u32 }
 
-@group(0) @binding(0) var<uniform> s: PoolShape;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> dy: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
+// f16: it compiles this file with `enable f16;` and that alias set to f16). Loads convert to f32 and
+// stores back, so all arithmetic and accumulation stays f32.
+alias X_T = f32;
+alias DY_T = f32;
+alias OUT_T = f32;
 
-fn at(b: u32, iy: u32, ix: u32, c: u32) -> f32 { return x[((b * s.h + iy) * s.w + ix) * s.c + c]; }
+@group(0) @binding(0) var<uniform> s: PoolShape;
+@group(0) @binding(1) var<storage, read> x: array<X_T>;
+@group(0) @binding(2) var<storage, read> dy: array<DY_T>;
+@group(0) @binding(3) var<storage, read_write> out: array<OUT_T>;
+
+fn at(b: u32, iy: u32, ix: u32, c: u32) -> f32 { return f32(x[((b * s.h + iy) * s.w + ix) * s.c + c]); }
 
 @compute @workgroup_size(WG)
 fn maxpool2_forward(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
@@ -30,7 +37,7 @@ fn maxpool2_forward(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgr
   let b = i / (s.c * s.wo * s.ho);
   let y0 = 2u * oy;
   let x0 = 2u * ox;
-  out[i] = max(max(at(b, y0, x0, c), at(b, y0, x0 + 1u, c)), max(at(b, y0 + 1u, x0, c), at(b, y0 + 1u, x0 + 1u, c)));
+  out[i] = OUT_T(max(max(at(b, y0, x0, c), at(b, y0, x0 + 1u, c)), max(at(b, y0 + 1u, x0, c), at(b, y0 + 1u, x0 + 1u, c))));
 }
 
 @compute @workgroup_size(WG)
@@ -55,9 +62,9 @@ fn maxpool2_backward(@builtin(global_invocation_id) g: vec3u, @builtin(num_workg
       let v = at(b, yy, xx, c);
       if (v > best) { best = v; best_y = yy; best_x = xx; }
     }
-    if (best_y == iy && best_x == ix) { grad = dy[((b * s.ho + oy) * s.wo + ox) * s.c + c]; }
+    if (best_y == iy && best_x == ix) { grad = f32(dy[((b * s.ho + oy) * s.wo + ox) * s.c + c]); }
   }
-  out[i] = grad;
+  out[i] = OUT_T(grad);
 }
 
 @compute @workgroup_size(WG)
@@ -68,7 +75,7 @@ fn global_max_forward(@builtin(global_invocation_id) g: vec3u, @builtin(num_work
   let b = i / s.c;
   var best = at(b, 0u, 0u, c);
   for (var p = 1u; p < s.h * s.w; p++) { best = max(best, at(b, p / s.w, p % s.w, c)); }
-  out[i] = best;
+  out[i] = OUT_T(best);
 }
 
 @compute @workgroup_size(WG)
@@ -85,6 +92,6 @@ fn global_max_backward(@builtin(global_invocation_id) g: vec3u, @builtin(num_wor
     if (v > best) { best = v; best_p = p; }
   }
   var grad = 0.0;
-  if (best_p == p_self) { grad = dy[b * s.c + c]; }
-  out[i] = grad;
+  if (best_p == p_self) { grad = f32(dy[b * s.c + c]); }
+  out[i] = OUT_T(grad);
 }

@@ -49,6 +49,8 @@ Deno.test("flags: defaults follow hyp, values parse", () => {
   assert.deepEqual([l.logDir, l.noLog, l.profile], ["/tmp/logs", true, true]);
   assert.equal(d.convKernels, undefined); // chosen from the device
   assert.equal(parseFlags(["--conv-kernels", "block"]).convKernels, "block");
+  assert.equal(d.precision, "f32");
+  assert.equal(parseFlags(["--precision", "f16"]).precision, "f16");
 });
 
 Deno.test("flags: a bad value names the flag and its range", () => {
@@ -64,6 +66,7 @@ Deno.test("flags: a bad value names the flag and its range", () => {
     [["--seed=-1"], /^--seed must be an integer from 0 to 4294967295/],
     [["--frobnicate"], /^unknown flag --frobnicate: see --help$/],
     [["--data"], /^--data needs a value: see --help$/],
+    [["--precision", "bf16"], /^--precision must be f32 or f16, got "bf16"$/],
     [["--conv-kernels", "fast"], /^--conv-kernels must be one of tiled, block, wide, got "fast"$/],
     [["stray"], /^unexpected argument stray: flags start with --, see --help$/],
   ];

@@ -10,6 +10,7 @@ import {
   conv2dBackwardWeight,
   CONV_KERNEL_SETS,
   type ConvKernels,
+  type DType,
   freeSince,
   initGpu,
   readTensor,
@@ -124,16 +125,23 @@ function convWeightRef(c: ConvCase, x: ArrayLike<number>, dy: ArrayLike<number>)
  * one of the conv kernel sets: "tiled" (64 x 64 tiles in workgroup memory), "block" (4 x 4 outputs per
  * thread) or "wide" (16 x 8).
  */
-async function runConv(c: ConvCase, x: Float32Array, w: Float32Array, dy: Float32Array, kernels: ConvKernels) {
+async function runConv(
+  c: ConvCase,
+  x: Float32Array,
+  w: Float32Array,
+  dy: Float32Array,
+  kernels: ConvKernels,
+  act: DType = "f32", // storage of x, y, dy and dx (--precision); w and dw are f32
+) {
   const { ho, wo } = outSize(c);
   const devices = gpu.convKernels;
   gpu.convKernels = kernels;
   const mark = gpu.allocated.length;
   const garbage = (n: number) => new Float32Array(n).fill(-777.5);
   const xs = [c.b, c.h, c.w, c.cin], ws = [c.kh, c.kw, c.cin, c.cout], ys = [c.b, ho, wo, c.cout];
-  const xt = upload(gpu, x, xs), wt = upload(gpu, w, ws), dyt = upload(gpu, dy, ys);
-  const yt = upload(gpu, garbage(dy.length), ys);
-  const dxt = upload(gpu, garbage(x.length), xs), dwt = upload(gpu, garbage(w.length), ws);
+  const xt = upload(gpu, x, xs, act), wt = upload(gpu, w, ws), dyt = upload(gpu, dy, ys, act);
+  const yt = upload(gpu, garbage(dy.length), ys, act);
+  const dxt = upload(gpu, garbage(x.length), xs, act), dwt = upload(gpu, garbage(w.length), ws);
   const dwList = conv2dBackwardWeight(gpu, xt, dyt, dwt, c.pad);
   submit(gpu, [conv2d(gpu, xt, wt, yt, c.pad), conv2dBackwardData(gpu, dyt, wt, dxt, c.pad), ...dwList]);
   const y = await readTensor(gpu, yt), dx = await readTensor(gpu, dxt), dw = await readTensor(gpu, dwt);
@@ -164,6 +172,29 @@ async function checkConv(c: ConvCase, seed: number) {
   return { splits };
 }
 
+/** Rounds to the nearest f16, back in f32. */
+const toF16 = (a: ArrayLike<number>) => Float32Array.from(Float16Array.from(a));
+
+/** --precision f16: x and dy stored in f16, f32 accumulation, y and dx rounded once to f16, dw in f32. */
+async function checkConvF16(c: ConvCase, seed: number) {
+  const rng = new Prng(seed);
+  const { ho, wo } = outSize(c);
+  const x = toF16(rng.normals(c.b * c.h * c.w * c.cin)), dy = toF16(rng.normals(c.b * ho * wo * c.cout));
+  const w = rng.normals(c.kh * c.kw * c.cin * c.cout, 1 / Math.sqrt(c.kh * c.kw * c.cin));
+  const ref = { y: convRef(c, x, w), dx: convDataRef(c, dy, w), dw: convWeightRef(c, x, dy) };
+  for (const kernels of KERNEL_SETS) {
+    const got = await runConv(c, x, w, dy, kernels, "f16"), tag = `${JSON.stringify(c)} (${kernels} kernels, f16)`;
+    // relative 2^-11 for the f16 rounding of the output, on top of the f32 accumulation's error
+    const halfUlp = (name: string, g: Float32Array, r: ArrayLike<number>) =>
+      g.forEach((v, i) => {
+        assert.ok(Math.abs(v - r[i]) <= 2 ** -11 * Math.abs(r[i]) + 1e-4, `${name} ${tag}[${i}]: ${v} vs ${r[i]}`);
+      });
+    halfUlp("conv2d", got.y, ref.y);
+    halfUlp("conv2dBackwardData", got.dx, ref.dx);
+    assertClose(`conv2dBackwardWeight ${tag}`, got.dw, ref.dw);
+  }
+}
+
 // ---- tests ----
 
 Deno.test("conv: 3x3 pad 1, odd spatial size and channels (Cin 3, Cout 5)", async () => {
@@ -179,6 +210,12 @@ Deno.test("conv: partial 64 x 64 x 16 tiles on every edge of M, N and K in all t
   // forward M = 126 pixels (2 row tiles), N = 67 (2 column tiles), K = 9 x 21 = 189 (12 slices, the last partial);
   // backward data N = 21, K = 9 x 67; backward weight M = 189 (3 row tiles), K = 126 pixels
   await checkConv({ b: 3, h: 7, w: 6, cin: 21, cout: 67, kh: 3, kw: 3, pad: 1 }, 15);
+});
+
+Deno.test("conv, f16 storage: partial tiles, the whitening 2x2 and split-K, every kernel set", async () => {
+  await checkConvF16({ b: 3, h: 7, w: 6, cin: 21, cout: 67, kh: 3, kw: 3, pad: 1 }, 16);
+  await checkConvF16({ b: 2, h: 32, w: 32, cin: 3, cout: 24, kh: 2, kw: 2, pad: 0 }, 17);
+  await checkConvF16({ b: 9, h: 31, w: 31, cin: 5, cout: 37, kh: 3, kw: 3, pad: 1 }, 18);
 });
 
 Deno.test("conv: 3x3 valid (pad 0) and pad 2 (output larger than input)", async () => {

@@ -47,6 +47,19 @@ Deno.test("a tiny training run lowers the loss and beats chance", async () => {
   }
 });
 
+Deno.test("--precision f16: the tiny run learns, and its first forward pass matches f32's", async () => {
+  const opts = { gpu, data, seed: 1, epochs: 3, baseDepth: 4, batchSize: 64 };
+  const f32 = await train(opts), f16 = await train({ ...opts, precision: "f16" });
+  const first = f16.epochs[0], last = f16.epochs[f16.epochs.length - 1];
+  assert.ok(last.valLoss < first.valLoss - 0.1, `f16 val loss ${first.valLoss} -> ${last.valLoss}`);
+  assert.ok(f16.emaValAcc !== null && f16.emaValAcc > 0.3, `f16 EMA val accuracy ${f16.emaValAcc}`);
+  // epoch 0's train loss is the first batch's, before any update: the two differ only by f16 rounding
+  // (later values drift apart, as two precisions do in a chaotic few-step run)
+  const e32 = f32.epochs[0], e16 = f16.epochs[0];
+  assert.ok(Math.abs(e16.trainLoss - e32.trainLoss) < 0.01, `train loss f16 ${e16.trainLoss} vs f32 ${e32.trainLoss}`);
+  assert.notDeepEqual(f16.epochs.map((e) => e.valLoss), f32.epochs.map((e) => e.valLoss)); // f16 really ran
+});
+
 Deno.test("the same seed gives the same run; another seed does not", async () => {
   const opts = { gpu, data, epochs: 1, baseDepth: 4, batchSize: 64 };
   const strip = (r: Awaited<ReturnType<typeof train>>) => r.epochs.map(({ totalTimeSeconds: _, ...m }) => m);
