@@ -91,7 +91,7 @@ const CONV_KERNELS = {
 } as const;
 const CPU_DEVICE = /llvmpipe|lavapipe|swiftshader|\bwarp\b/i; // software rasterisers running on the CPU
 
-const KERNEL_FILES = ["conv", "conv_tiled", "reduce", "act", "pool", "norm", "linear", "loss", "optim", "data"];
+const KERNEL_FILES = ["conv", "conv_tiled", "reduce", "pool", "norm", "linear", "loss", "optim", "data"];
 const MAX_GROUPS = 65535; // per grid dimension (WebGPU's default limit)
 
 export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
@@ -585,14 +585,14 @@ export function globalMaxPoolBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tenso
   return kernel(gpu, "pool", "global_max_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(numel(x.shape)));
 }
 
+/** y = gelu(x), exact (erf) GELU, elementwise. */
 export function gelu(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
-  const u = uniform(gpu, [numel(x.shape), 0, 0, 0]);
-  return kernel(gpu, "act", "gelu_forward", { 0: u, 1: x, 3: y }, grid1d(numel(x.shape)));
+  return kernel(gpu, "norm", "gelu_forward", { 0: normSetup(gpu, x).u, 1: x, 9: y }, grid1d(numel(x.shape)));
 }
 
 export function geluBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
-  const u = uniform(gpu, [numel(x.shape), 0, 0, 0]);
-  return kernel(gpu, "act", "gelu_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(numel(x.shape)));
+  const u = normSetup(gpu, x).u;
+  return kernel(gpu, "norm", "gelu_backward", { 0: u, 1: x, 2: dy, 9: dx }, grid1d(numel(x.shape)));
 }
 
 /** Batch-norm parameters of one layer: scale (frozen at 1), shift, running mean and variance. */
@@ -606,7 +606,7 @@ export interface NormParams {
 const NORM_ROWS_PER_CHUNK = 256; // rows each thread of the statistics kernels sums
 const NORM_WG_C = 64; // must match WG_C in norm.wgsl
 
-function normSetup(gpu: Gpu, x: Tensor) {
+function normSetup(gpu: Gpu, x: Tensor, withPartials = false) {
   const c = x.shape[x.shape.length - 1], rows = numel(x.shape) / c;
   const chunks = Math.ceil(rows / NORM_ROWS_PER_CHUNK);
   const u = uniform(gpu, [
@@ -619,19 +619,35 @@ function normSetup(gpu: Gpu, x: Tensor) {
     numel(x.shape),
     0,
   ]);
-  const part = tensor(gpu, [chunks, c, 4]);
+  const part = withPartials ? tensor(gpu, [chunks, c, 4]) : undefined;
   const perChannel: [number, number, number] = [Math.ceil(c / NORM_WG_C), 1, 1];
   const perChunk: [number, number, number] = [Math.ceil(c / NORM_WG_C), chunks, 1];
   return { u, part, perChannel, perChunk, count: numel(x.shape) };
 }
 
 /**
- * y = batchnorm(x). Training: normalise with the batch statistics and update the running ones;
- * eval: normalise with the running statistics. `stats` [C][2] keeps (mean, 1/std) for backward.
+ * y = batchnorm(x), or gelu(batchnorm(x)) in the same pass with `then` = "gelu". Training: normalise
+ * with the batch statistics and update the running ones; eval: normalise with the running statistics.
+ * `stats` [C][2] keeps (mean, 1/std) for backward.
  */
-export function batchNorm(gpu: Gpu, x: Tensor, p: NormParams, y: Tensor, stats: Tensor, training: boolean) {
-  const s = normSetup(gpu, x);
-  const apply = kernel(gpu, "norm", "apply", { 0: s.u, 1: x, 3: stats, 4: p.weight, 5: p.bias, 9: y }, grid1d(s.count));
+export function batchNorm(
+  gpu: Gpu,
+  x: Tensor,
+  p: NormParams,
+  y: Tensor,
+  stats: Tensor,
+  training: boolean,
+  then?: "gelu",
+) {
+  const s = normSetup(gpu, x, training);
+  const apply = kernel(gpu, "norm", then === "gelu" ? "apply_gelu" : "apply", {
+    0: s.u,
+    1: x,
+    3: stats,
+    4: p.weight,
+    5: p.bias,
+    9: y,
+  }, grid1d(s.count));
   if (!training) {
     return [
       kernel(gpu, "norm", "eval_stats", { 0: s.u, 3: stats, 6: p.runningMean, 7: p.runningVar }, s.perChannel),
@@ -639,40 +655,40 @@ export function batchNorm(gpu: Gpu, x: Tensor, p: NormParams, y: Tensor, stats: 
     ];
   }
   return [
-    kernel(gpu, "norm", "stats_partial", { 0: s.u, 1: x, 8: s.part }, s.perChunk),
+    kernel(gpu, "norm", "stats_partial", { 0: s.u, 1: x, 8: s.part! }, s.perChunk),
     kernel(
       gpu,
       "norm",
       "stats_finalize",
-      { 0: s.u, 3: stats, 6: p.runningMean, 7: p.runningVar, 8: s.part },
+      { 0: s.u, 3: stats, 6: p.runningMean, 7: p.runningVar, 8: s.part! },
       s.perChannel,
     ),
     apply,
   ];
 }
 
-/** dx, dbias (= sum dy) and dweight (= sum dy * xhat) of a training-mode batch norm. */
+/**
+ * dx, dbias (= sum g) and dweight (= sum g * xhat) of a training-mode batch norm with parameters p,
+ * g = dL/d(its output). With `then` = "gelu", dy is the gradient of gelu(batchnorm(x)) (batchNorm's
+ * "gelu"): g = dy * gelu'(n) with n recomputed from x, so the norm's output never had to be stored.
+ */
 export function batchNormBackward(
   gpu: Gpu,
   x: Tensor,
   dy: Tensor,
   stats: Tensor,
-  weight: Tensor,
+  p: Pick<NormParams, "weight" | "bias">,
   dx: Tensor,
   dbias: Tensor,
   dweight: Tensor,
+  then?: "gelu",
 ): Dispatch[] {
-  const s = normSetup(gpu, x);
+  const s = normSetup(gpu, x, true), fused = then === "gelu" ? "_gelu" : "";
+  const inputs = { 0: s.u, 1: x, 2: dy, 3: stats, 4: p.weight, 5: p.bias };
   return [
-    kernel(gpu, "norm", "backward_partial", { 0: s.u, 1: x, 2: dy, 3: stats, 8: s.part }, s.perChunk),
-    kernel(gpu, "norm", "backward_finalize", { 0: s.u, 8: s.part, 10: dbias, 11: dweight }, s.perChannel),
-    kernel(
-      gpu,
-      "norm",
-      "backward_apply",
-      { 0: s.u, 1: x, 2: dy, 3: stats, 4: weight, 9: dx, 10: dbias, 11: dweight },
-      grid1d(s.count),
-    ),
+    kernel(gpu, "norm", `backward_partial${fused}`, { ...inputs, 8: s.part! }, s.perChunk),
+    kernel(gpu, "norm", "backward_finalize", { 0: s.u, 8: s.part!, 10: dbias, 11: dweight }, s.perChannel),
+    kernel(gpu, "norm", `backward_apply${fused}`, { ...inputs, 9: dx, 10: dbias, 11: dweight }, grid1d(s.count)),
   ];
 }
 
@@ -1406,10 +1422,10 @@ export function whiteningWeight(filters: number[][]): Float32Array {
 interface GroupActs {
   c1: Tensor; // conv1 output            [B][H][W][C]
   p1: Tensor; // maxpool output = BN1 in [B][H/2][W/2][C]
-  n1: Tensor; // BN1 output = GELU in
+  n1: Tensor; // BN1 output = GELU in (the same tensor as a1 when FUSE_NORM_GELU: never stored)
   a1: Tensor; // GELU output = conv2 in
   c2: Tensor; // conv2 output = BN2 in
-  n2: Tensor; // BN2 output = GELU in
+  n2: Tensor; // BN2 output = GELU in (likewise)
   a2: Tensor; // group output
   stats1: Tensor; // BN1 (mean, 1/std) [C][2]
   stats2: Tensor;
@@ -1440,14 +1456,15 @@ export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtyp
   for (const c of groupWidths(baseDepth)) {
     const full = [batch, h, h, c], pooled = [batch, h >> 1, h >> 1, c];
     const t = (shape: number[]) => tensor(gpu, shape, dtype);
+    const a1 = t(pooled), a2 = t(pooled);
     groups.push({
       c1: t(full),
       p1: t(pooled),
-      n1: t(pooled),
-      a1: t(pooled),
+      n1: FUSE_NORM_GELU ? a1 : t(pooled),
+      a1,
       c2: t(pooled),
-      n2: t(pooled),
-      a2: t(pooled),
+      n2: FUSE_NORM_GELU ? a2 : t(pooled),
+      a2,
       stats1: tensor(gpu, [c, 2]),
       stats2: tensor(gpu, [c, 2]),
     });
@@ -1504,6 +1521,21 @@ const normParams = (P: Record<string, Tensor>, prefix: string): NormParams => ({
   runningVar: P[`${prefix}.running_var`],
 });
 
+/**
+ * Every batch norm of the network is followed by a GELU. Fused (true), one pass computes
+ * gelu(batchnorm(x)) and the backward recomputes the norm's output from x: two fewer dispatches and
+ * five fewer full passes over memory per norm. false: separate kernels, the norm's output stored
+ * (same results up to float rounding; tests/network.test.ts checks both).
+ */
+export let FUSE_NORM_GELU = true;
+export const setFuseNormGelu = (on: boolean) => void (FUSE_NORM_GELU = on);
+
+/** batch norm, then GELU: a = gelu(n), n = batchnorm(x) (n is not written when fused). */
+function normGelu(gpu: Gpu, x: Tensor, p: NormParams, n: Tensor, a: Tensor, stats: Tensor, training: boolean) {
+  if (FUSE_NORM_GELU) return batchNorm(gpu, x, p, a, stats, training, "gelu");
+  return [...batchNorm(gpu, x, p, n, stats, training), gelu(gpu, n, a)];
+}
+
 /** x -> logits. `training`: batch-norm uses (and updates) batch statistics. */
 export function forward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, training: boolean): Dispatch[] {
   const ops: Dispatch[] = [
@@ -1516,11 +1548,9 @@ export function forward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, tra
     ops.push(
       conv2d(gpu, input, P[`${g}.conv1.weight`], G.c1, 1),
       maxPool2(gpu, G.c1, G.p1),
-      ...batchNorm(gpu, G.p1, normParams(P, `${g}.norm1`), G.n1, G.stats1, training),
-      gelu(gpu, G.n1, G.a1),
+      ...normGelu(gpu, G.p1, normParams(P, `${g}.norm1`), G.n1, G.a1, G.stats1, training),
       conv2d(gpu, G.a1, P[`${g}.conv2.weight`], G.c2, 1),
-      ...batchNorm(gpu, G.c2, normParams(P, `${g}.norm2`), G.n2, G.stats2, training),
-      gelu(gpu, G.n2, G.a2),
+      ...normGelu(gpu, G.c2, normParams(P, `${g}.norm2`), G.n2, G.a2, G.stats2, training),
     );
     input = G.a2;
   });
@@ -1547,24 +1577,27 @@ export function backward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, G:
   const last = A.groups[2].a2;
   let d = view(cur, 0, last.shape, A.dtype);
   ops.push(globalMaxPoolBackward(gpu, last, A.dfeats, d));
+  // d(norm input) from d(GELU output) `da`: fused, or through the stored norm output n
+  const normGeluBackward = (x: Tensor, n: Tensor, da: Tensor, stats: Tensor, norm: string) => {
+    const p = normParams(P, norm), [dbias, dweight] = [G[`${norm}.bias`], G[`${norm}.weight`]];
+    if (FUSE_NORM_GELU) {
+      const dx = next(x.shape);
+      ops.push(...batchNormBackward(gpu, x, da, stats, p, dx, dbias, dweight, "gelu"));
+      return dx;
+    }
+    const dn = next(n.shape);
+    ops.push(geluBackward(gpu, n, da, dn));
+    const dx = next(x.shape);
+    ops.push(...batchNormBackward(gpu, x, dn, stats, p, dx, dbias, dweight));
+    return dx;
+  };
   for (let i = 2; i >= 0; i--) {
     const g = GROUPS[i], S = A.groups[i], input = i > 0 ? A.groups[i - 1].a2 : A.a0;
-    const norm1 = `${g}.norm1`, norm2 = `${g}.norm2`;
-    let dn = next(S.n2.shape);
-    ops.push(geluBackward(gpu, S.n2, d, dn));
-    d = next(S.c2.shape);
-    ops.push(
-      ...batchNormBackward(gpu, S.c2, dn, S.stats2, P[`${norm2}.weight`], d, G[`${norm2}.bias`], G[`${norm2}.weight`]),
-    );
+    d = normGeluBackward(S.c2, S.n2, d, S.stats2, `${g}.norm2`);
     ops.push(...conv2dBackwardWeight(gpu, S.a1, d, G[`${g}.conv2.weight`], 1));
     const da1 = next(S.a1.shape);
     ops.push(conv2dBackwardData(gpu, d, P[`${g}.conv2.weight`], da1, 1));
-    dn = next(S.n1.shape);
-    ops.push(geluBackward(gpu, S.n1, da1, dn));
-    const dp = next(S.p1.shape);
-    ops.push(
-      ...batchNormBackward(gpu, S.p1, dn, S.stats1, P[`${norm1}.weight`], dp, G[`${norm1}.bias`], G[`${norm1}.weight`]),
-    );
+    const dp = normGeluBackward(S.p1, S.n1, da1, S.stats1, `${g}.norm1`);
     const dc = next(S.c1.shape);
     ops.push(maxPool2Backward(gpu, S.c1, dp, dc));
     ops.push(...conv2dBackwardWeight(gpu, input, dc, G[`${g}.conv1.weight`], 1));

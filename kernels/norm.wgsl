@@ -1,5 +1,7 @@
 // norm.wgsl: batch normalisation over the rows of an NHWC tensor seen as x[rows][C]
-// (rows = B*H*W), f32. Scale `weight` is applied (fixed at 1 in the recipe), shift `bias` is trained.
+// (rows = B*H*W), and the exact GELU that follows every batch norm of the network, alone or fused
+// into the norm's elementwise passes. Arithmetic in f32. Scale `weight` is applied (fixed at 1 in
+// the recipe), shift `bias` is trained.
 //
 // Training statistics, in two passes so that no sum of squares loses precision:
 //   stats_partial:   per (row chunk z, channel c): count, mean, M2 = sum (x - mean)^2 -> part[z*C + c]
@@ -8,17 +10,25 @@
 //                    with the biased variance; running_mean/var = (1 - momentum) * running +
 //                    momentum * batch (unbiased variance for running_var, as PyTorch).
 //   eval_stats:      per channel: stats[c] = (running_mean, 1/sqrt(running_var + eps)).
-//   apply:           y = (x - mean) * invstd * weight[c] + bias[c]          (elementwise, 1-D grid)
-// Backward (xhat = (x - mean) * invstd):
-//   backward_partial: per (z, c): sum dy and sum dy * xhat over the chunk -> part[z*C + c]
-//   backward_finalize: per c: dbias[c] = sum dy, dweight[c] = sum dy * xhat
-//   backward_apply:   dx = weight * invstd * (dy - dbias/rows - xhat * dweight/rows)
+//   apply:           y = n = (x - mean) * invstd * weight[c] + bias[c]     (elementwise, 1-D grid)
+//   apply_gelu:      y = gelu(n): batch norm then GELU in one pass; n is never stored
+// Backward (xhat = (x - mean) * invstd; g = dL/dn):
+//   backward_partial: per (z, c): sum g and sum g * xhat over the chunk -> part[z*C + c]
+//   backward_finalize: per c: dbias[c] = sum g, dweight[c] = sum g * xhat
+//   backward_apply:   dx = weight * invstd * (g - dbias/rows - xhat * dweight/rows)
+//   *_gelu:           the same with dy = dL/dgelu(n) bound: g = dy * gelu'(n), n recomputed from x
+// GELU alone (after the whitening conv): gelu_forward y = gelu(x); gelu_backward dx = dy * gelu'(x).
+//   gelu(v) = v * Phi(v), Phi the standard normal CDF (erf form, as PyTorch's default nn.GELU), and
+//   gelu'(v) = Phi(v) + v * phi(v). WGSL has no erf: erf_approx has absolute error < 1.5e-7
+//   (Abramowitz & Stegun 7.1.26).
 // Bindings: 0 uniform NormShape, 1 x, 2 dy, 3 stats (vec2 per channel), 4 weight, 5 bias,
 //   6 running_mean, 7 running_var, 8 part (vec4 per chunk and channel), 9 out (y or dx),
-//   10 dbias, 11 dweight.
+//   10 dbias, 11 dweight. The GELU-alone kernels use count, x, dy and out.
 
 const WG: u32 = 256u;  // elementwise kernels
 const WG_C: u32 = 64u; // per-channel kernels: one thread per channel (and chunk)
+const INV_SQRT2: f32 = 0.7071067811865476;
+const INV_SQRT_2PI: f32 = 0.3989422804014327;
 
 struct NormShape {
   rows: u32, c: u32, rows_per_chunk: u32, chunks: u32,
@@ -94,55 +104,118 @@ fn eval_stats(@builtin(global_invocation_id) g: vec3u) {
   stats[c] = vec2f(running_mean[c], inverseSqrt(running_var[c] + s.eps));
 }
 
-@compute @workgroup_size(WG)
-fn apply(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
-  let i = g.x + g.y * nw.x * WG;
+fn erf_approx(v: f32) -> f32 {
+  let a = abs(v);
+  let t = 1.0 / (1.0 + 0.3275911 * a);
+  let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+  return sign(v) * (1.0 - poly * exp(-a * a));
+}
+
+fn normal_cdf(v: f32) -> f32 { return 0.5 * (1.0 + erf_approx(v * INV_SQRT2)); }
+
+fn gelu(v: f32) -> f32 { return v * normal_cdf(v); }
+
+fn gelu_grad(v: f32) -> f32 { return normal_cdf(v) + v * INV_SQRT_2PI * exp(-0.5 * v * v); }
+
+// Element i's normalised value xhat, and dL/dn: dy itself, or through the fused GELU dy * gelu'(n).
+fn xhat_at(i: u32, c: u32) -> f32 {
+  let st = stats[c];
+  return (f32(x[i]) - st.x) * st.y;
+}
+
+fn grad_at(i: u32, c: u32, xhat: f32, fused_gelu: bool) -> f32 {
+  if (fused_gelu) { return f32(dy[i]) * gelu_grad(xhat * weight[c] + bias[c]); }
+  return f32(dy[i]);
+}
+
+fn apply_at(i: u32, fused_gelu: bool) {
   if (i >= s.count) { return; }
   let c = i % s.c;
-  let st = stats[c];
-  out[i] = OUT_T((f32(x[i]) - st.x) * st.y * weight[c] + bias[c]);
+  let n = xhat_at(i, c) * weight[c] + bias[c];
+  var y = n;
+  if (fused_gelu) { y = gelu(n); }
+  out[i] = OUT_T(y);
+}
+
+@compute @workgroup_size(WG)
+fn apply(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  apply_at(g.x + g.y * nw.x * WG, false);
+}
+
+@compute @workgroup_size(WG)
+fn apply_gelu(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  apply_at(g.x + g.y * nw.x * WG, true);
+}
+
+fn backward_partial_at(c: u32, z: u32, fused_gelu: bool) {
+  if (c >= s.c) { return; }
+  let r0 = z * s.rows_per_chunk;
+  let r1 = min(r0 + s.rows_per_chunk, s.rows);
+  var sum_g = 0.0;
+  var sum_g_xhat = 0.0;
+  for (var r = r0; r < r1; r++) {
+    let i = r * s.c + c;
+    let xhat = xhat_at(i, c);
+    let gr = grad_at(i, c, xhat, fused_gelu);
+    sum_g += gr;
+    sum_g_xhat += gr * xhat;
+  }
+  part[z * s.c + c] = vec4f(sum_g, sum_g_xhat, 0.0, 0.0);
 }
 
 @compute @workgroup_size(WG_C)
 fn backward_partial(@builtin(global_invocation_id) g: vec3u) {
-  let c = g.x;
-  let z = g.y;
-  if (c >= s.c) { return; }
-  let st = stats[c];
-  let r0 = z * s.rows_per_chunk;
-  let r1 = min(r0 + s.rows_per_chunk, s.rows);
-  var sum_dy = 0.0;
-  var sum_dy_xhat = 0.0;
-  for (var r = r0; r < r1; r++) {
-    let d = f32(dy[r * s.c + c]);
-    sum_dy += d;
-    sum_dy_xhat += d * (f32(x[r * s.c + c]) - st.x) * st.y;
-  }
-  part[z * s.c + c] = vec4f(sum_dy, sum_dy_xhat, 0.0, 0.0);
+  backward_partial_at(g.x, g.y, false);
+}
+
+@compute @workgroup_size(WG_C)
+fn backward_partial_gelu(@builtin(global_invocation_id) g: vec3u) {
+  backward_partial_at(g.x, g.y, true);
 }
 
 @compute @workgroup_size(WG_C)
 fn backward_finalize(@builtin(global_invocation_id) g: vec3u) {
   let c = g.x;
   if (c >= s.c) { return; }
-  var sum_dy = 0.0;
-  var sum_dy_xhat = 0.0;
+  var sum_g = 0.0;
+  var sum_g_xhat = 0.0;
   for (var z = 0u; z < s.chunks; z++) {
     let p = part[z * s.c + c];
-    sum_dy += p.x;
-    sum_dy_xhat += p.y;
+    sum_g += p.x;
+    sum_g_xhat += p.y;
   }
-  dbias[c] = sum_dy;
-  dweight[c] = sum_dy_xhat;
+  dbias[c] = sum_g;
+  dweight[c] = sum_g_xhat;
+}
+
+fn backward_apply_at(i: u32, fused_gelu: bool) {
+  if (i >= s.count) { return; }
+  let c = i % s.c;
+  let xhat = xhat_at(i, c);
+  let n = f32(s.rows);
+  out[i] = OUT_T(weight[c] * stats[c].y * (grad_at(i, c, xhat, fused_gelu) - dbias[c] / n - xhat * dweight[c] / n));
 }
 
 @compute @workgroup_size(WG)
 fn backward_apply(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  backward_apply_at(g.x + g.y * nw.x * WG, false);
+}
+
+@compute @workgroup_size(WG)
+fn backward_apply_gelu(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  backward_apply_at(g.x + g.y * nw.x * WG, true);
+}
+
+@compute @workgroup_size(WG)
+fn gelu_forward(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
   let i = g.x + g.y * nw.x * WG;
   if (i >= s.count) { return; }
-  let c = i % s.c;
-  let st = stats[c];
-  let xhat = (f32(x[i]) - st.x) * st.y;
-  let n = f32(s.rows);
-  out[i] = OUT_T(weight[c] * st.y * (f32(dy[i]) - dbias[c] / n - xhat * dweight[c] / n));
+  out[i] = OUT_T(gelu(f32(x[i])));
+}
+
+@compute @workgroup_size(WG)
+fn gelu_backward(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
+  let i = g.x + g.y * nw.x * WG;
+  if (i >= s.count) { return; }
+  out[i] = OUT_T(f32(dy[i]) * gelu_grad(f32(x[i])));
 }

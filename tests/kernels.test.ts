@@ -441,7 +441,7 @@ async function checkBnBackward(shape: number[], seed: number) {
   const [dx, db, dw] = await run(
     [
       ...batchNorm(gpu, t.x, t.p, t.y, t.stats, true),
-      ...batchNormBackward(gpu, t.x, dyt, t.stats, t.p.weight, dxt, dbt, dwt),
+      ...batchNormBackward(gpu, t.x, dyt, t.stats, t.p, dxt, dbt, dwt),
     ],
     [dxt, dbt, dwt],
     mark,
@@ -465,6 +465,34 @@ Deno.test("batchNormBackward: dx, dbias, dweight vs float64 and finite differenc
 
 Deno.test("batchNormBackward: one partial chunk (30 rows), C=70", async () => {
   await checkBnBackward([2, 3, 5, 70], 306);
+});
+
+Deno.test("batchNorm + GELU fused: y = gelu(batchnorm(x)), backward vs float64 and finite differences", async () => {
+  const rng = new Prng(307), shape = [5, 15, 15, 37], rows = 1125, c = 37;
+  const k = bnCase(rng, rows, c), r = rng.normals(rows * c); // L = sum(gelu(batchnorm(x)) * r)
+  const mark = gpu.allocated.length;
+  const t = bnTensors(k, shape);
+  const dyt = upload(gpu, r, shape), dxt = upload(gpu, garbage(rows * c), shape);
+  const dbt = upload(gpu, garbage(c), [c]), dwt = upload(gpu, garbage(c), [c]);
+  const [y, dx, db, dw] = await run(
+    [
+      ...batchNorm(gpu, t.x, t.p, t.y, t.stats, true, "gelu"),
+      ...batchNormBackward(gpu, t.x, dyt, t.stats, t.p, dxt, dbt, dwt, "gelu"),
+    ],
+    [t.y, dxt, dbt, dwt],
+    mark,
+  );
+  const n = bnTrainRef(k.x, rows, c, k.weight, k.bias);
+  assertClose("batchNorm+gelu y", y, Array.from(n, geluRef), 1e-5);
+  // chain rule by hand: the norm's backward of g = r * gelu'(n)
+  const ref = bnBackwardRef(k, Float32Array.from(n, (v, i) => r[i] * geluGradRef(v)));
+  assertClose("batchNorm+gelu dbias", db, ref.dbias, 1e-5);
+  assertClose("batchNorm+gelu dweight", dw, ref.dweight, 1e-5);
+  assertClose("batchNorm+gelu dx", dx, ref.dx, 1e-5);
+  const loss = (x: ArrayLike<number>, b: ArrayLike<number>) =>
+    dot(Array.from(bnTrainRef(x, rows, c, k.weight, b), geluRef), r);
+  checkFd("batchNorm+gelu dx", k.x, (p) => loss(p, k.bias), ref.dx, dx, someIndices(rng, rows * c, 8), 1e-4);
+  checkFd("batchNorm+gelu dbias", k.bias, (p) => loss(k.x, p), ref.dbias, db, someIndices(rng, c, 3), 1e-4);
 });
 
 // =================================================================================================
@@ -1098,7 +1126,7 @@ Deno.test("f16 storage: batch norm statistics in f32 from f16 inputs, forward an
   const [y, stats, dx, db, dw] = await run(
     [
       ...batchNorm(gpu, x16, t.p, y16, t.stats, true),
-      ...batchNormBackward(gpu, x16, dyt, t.stats, t.p.weight, dxt, dbt, dwt),
+      ...batchNormBackward(gpu, x16, dyt, t.stats, t.p, dxt, dbt, dwt),
     ],
     [y16, t.stats, dxt, dbt, dwt],
     mark,

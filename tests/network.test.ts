@@ -15,6 +15,7 @@ import {
   readTensor,
   Rng,
   setFrame,
+  setFuseNormGelu,
   stateSpec,
   stateViews,
   submit,
@@ -22,7 +23,9 @@ import {
 
 const gpu = await initGpu();
 
-Deno.test("network gradients match finite differences of the forward pass (every trainable tensor)", async () => {
+/** The network's gradients at a fixed random point, and a central finite difference for 3 entries of each tensor. */
+async function checkNetworkGradients(fuseNormGelu: boolean) {
+  setFuseNormGelu(fuseNormGelu); // read when the activations and programs are built
   const B = 4, baseDepth = 2, rng = new Rng(3);
   const layout = layoutState(stateSpec(baseDepth));
   const whiten = new Float32Array(2 * 2 * 3 * 24).map(() => rng.next() - 0.5);
@@ -59,10 +62,20 @@ Deno.test("network gradients match finite differences of the forward pass (every
       const err = Math.abs(g[i] - fd);
       assert.ok(
         err <= 2e-3 + 0.15 * Math.abs(fd),
-        `${name}[${i - e.offset}]: backward ${g[i]}, finite difference ${fd}`,
+        `${name}[${i - e.offset}] (fused norm+GELU ${fuseNormGelu}): backward ${g[i]}, finite difference ${fd}`,
       );
       checked++;
     }
   }
   assert.equal(checked, 3 * 13); // 6 convs, 6 BN shifts, the linear head
+  setFuseNormGelu(true);
+  return g.slice(0, layout.nTrainable);
+}
+
+Deno.test("network gradients match finite differences of the forward pass (every trainable tensor)", async () => {
+  const fused = await checkNetworkGradients(true), separate = await checkNetworkGradients(false);
+  // the fused batch norm + GELU computes the same gradients as the separate kernels, up to f32 rounding
+  let worst = 0, scale = 0;
+  fused.forEach((v, i) => [worst, scale] = [Math.max(worst, Math.abs(v - separate[i])), Math.max(scale, Math.abs(v))]);
+  assert.ok(worst <= 1e-4 * scale, `fused vs separate norm+GELU gradients differ by ${worst} (scale ${scale})`);
 });
