@@ -2,7 +2,16 @@
 // BENCH_STEPS scale it up on a real GPU). Measures train() as a user runs it: whitening, the epoch's
 // steps, evaluation. The training images per second of the steps alone (the table's clock) are
 // printed at the end, measured in the last iteration.
-import { type Cifar10, CONV_KERNEL_SETS, initGpu, loadCifar10, train, uploadDataset } from "../main.ts";
+import {
+  type Cifar10,
+  CONV_KERNEL_SETS,
+  type ConvKernels,
+  initGpu,
+  loadCifar10,
+  setFuseNormGelu,
+  train,
+  uploadDataset,
+} from "../main.ts";
 
 const gpu = await initGpu();
 const defaultKernels = gpu.convKernels; // the set this device would train with
@@ -19,19 +28,30 @@ const cifar: Cifar10 = { trainImages: tr.images, trainLabels: tr.labels, testIma
 const data = uploadDataset(gpu, cifar);
 const imagesPerSecond: Record<string, number> = {};
 
-// "block" (the conv kernels of the port's first version) is the baseline; "tiled" is the GPU set, "wide" the
-// CPU-device set.
-for (const set of CONV_KERNEL_SETS) {
+// The baseline is the port's first version: "block" conv kernels, batch norm and GELU as separate kernels. Then
+// every conv kernel set with the fused norm + GELU of today, except "tiled" on CPU devices (it is a GPU set that
+// costs seconds per barrier-heavy step on lavapipe; see bench/conv.bench.ts).
+const variants: { name: string; set: ConvKernels; fuse: boolean }[] = [
+  { name: "first version: block conv kernels, separate norm + GELU", set: "block", fuse: false },
+  ...CONV_KERNEL_SETS.filter((set) => set !== "tiled" || defaultKernels !== "wide").map((set) => ({
+    name: `${set} conv kernels, fused norm + GELU${set === defaultKernels ? " (this device's default)" : ""}`,
+    set,
+    fuse: true,
+  })),
+];
+for (const v of variants) {
   Deno.bench({
-    name: `train [${set} conv kernels]: ${steps} steps of batch ${batch}, base depth ${baseDepth}, + eval of ${batch}`,
+    name: `train [${v.name}]: ${steps} steps of batch ${batch}, base depth ${baseDepth}, + eval of ${batch}`,
     group: "train",
-    baseline: set === "block",
+    baseline: !v.fuse,
     n: 2,
     warmup: 1,
     async fn() {
-      gpu.convKernels = set;
+      gpu.convKernels = v.set;
+      setFuseNormGelu(v.fuse);
       const r = await train({ gpu, data, seed: 1, epochs: 1, baseDepth, batchSize: batch });
-      imagesPerSecond[set] = (steps * batch) / r.trainSeconds;
+      setFuseNormGelu(true);
+      imagesPerSecond[v.name] = (steps * batch) / r.trainSeconds;
     },
   });
 }
