@@ -537,15 +537,19 @@ export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor
   const kps = Math.ceil(pixels / splits);
   splits = Math.ceil(pixels / kps);
   const partials = tensor(gpu, [splits, m, n]);
-  // a wide thread covers 16 input channels: with fewer, most of its loads would be wasted (measured slower)
-  const set = gpu.convKernels === "wide" && c.cin < kernelConst(gpu, "conv", "WIDE_ROWS") ? "block" : gpu.convKernels;
+  // A wide thread covers 16 input channels of one tap. With at most 8, "pair" threads take 2 taps x 8 channels
+  // instead; with 9 to 15, most of a wide thread's loads would be wasted, and the block kernel runs.
+  const wideRows = kernelConst(gpu, "conv", "WIDE_ROWS");
+  const pair = gpu.convKernels === "wide" && c.cin <= wideRows / 2;
+  const set = gpu.convKernels === "wide" && c.cin < wideRows && !pair ? "block" : gpu.convKernels;
   const { file, rows, suffix } = convBlock(gpu, set);
-  // conv.wgsl's threads own `rows` channels of one tap; a conv_tiled.wgsl workgroup, TILE_M rows of (tap, channel)
-  const rowBlocks = set === "tiled" ? Math.ceil(m / rows) : c.kh * c.kw * Math.ceil(c.cin / rows);
+  // conv.wgsl's threads own `rows` channels of one tap (pair: 2 taps); a conv_tiled.wgsl workgroup, TILE_M rows of (tap, channel)
+  const taps = c.kh * c.kw;
+  const rowBlocks = set === "tiled" ? Math.ceil(m / rows) : pair ? Math.ceil(taps / 2) : taps * Math.ceil(c.cin / rows);
   const grid = convGrid(gpu, rowBlocks, n, splits, set);
   const bindings = { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials };
   return [
-    kernel(gpu, file, `backward_weight${suffix}`, bindings, grid, convInfo(c)),
+    kernel(gpu, file, pair ? "backward_weight_pair" : `backward_weight${suffix}`, bindings, grid, convInfo(c)),
     kernel(gpu, "reduce", "sum_splits", { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw }, grid1d(m * n), {
       label: convInfo(c).label,
     }),

@@ -364,3 +364,76 @@ fn backward_weight_wide(@builtin(global_invocation_id) g: vec3u) {
   store_tile(t20, base_row + ci + 8u, rows, n); store_tile(t21, base_row + ci + 8u, rows, n + 4u);
   store_tile(t30, base_row + ci + 12u, rows, n); store_tile(t31, base_row + ci + 12u, rows, n + 4u);
 }
+
+// backward_weight for Cin <= WIDE_ROWS / 2 (group 1's second conv and group 2's first at base depth
+// 8): one tap has too few channels to fill a wide block, so a thread takes two neighbouring taps
+// (2 t, 2 t + 1) x their first 8 channels x WIDE_COLS output channels, the same 16 x 8 block and
+// loads per FMA as backward_weight_wide. Grid: x = ceil(ceil(taps / 2) / WG), y, z as above.
+@compute @workgroup_size(WG)
+fn backward_weight_pair(@builtin(global_invocation_id) g: vec3u) {
+  let taps = s.kh * s.kw;
+  let tap_a = g.x * 2u;
+  let tap_b = tap_a + 1u;
+  let n = g.y * WIDE_COLS; // output channel
+  if (tap_a >= taps || n >= s.n) { return; }
+  let has_b = tap_b < taps;
+  let ay = i32(tap_a / s.kw) - i32(s.pad);
+  let ax = i32(tap_a % s.kw) - i32(s.pad);
+  let by = i32(tap_b / s.kw) - i32(s.pad);
+  let bx = i32(tap_b % s.kw) - i32(s.pad);
+  let last_ci = s.cin - 1u;
+  let last_col = s.n - 1u;
+  let pixels = s.batch * s.ho * s.wo;
+  let k_begin = g.z * s.k_per_split;
+  let k_end = min(k_begin + s.k_per_split, pixels);
+  var ox = k_begin % s.wo;
+  var oy = (k_begin / s.wo) % s.ho;
+  var ob = k_begin / (s.wo * s.ho);
+  var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
+  var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
+  for (var p = k_begin; p < k_end; p++) {
+    let say = i32(oy) + ay;
+    let sax = i32(ox) + ax;
+    let sby = i32(oy) + by;
+    let sbx = i32(ox) + bx;
+    let in_a = say >= 0 && sax >= 0 && say < i32(s.h) && sax < i32(s.w);
+    let in_b = has_b && sby >= 0 && sbx >= 0 && sby < i32(s.h) && sbx < i32(s.w);
+    if (in_a || in_b) {
+      let d = p * s.cout;
+      let b0 = load_b_cols(d, n, last_col);
+      let b1 = load_b_cols(d, n + 4u, last_col);
+      if (in_a) {
+        let xo = ((ob * s.h + u32(say)) * s.w + u32(sax)) * s.cin;
+        let a0 = load_a_channels(xo, 0u, last_ci);
+        let a1 = load_a_channels(xo, 4u, last_ci);
+        t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
+        t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);
+      }
+      if (in_b) {
+        let xo = ((ob * s.h + u32(sby)) * s.w + u32(sbx)) * s.cin;
+        let a2 = load_a_channels(xo, 0u, last_ci);
+        let a3 = load_a_channels(xo, 4u, last_ci);
+        t20 = tile_fma(t20, a2, b0); t21 = tile_fma(t21, a2, b1);
+        t30 = tile_fma(t30, a3, b0); t31 = tile_fma(t31, a3, b1);
+      }
+    }
+    ox += 1u;
+    if (ox == s.wo) {
+      ox = 0u;
+      oy += 1u;
+      if (oy == s.ho) {
+        oy = 0u;
+        ob += 1u;
+      }
+    }
+  }
+  // rows of the partial are (tap, ci): row = tap * Cin + ci; rows past a tap's channels are skipped
+  let row_a = g.z * s.m + tap_a * s.cin;
+  store_tile(t00, row_a, row_a + s.cin, n); store_tile(t01, row_a, row_a + s.cin, n + 4u);
+  store_tile(t10, row_a + 4u, row_a + s.cin, n); store_tile(t11, row_a + 4u, row_a + s.cin, n + 4u);
+  if (has_b) {
+    let row_b = row_a + s.cin;
+    store_tile(t20, row_b, row_b + s.cin, n); store_tile(t21, row_b, row_b + s.cin, n + 4u);
+    store_tile(t30, row_b + 4u, row_b + s.cin, n); store_tile(t31, row_b + 4u, row_b + s.cin, n + 4u);
+  }
+}

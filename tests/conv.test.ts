@@ -212,6 +212,12 @@ Deno.test("conv: partial 64 x 64 x 16 tiles on every edge of M, N and K in all t
   await checkConv({ b: 3, h: 7, w: 6, cin: 21, cout: 67, kh: 3, kw: 3, pad: 1 }, 15);
 });
 
+Deno.test("conv: Cin 8 and 6 (wide backward weight in tap pairs, the last tap alone), Cin 12 (block)", async () => {
+  await checkConv({ b: 2, h: 15, w: 15, cin: 8, cout: 32, kh: 3, kw: 3, pad: 1 }, 19);
+  await checkConv({ b: 1, h: 5, w: 4, cin: 6, cout: 13, kh: 3, kw: 3, pad: 1 }, 20);
+  await checkConv({ b: 1, h: 5, w: 4, cin: 12, cout: 9, kh: 3, kw: 3, pad: 1 }, 21);
+});
+
 Deno.test("conv, f16 storage: partial tiles, the whitening 2x2 and split-K, every kernel set", async () => {
   await checkConvF16({ b: 3, h: 7, w: 6, cin: 21, cout: 67, kh: 3, kw: 3, pad: 1 }, 16);
   await checkConvF16({ b: 2, h: 32, w: 32, cin: 3, cout: 24, kh: 2, kw: 2, pad: 0 }, 17);
