@@ -11,7 +11,9 @@
 // A workgroup owns a TILE_M x TILE_N tile of C; each step it stages a TILE_M x TILE_K slice of A
 // and a TILE_K x TILE_N slice of B in workgroup memory (zeros outside the image, past M, N or K),
 // then each of its WG threads accumulates THREAD_M x THREAD_N outputs in registers, in f32.
-// Every tile load walks the contiguous NHWC/HWIO dimension across neighbouring threads (coalesced).
+// Slices are stored as vec4s along m and n: a thread writes one vec4 of each slice per step and the
+// product reads 2 vec4s per 16 FMAs. Every global load walks the contiguous NHWC/HWIO dimension
+// across neighbouring threads (coalesced).
 // backward_weight writes split z's partial sums to out[z][m][n]; reduce.wgsl sums the splits.
 // Grid: x = ceil(M / TILE_M), y = ceil(N / TILE_N), z = splits (backward_weight; else 1).
 // Bindings: 0 uniform ConvShape; 1 `a_in` (x, or dy for backward_data); 2 `b_in` (w, or dy for
@@ -23,8 +25,9 @@ const TILE_N: u32 = 64u;
 const TILE_K: u32 = 16u;
 const THREAD_M: u32 = 4u; // outputs per thread along m and n (the code below is written out for 4 x 4)
 const THREAD_N: u32 = 4u;
-const WG: u32 = 256u; // (TILE_M / THREAD_M) * (TILE_N / THREAD_N)
-const LOADS: u32 = 4u; // elements of each staged slice per thread: TILE_M * TILE_K / WG = TILE_K * TILE_N / WG
+const WG: u32 = 256u; // (TILE_M / THREAD_M) * (TILE_N / THREAD_N) = TILE_K * (TILE_M / 4) = TILE_K * (TILE_N / 4)
+const M4: u32 = 16u; // TILE_M / 4: vec4s per k row of the A slice
+const N4: u32 = 16u; // TILE_N / 4
 
 struct ConvShape {
   batch: u32, h: u32, w: u32, cin: u32,
@@ -45,23 +48,21 @@ alias OUT_T = f32;
 @group(0) @binding(2) var<storage, read> b_in: array<B_T>;
 @group(0) @binding(3) var<storage, read_write> out: array<OUT_T>;
 
-var<workgroup> a_tile: array<f32, TILE_K * TILE_M>; // [k][m]
-var<workgroup> b_tile: array<f32, TILE_K * TILE_N>; // [k][n]
+var<workgroup> a_tile: array<vec4f, TILE_K * M4>; // [k][m / 4]
+var<workgroup> b_tile: array<vec4f, TILE_K * N4>; // [k][n / 4]
 
 var<private> acc0: vec4f;
 var<private> acc1: vec4f;
 var<private> acc2: vec4f;
 var<private> acc3: vec4f;
 
-// The staged slices' product: thread (tm, tn) = (li / 16, li % 16) owns rows 4 tm.. and columns 4 tn...
+// The staged slices' product: thread (tm, tn) = (li / N4, li % N4) owns rows 4 tm.. and columns 4 tn...
 fn multiply_tiles(li: u32) {
-  let am = (li / (TILE_N / THREAD_N)) * THREAD_M;
-  let bn = (li % (TILE_N / THREAD_N)) * THREAD_N;
+  let tm = li / N4;
+  let tn = li % N4;
   for (var k = 0u; k < TILE_K; k++) {
-    let ar = k * TILE_M + am;
-    let br = k * TILE_N + bn;
-    let a = vec4f(a_tile[ar], a_tile[ar + 1u], a_tile[ar + 2u], a_tile[ar + 3u]);
-    let b = vec4f(b_tile[br], b_tile[br + 1u], b_tile[br + 2u], b_tile[br + 3u]);
+    let a = a_tile[k * M4 + tm];
+    let b = b_tile[k * N4 + tn];
     acc0 = fma(vec4f(a.x), b, acc0);
     acc1 = fma(vec4f(a.y), b, acc1);
     acc2 = fma(vec4f(a.z), b, acc2);
@@ -78,23 +79,32 @@ fn store_row(index: u32, n: u32, v: vec4f) {
 
 // Writes this thread's outputs of the tile at (m0, n0) into out[base + m * s.n + n], inside M x N only.
 fn store_outputs(li: u32, base: u32, m0: u32, n0: u32) {
-  let m = m0 + (li / (TILE_N / THREAD_N)) * THREAD_M;
-  let n = n0 + (li % (TILE_N / THREAD_N)) * THREAD_N;
+  let m = m0 + (li / N4) * THREAD_M;
+  let n = n0 + (li % N4) * THREAD_N;
   if (m < s.m) { store_row(base + m * s.n + n, n, acc0); }
   if (m + 1u < s.m) { store_row(base + (m + 1u) * s.n + n, n, acc1); }
   if (m + 2u < s.m) { store_row(base + (m + 2u) * s.n + n, n, acc2); }
   if (m + 3u < s.m) { store_row(base + (m + 3u) * s.n + n, n, acc3); }
 }
 
-// Pixel p of a [batch][rows_h][rows_w] grid as (image, row, column).
-fn pixel(p: u32, rows_h: u32, rows_w: u32) -> vec3i {
+// Pixel p of a [batch][rows_h][rows_w] grid as (image, row, column); image -1 past the last pixel.
+fn pixel(p: u32, pixels: u32, rows_h: u32, rows_w: u32) -> vec3i {
+  if (p >= pixels) { return vec3i(-1, 0, 0); }
   return vec3i(i32(p / (rows_w * rows_h)), i32((p / rows_w) % rows_h), i32(p % rows_w));
 }
 
-// Offset of channel 0 of pixel (b, y, x) in a [batch][src_h][src_w][src_c] tensor, or -1 outside it.
-fn pixel_offset(b: i32, y: i32, x: i32, src_h: u32, src_w: u32, src_c: u32) -> i32 {
-  if (y < 0 || x < 0 || y >= i32(src_h) || x >= i32(src_w)) { return -1; }
-  return ((b * i32(src_h) + y) * i32(src_w) + x) * i32(src_c);
+// Channel c of pixel (b, y, x) + (dy, dx) of a [batch][src_h][src_w][src_c] tensor, or 0 outside it.
+fn gather_a(r: vec3i, dy: i32, dx: i32, c: u32, src_h: u32, src_w: u32, src_c: u32) -> f32 {
+  let y = r.y + dy;
+  let x = r.z + dx;
+  if (r.x < 0 || y < 0 || x < 0 || y >= i32(src_h) || x >= i32(src_w)) { return 0.0; }
+  return f32(a_in[u32(((r.x * i32(src_h) + y) * i32(src_w) + x) * i32(src_c)) + c]);
+}
+
+// b_in[index] if ok, else 0.
+fn load_b(index: u32, ok: bool) -> f32 {
+  if (ok) { return f32(b_in[index]); }
+  return 0.0;
 }
 
 @compute @workgroup_size(WG)
@@ -102,38 +112,35 @@ fn forward(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: 
   let m0 = wg.x * TILE_M;
   let n0 = wg.y * TILE_N;
   let k_total = s.kh * s.kw * s.cin;
-  // A slice: this thread loads column k0 + ak of rows am + j * (WG / TILE_K), neighbours along ci.
+  // A slice: this thread gathers column k0 + ak of the 4 output pixels m0 + am.., neighbours along ci.
   let ak = li % TILE_K;
-  let am = li / TILE_K;
-  var rows: array<vec3i, LOADS>;
-  for (var j = 0u; j < LOADS; j++) {
-    let m = m0 + am + j * (WG / TILE_K);
-    rows[j] = select(vec3i(-1, 0, 0), pixel(m, s.ho, s.wo), m < s.m);
-  }
-  // B slice: row k0 + bk + j * (WG / TILE_N), column bn, neighbours along co.
-  let bn = li % TILE_N;
-  let bk = li / TILE_N;
+  let am = (li / TILE_K) * 4u;
+  let r0 = pixel(m0 + am, s.m, s.ho, s.wo);
+  let r1 = pixel(m0 + am + 1u, s.m, s.ho, s.wo);
+  let r2 = pixel(m0 + am + 2u, s.m, s.ho, s.wo);
+  let r3 = pixel(m0 + am + 3u, s.m, s.ho, s.wo);
+  // B slice: row k0 + bk, the 4 columns n0 + 4 bc.. of w, neighbours along co.
+  let bk = li / N4;
+  let bc = li % N4;
+  let bn = n0 + bc * 4u;
   for (var k0 = 0u; k0 < k_total; k0 += TILE_K) {
+    var a = vec4f(0.0);
     let k = k0 + ak;
-    let t = k / s.cin;
-    let ci = k % s.cin;
-    let dy = i32(t / s.kw) - i32(s.pad);
-    let dx = i32(t % s.kw) - i32(s.pad);
-    for (var j = 0u; j < LOADS; j++) {
-      var v = 0.0;
-      let r = rows[j];
-      if (k < k_total && r.x >= 0) {
-        let o = pixel_offset(r.x, r.y + dy, r.z + dx, s.h, s.w, s.cin);
-        if (o >= 0) { v = f32(a_in[u32(o) + ci]); }
-      }
-      a_tile[ak * TILE_M + am + j * (WG / TILE_K)] = v;
+    if (k < k_total) {
+      let t = k / s.cin;
+      let ci = k % s.cin;
+      let dy = i32(t / s.kw) - i32(s.pad);
+      let dx = i32(t % s.kw) - i32(s.pad);
+      a = vec4f(gather_a(r0, dy, dx, ci, s.h, s.w, s.cin), gather_a(r1, dy, dx, ci, s.h, s.w, s.cin),
+                gather_a(r2, dy, dx, ci, s.h, s.w, s.cin), gather_a(r3, dy, dx, ci, s.h, s.w, s.cin));
     }
-    for (var j = 0u; j < LOADS; j++) {
-      let kr = bk + j * (WG / TILE_N);
-      var v = 0.0;
-      if (k0 + kr < k_total && n0 + bn < s.n) { v = f32(b_in[(k0 + kr) * s.cout + n0 + bn]); }
-      b_tile[kr * TILE_N + bn] = v;
-    }
+    a_tile[ak * M4 + am / 4u] = a;
+    let kb = k0 + bk;
+    let row = kb * s.cout;
+    let ok = kb < k_total;
+    b_tile[bk * N4 + bc] = vec4f(load_b(row + bn, ok && bn < s.n),
+      load_b(row + bn + 1u, ok && bn + 1u < s.n), load_b(row + bn + 2u, ok && bn + 2u < s.n),
+      load_b(row + bn + 3u, ok && bn + 3u < s.n));
     workgroupBarrier();
     multiply_tiles(li);
     workgroupBarrier();
@@ -146,37 +153,33 @@ fn backward_data(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id
   let m0 = wg.x * TILE_M;
   let n0 = wg.y * TILE_N;
   let k_total = s.kh * s.kw * s.cout;
-  // A slice: column k0 + ak = (tap, co) of input pixels am + j * (WG / TILE_K), neighbours along co.
+  // A slice: column k0 + ak = (tap, co) of the 4 input pixels m0 + am.., neighbours along co.
   let ak = li % TILE_K;
-  let am = li / TILE_K;
-  var rows: array<vec3i, LOADS>;
-  for (var j = 0u; j < LOADS; j++) {
-    let m = m0 + am + j * (WG / TILE_K);
-    rows[j] = select(vec3i(-1, 0, 0), pixel(m, s.h, s.w), m < s.m);
-  }
+  let am = (li / TILE_K) * 4u;
+  let r0 = pixel(m0 + am, s.m, s.h, s.w);
+  let r1 = pixel(m0 + am + 1u, s.m, s.h, s.w);
+  let r2 = pixel(m0 + am + 2u, s.m, s.h, s.w);
+  let r3 = pixel(m0 + am + 3u, s.m, s.h, s.w);
+  // B slice: B[k][n] = w[t][n][co]; this thread loads row k0 + ak for the 4 channels n0 + bn.., so
+  // neighbouring threads read neighbouring co.
+  let bn = n0 + am;
   for (var k0 = 0u; k0 < k_total; k0 += TILE_K) {
+    var a = vec4f(0.0);
+    var b = vec4f(0.0);
     let k = k0 + ak;
-    let t = k / s.cout;
-    let co = k % s.cout;
-    let dy = i32(s.pad) - i32(t / s.kw);
-    let dx = i32(s.pad) - i32(t % s.kw);
-    for (var j = 0u; j < LOADS; j++) {
-      var v = 0.0;
-      let r = rows[j];
-      if (k < k_total && r.x >= 0) {
-        let o = pixel_offset(r.x, r.y + dy, r.z + dx, s.ho, s.wo, s.cout);
-        if (o >= 0) { v = f32(a_in[u32(o) + co]); }
-      }
-      a_tile[ak * TILE_M + am + j * (WG / TILE_K)] = v;
+    if (k < k_total) {
+      let t = k / s.cout;
+      let co = k % s.cout;
+      let dy = i32(s.pad) - i32(t / s.kw);
+      let dx = i32(s.pad) - i32(t % s.kw);
+      a = vec4f(gather_a(r0, dy, dx, co, s.ho, s.wo, s.cout), gather_a(r1, dy, dx, co, s.ho, s.wo, s.cout),
+                gather_a(r2, dy, dx, co, s.ho, s.wo, s.cout), gather_a(r3, dy, dx, co, s.ho, s.wo, s.cout));
+      let w_row = (t * s.cin + bn) * s.cout + co;
+      b = vec4f(load_b(w_row, bn < s.n), load_b(w_row + s.cout, bn + 1u < s.n),
+                load_b(w_row + 2u * s.cout, bn + 2u < s.n), load_b(w_row + 3u * s.cout, bn + 3u < s.n));
     }
-    // B slice: B[k][n] = w[t][n][co]; this thread loads k0 + ak for channels n0 + am + j * (WG / TILE_K),
-    // so neighbouring threads read neighbouring co.
-    for (var j = 0u; j < LOADS; j++) {
-      let nr = am + j * (WG / TILE_K);
-      var v = 0.0;
-      if (k < k_total && n0 + nr < s.n) { v = f32(b_in[(t * s.cin + n0 + nr) * s.cout + co]); }
-      b_tile[ak * TILE_N + nr] = v;
-    }
+    a_tile[ak * M4 + am / 4u] = a;
+    b_tile[ak * N4 + am / 4u] = b;
     workgroupBarrier();
     multiply_tiles(li);
     workgroupBarrier();
@@ -191,33 +194,35 @@ fn backward_weight(@builtin(local_invocation_index) li: u32, @builtin(workgroup_
   let pixels = s.batch * s.ho * s.wo;
   let p_first = wg.z * s.k_per_split;
   let p_end = min(p_first + s.k_per_split, pixels);
-  // A slice: row am = (tap, ci) (fixed for this thread), pixels ak + j * (WG / TILE_M); neighbours along ci.
-  let am = li % TILE_M;
-  let ak = li / TILE_M;
-  let m = m0 + am;
-  let t = m / s.cin;
-  let ci = m % s.cin;
-  let dy = i32(t / s.kw) - i32(s.pad);
-  let dx = i32(t % s.kw) - i32(s.pad);
-  // B slice: pixel rows ak + j * (WG / TILE_N), column bn = co.
-  let bn = li % TILE_N;
+  // This thread stages pixel p0 + kr: A at the 4 rows (tap, ci) m0 + am.. (fixed for the thread, decoded
+  // once) and B at the 4 output channels n0 + am..; neighbours along ci and co.
+  let kr = li / M4;
+  let am = (li % M4) * 4u;
+  var tap_dy: vec4i;
+  var tap_dx: vec4i;
+  var chan: vec4u;
+  var row_ok: vec4<bool>;
+  for (var i = 0u; i < 4u; i++) {
+    let m = m0 + am + i;
+    let t = m / s.cin;
+    chan[i] = m % s.cin;
+    tap_dy[i] = i32(t / s.kw) - i32(s.pad);
+    tap_dx[i] = i32(t % s.kw) - i32(s.pad);
+    row_ok[i] = m < s.m;
+  }
+  let bn = n0 + am;
   for (var p0 = p_first; p0 < p_end; p0 += TILE_K) {
-    for (var j = 0u; j < LOADS; j++) {
-      let kr = ak + j * (WG / TILE_M);
-      let p = p0 + kr;
-      var a = 0.0;
-      var b = 0.0;
-      if (p < p_end) {
-        let r = pixel(p, s.ho, s.wo);
-        if (m < s.m) {
-          let o = pixel_offset(r.x, r.y + dy, r.z + dx, s.h, s.w, s.cin);
-          if (o >= 0) { a = f32(a_in[u32(o) + ci]); }
-        }
-        if (n0 + bn < s.n) { b = f32(b_in[p * s.cout + n0 + bn]); }
-      }
-      a_tile[kr * TILE_M + am] = a;
-      b_tile[kr * TILE_N + bn] = b;
+    let p = p0 + kr;
+    let r = pixel(p, p_end, s.ho, s.wo); // image -1 past this split
+    var a = vec4f(0.0);
+    for (var i = 0u; i < 4u; i++) {
+      if (row_ok[i]) { a[i] = gather_a(r, tap_dy[i], tap_dx[i], chan[i], s.h, s.w, s.cin); }
     }
+    let ok = p < p_end;
+    let row = p * s.cout;
+    a_tile[kr * M4 + am / 4u] = a;
+    b_tile[kr * N4 + am / 4u] = vec4f(load_b(row + bn, ok && bn < s.n), load_b(row + bn + 1u, ok && bn + 1u < s.n),
+      load_b(row + bn + 2u, ok && bn + 2u < s.n), load_b(row + bn + 3u, ok && bn + 3u < s.n));
     workgroupBarrier();
     multiply_tiles(li);
     workgroupBarrier();
