@@ -12,7 +12,8 @@
 // and a TILE_K x TILE_N slice of B in workgroup memory (zeros outside the image, past M, N or K),
 // then each of its WG threads accumulates THREAD_M x THREAD_N outputs in registers, in f32.
 // Slices are stored as vec4s along m and n: a thread writes one vec4 of each slice per step and the
-// product reads 2 vec4s per 16 FMAs. Every global load walks the contiguous NHWC/HWIO dimension
+// product reads 2 vec4s per 16 FMAs. Each thread fetches its part of the next slice into registers
+// before it multiplies the current one, so global-memory latency hides behind the FMAs. Every global load walks the contiguous NHWC/HWIO dimension
 // across neighbouring threads (coalesced).
 // backward_weight writes split z's partial sums to out[z][m][n]; reduce.wgsl sums the splits.
 // Grid: x = ceil(M / TILE_M), y = ceil(N / TILE_N), z = splits (backward_weight; else 1).
@@ -107,101 +108,143 @@ fn load_b(index: u32, ok: bool) -> f32 {
   return 0.0;
 }
 
+// This thread's part of one staged step: a vec4 of the A slice and one of the B slice.
+struct Slice { a: vec4f, b: vec4f }
+
+// Per-thread coordinates, set once at the start of a pass and read by its slice function.
+var<private> r0: vec3i; // (image, row, column) of this thread's 4 A rows (forward, backward_data)
+var<private> r1: vec3i;
+var<private> r2: vec3i;
+var<private> r3: vec3i;
+var<private> ak: u32; // the k row of the A slice this thread loads
+var<private> am: u32; // the first of its 4 m there
+var<private> bk: u32; // the k row of the B slice this thread loads
+var<private> bn: u32; // the first of its 4 n there (absolute)
+
+// Each pass runs the same loop around its own slice function (WGSL has no function pointers):
+// store the fetched slice, barrier, fetch the next one into registers, multiply, barrier. The
+// barriers sit in uniform control flow: the loop bounds depend only on the shape and workgroup id.
+fn stage(sl: Slice) {
+  a_tile[ak * M4 + am / 4u] = sl.a;
+  b_tile[bk * N4 + (bn % TILE_N) / 4u] = sl.b;
+}
+
+// Rows m0 + am.. of A as output (or input) pixels of a [batch][rows_h][rows_w] grid.
+fn set_pixel_rows(m0: u32, rows_h: u32, rows_w: u32) {
+  r0 = pixel(m0 + am, s.m, rows_h, rows_w);
+  r1 = pixel(m0 + am + 1u, s.m, rows_h, rows_w);
+  r2 = pixel(m0 + am + 2u, s.m, rows_h, rows_w);
+  r3 = pixel(m0 + am + 3u, s.m, rows_h, rows_w);
+}
+
+// b_in[row + bn ..], the 4 columns of this thread, zero past N or if !ok.
+fn load_b_cols(row: u32, ok: bool) -> vec4f {
+  return vec4f(load_b(row + bn, ok && bn < s.n), load_b(row + bn + 1u, ok && bn + 1u < s.n),
+               load_b(row + bn + 2u, ok && bn + 2u < s.n), load_b(row + bn + 3u, ok && bn + 3u < s.n));
+}
+
+// forward: A[m][k] = x[pixel m + tap - pad][ci], k = (tap, ci); B[k][n] = w[k][n]
+fn forward_slice(k0: u32, k_total: u32) -> Slice {
+  var sl = Slice(vec4f(0.0), vec4f(0.0));
+  let k = k0 + ak;
+  if (k < k_total) {
+    let t = k / s.cin;
+    let ci = k % s.cin;
+    let dy = i32(t / s.kw) - i32(s.pad);
+    let dx = i32(t % s.kw) - i32(s.pad);
+    sl.a = vec4f(gather_a(r0, dy, dx, ci, s.h, s.w, s.cin), gather_a(r1, dy, dx, ci, s.h, s.w, s.cin),
+                 gather_a(r2, dy, dx, ci, s.h, s.w, s.cin), gather_a(r3, dy, dx, ci, s.h, s.w, s.cin));
+  }
+  sl.b = load_b_cols((k0 + bk) * s.cout, k0 + bk < k_total);
+  return sl;
+}
+
 @compute @workgroup_size(WG)
 fn forward(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3u) {
   let m0 = wg.x * TILE_M;
-  let n0 = wg.y * TILE_N;
   let k_total = s.kh * s.kw * s.cin;
-  // A slice: this thread gathers column k0 + ak of the 4 output pixels m0 + am.., neighbours along ci.
-  let ak = li % TILE_K;
-  let am = (li / TILE_K) * 4u;
-  let r0 = pixel(m0 + am, s.m, s.ho, s.wo);
-  let r1 = pixel(m0 + am + 1u, s.m, s.ho, s.wo);
-  let r2 = pixel(m0 + am + 2u, s.m, s.ho, s.wo);
-  let r3 = pixel(m0 + am + 3u, s.m, s.ho, s.wo);
-  // B slice: row k0 + bk, the 4 columns n0 + 4 bc.. of w, neighbours along co.
-  let bk = li / N4;
-  let bc = li % N4;
-  let bn = n0 + bc * 4u;
+  ak = li % TILE_K; // A: neighbouring threads read neighbouring ci of a pixel
+  am = (li / TILE_K) * 4u;
+  bk = li / N4; // B: neighbouring threads read neighbouring co
+  bn = wg.y * TILE_N + (li % N4) * 4u;
+  set_pixel_rows(m0, s.ho, s.wo);
+  var next = forward_slice(0u, k_total);
   for (var k0 = 0u; k0 < k_total; k0 += TILE_K) {
-    var a = vec4f(0.0);
-    let k = k0 + ak;
-    if (k < k_total) {
-      let t = k / s.cin;
-      let ci = k % s.cin;
-      let dy = i32(t / s.kw) - i32(s.pad);
-      let dx = i32(t % s.kw) - i32(s.pad);
-      a = vec4f(gather_a(r0, dy, dx, ci, s.h, s.w, s.cin), gather_a(r1, dy, dx, ci, s.h, s.w, s.cin),
-                gather_a(r2, dy, dx, ci, s.h, s.w, s.cin), gather_a(r3, dy, dx, ci, s.h, s.w, s.cin));
-    }
-    a_tile[ak * M4 + am / 4u] = a;
-    let kb = k0 + bk;
-    let row = kb * s.cout;
-    let ok = kb < k_total;
-    b_tile[bk * N4 + bc] = vec4f(load_b(row + bn, ok && bn < s.n),
-      load_b(row + bn + 1u, ok && bn + 1u < s.n), load_b(row + bn + 2u, ok && bn + 2u < s.n),
-      load_b(row + bn + 3u, ok && bn + 3u < s.n));
+    stage(next);
     workgroupBarrier();
+    if (k0 + TILE_K < k_total) { next = forward_slice(k0 + TILE_K, k_total); }
     multiply_tiles(li);
     workgroupBarrier();
   }
-  store_outputs(li, 0u, m0, n0);
+  store_outputs(li, 0u, m0, wg.y * TILE_N);
+}
+
+// backward_data: A[m][k] = dy[pixel m - tap + pad][co], k = (tap, co); B[k][n] = w[tap][n][co]
+fn backward_data_slice(k0: u32, k_total: u32) -> Slice {
+  var sl = Slice(vec4f(0.0), vec4f(0.0));
+  let k = k0 + ak;
+  if (k < k_total) {
+    let t = k / s.cout;
+    let co = k % s.cout;
+    let dy = i32(s.pad) - i32(t / s.kw);
+    let dx = i32(s.pad) - i32(t % s.kw);
+    sl.a = vec4f(gather_a(r0, dy, dx, co, s.ho, s.wo, s.cout), gather_a(r1, dy, dx, co, s.ho, s.wo, s.cout),
+                 gather_a(r2, dy, dx, co, s.ho, s.wo, s.cout), gather_a(r3, dy, dx, co, s.ho, s.wo, s.cout));
+    // B row k for this thread's 4 input channels: strided in w, but neighbouring threads read neighbouring co
+    let w_row = (t * s.cin + bn) * s.cout + co;
+    sl.b = vec4f(load_b(w_row, bn < s.n), load_b(w_row + s.cout, bn + 1u < s.n),
+                 load_b(w_row + 2u * s.cout, bn + 2u < s.n), load_b(w_row + 3u * s.cout, bn + 3u < s.n));
+  }
+  return sl;
 }
 
 @compute @workgroup_size(WG)
 fn backward_data(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3u) {
   let m0 = wg.x * TILE_M;
-  let n0 = wg.y * TILE_N;
   let k_total = s.kh * s.kw * s.cout;
-  // A slice: column k0 + ak = (tap, co) of the 4 input pixels m0 + am.., neighbours along co.
-  let ak = li % TILE_K;
-  let am = (li / TILE_K) * 4u;
-  let r0 = pixel(m0 + am, s.m, s.h, s.w);
-  let r1 = pixel(m0 + am + 1u, s.m, s.h, s.w);
-  let r2 = pixel(m0 + am + 2u, s.m, s.h, s.w);
-  let r3 = pixel(m0 + am + 3u, s.m, s.h, s.w);
-  // B slice: B[k][n] = w[t][n][co]; this thread loads row k0 + ak for the 4 channels n0 + bn.., so
-  // neighbouring threads read neighbouring co.
-  let bn = n0 + am;
+  ak = li % TILE_K; // A and B: neighbouring threads read neighbouring co
+  am = (li / TILE_K) * 4u;
+  bk = ak;
+  bn = wg.y * TILE_N + am;
+  set_pixel_rows(m0, s.h, s.w);
+  var next = backward_data_slice(0u, k_total);
   for (var k0 = 0u; k0 < k_total; k0 += TILE_K) {
-    var a = vec4f(0.0);
-    var b = vec4f(0.0);
-    let k = k0 + ak;
-    if (k < k_total) {
-      let t = k / s.cout;
-      let co = k % s.cout;
-      let dy = i32(s.pad) - i32(t / s.kw);
-      let dx = i32(s.pad) - i32(t % s.kw);
-      a = vec4f(gather_a(r0, dy, dx, co, s.ho, s.wo, s.cout), gather_a(r1, dy, dx, co, s.ho, s.wo, s.cout),
-                gather_a(r2, dy, dx, co, s.ho, s.wo, s.cout), gather_a(r3, dy, dx, co, s.ho, s.wo, s.cout));
-      let w_row = (t * s.cin + bn) * s.cout + co;
-      b = vec4f(load_b(w_row, bn < s.n), load_b(w_row + s.cout, bn + 1u < s.n),
-                load_b(w_row + 2u * s.cout, bn + 2u < s.n), load_b(w_row + 3u * s.cout, bn + 3u < s.n));
-    }
-    a_tile[ak * M4 + am / 4u] = a;
-    b_tile[ak * N4 + am / 4u] = b;
+    stage(next);
     workgroupBarrier();
+    if (k0 + TILE_K < k_total) { next = backward_data_slice(k0 + TILE_K, k_total); }
     multiply_tiles(li);
     workgroupBarrier();
   }
-  store_outputs(li, 0u, m0, n0);
+  store_outputs(li, 0u, m0, wg.y * TILE_N);
+}
+
+// backward_weight: A[m][k] = x[pixel k + tap - pad][ci], m = (tap, ci), k = a pixel of this split;
+// B[k][n] = dy[k][n]. The 4 rows m0 + am.. (tap, ci) of this thread are decoded once.
+var<private> tap_dy: vec4i;
+var<private> tap_dx: vec4i;
+var<private> chan: vec4u;
+var<private> row_ok: vec4<bool>;
+
+fn backward_weight_slice(p0: u32, p_end: u32) -> Slice {
+  let p = p0 + ak;
+  let r = pixel(p, p_end, s.ho, s.wo); // image -1 past this split
+  var a = vec4f(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (row_ok[i]) { a[i] = gather_a(r, tap_dy[i], tap_dx[i], chan[i], s.h, s.w, s.cin); }
+  }
+  return Slice(a, load_b_cols(p * s.cout, p < p_end));
 }
 
 @compute @workgroup_size(WG)
 fn backward_weight(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3u) {
   let m0 = wg.x * TILE_M;
-  let n0 = wg.y * TILE_N;
   let pixels = s.batch * s.ho * s.wo;
   let p_first = wg.z * s.k_per_split;
   let p_end = min(p_first + s.k_per_split, pixels);
-  // This thread stages pixel p0 + kr: A at the 4 rows (tap, ci) m0 + am.. (fixed for the thread, decoded
-  // once) and B at the 4 output channels n0 + am..; neighbours along ci and co.
-  let kr = li / M4;
-  let am = (li % M4) * 4u;
-  var tap_dy: vec4i;
-  var tap_dx: vec4i;
-  var chan: vec4u;
-  var row_ok: vec4<bool>;
+  ak = li / M4; // the pixel; A: neighbouring threads read neighbouring ci, B: neighbouring co
+  am = (li % M4) * 4u;
+  bk = ak;
+  bn = wg.y * TILE_N + am;
   for (var i = 0u; i < 4u; i++) {
     let m = m0 + am + i;
     let t = m / s.cin;
@@ -210,22 +253,13 @@ fn backward_weight(@builtin(local_invocation_index) li: u32, @builtin(workgroup_
     tap_dx[i] = i32(t % s.kw) - i32(s.pad);
     row_ok[i] = m < s.m;
   }
-  let bn = n0 + am;
+  var next = backward_weight_slice(p_first, p_end);
   for (var p0 = p_first; p0 < p_end; p0 += TILE_K) {
-    let p = p0 + kr;
-    let r = pixel(p, p_end, s.ho, s.wo); // image -1 past this split
-    var a = vec4f(0.0);
-    for (var i = 0u; i < 4u; i++) {
-      if (row_ok[i]) { a[i] = gather_a(r, tap_dy[i], tap_dx[i], chan[i], s.h, s.w, s.cin); }
-    }
-    let ok = p < p_end;
-    let row = p * s.cout;
-    a_tile[kr * M4 + am / 4u] = a;
-    b_tile[kr * N4 + am / 4u] = vec4f(load_b(row + bn, ok && bn < s.n), load_b(row + bn + 1u, ok && bn + 1u < s.n),
-      load_b(row + bn + 2u, ok && bn + 2u < s.n), load_b(row + bn + 3u, ok && bn + 3u < s.n));
+    stage(next);
     workgroupBarrier();
+    if (p0 + TILE_K < p_end) { next = backward_weight_slice(p0 + TILE_K, p_end); }
     multiply_tiles(li);
     workgroupBarrier();
   }
-  store_outputs(li, wg.z * s.m * s.n, m0, n0);
+  store_outputs(li, wg.z * s.m * s.n, m0, wg.y * TILE_N);
 }
