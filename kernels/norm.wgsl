@@ -104,18 +104,19 @@ fn eval_stats(@builtin(global_invocation_id) g: vec3u) {
   stats[c] = vec2f(running_mean[c], inverseSqrt(running_var[c] + s.eps));
 }
 
-fn erf_approx(v: f32) -> f32 {
-  let a = abs(v);
-  let t = 1.0 / (1.0 + 0.3275911 * a);
+// erf(v / sqrt 2) given e = exp(-v^2 / 2), which gelu_grad also needs for phi(v): one exp for both.
+fn erf_approx(v: f32, e: f32) -> f32 {
+  let t = 1.0 / (1.0 + 0.3275911 * abs(v) * INV_SQRT2);
   let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
-  return sign(v) * (1.0 - poly * exp(-a * a));
+  return sign(v) * (1.0 - poly * e);
 }
 
-fn normal_cdf(v: f32) -> f32 { return 0.5 * (1.0 + erf_approx(v * INV_SQRT2)); }
+fn gelu(v: f32) -> f32 { return v * 0.5 * (1.0 + erf_approx(v, exp(-0.5 * v * v))); }
 
-fn gelu(v: f32) -> f32 { return v * normal_cdf(v); }
-
-fn gelu_grad(v: f32) -> f32 { return normal_cdf(v) + v * INV_SQRT_2PI * exp(-0.5 * v * v); }
+fn gelu_grad(v: f32) -> f32 {
+  let e = exp(-0.5 * v * v);
+  return 0.5 * (1.0 + erf_approx(v, e)) + v * INV_SQRT_2PI * e;
+}
 
 // Element i's normalised value xhat, and dL/dn: dy itself, or through the fused GELU dy * gelu'(n).
 fn xhat_at(i: u32, c: u32) -> f32 {

@@ -120,6 +120,27 @@ Deno.test("main: no dataset and no network -> one clear line, nothing left behin
   }
 });
 
+Deno.test("main: --precision f16 and --conv-kernels reach the run (header line, JSON)", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = await writeFixtureDataset(dir), json = join(dir, "r.json");
+    const r = await runMain([
+      ...["--data", data, "--train-subset", "128", "--test-subset", "20", "--base-depth", "4", "--batch-size", "64"],
+      ...["--epochs", "1", "--seed", "3", "--no-log", "--json", json, "--precision", "f16", "--conv-kernels", "block"],
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(
+      r.stdout,
+      /precision: f16 activations and gradients, f32 arithmetic and weights \| conv kernels: block \|/,
+    );
+    const out = JSON.parse(await Deno.readTextFile(json));
+    assert.deepEqual([out.precision, out.convKernels], ["f16", "block"]);
+    assert.ok(out.runs[0].valAcc >= 0 && out.runs[0].valAcc <= 1);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomically", async () => {
   const dir = await Deno.makeTempDir();
   try {
