@@ -15,6 +15,8 @@ import {
 
 const gpu = await initGpu();
 const batch = Number(Deno.env.get("BENCH_BATCH") ?? 32), base = Number(Deno.env.get("BENCH_BASE_DEPTH") ?? 8);
+// the device's fp32 peak in TFLOP/s, if given (e.g. 67 for an H100 SXM): each line then also says the % of it
+const peak = Number(Deno.env.get("BENCH_PEAK_TFLOPS") ?? NaN);
 const widths = [base, 4 * base, 8 * base];
 
 // [name, H (=W), Cin, Cout, kernel, pad]: every conv of the network, with its input size
@@ -65,7 +67,7 @@ for (const [name, h, cin, cout, k, pad] of shapes) {
           console.log(
             `${`${name} ${pass} [${set}]`.padEnd(40)} ${(flop / best / 1e6).toFixed(2)} GFLOP/s (best ${
               best.toFixed(1)
-            } ms, batch ${batch})`,
+            } ms, batch ${batch})${peak > 0 ? `, ${((flop / best / 1e9 / peak) * 100).toFixed(1)}% of peak` : ""}`,
           );
         }
       });
