@@ -109,6 +109,31 @@ fn load_a_channels(xo: u32, ci: u32, last_ci: u32) -> vec4f {
                f32(a_in[xo + min(ci + 3u, last_ci)]));
 }
 
+// The output pixels of a backward-weight split, walked in row-major order as (x, y, image) with
+// running counters (no division in the inner loop).
+fn first_pixel(p: u32) -> vec3u { return vec3u(p % s.wo, (p / s.wo) % s.ho, p / (s.wo * s.ho)); }
+
+fn next_pixel(q: vec3u) -> vec3u {
+  var r = vec3u(q.x + 1u, q.y, q.z);
+  if (r.x == s.wo) {
+    r.x = 0u;
+    r.y += 1u;
+    if (r.y == s.ho) {
+      r.y = 0u;
+      r.z += 1u;
+    }
+  }
+  return r;
+}
+
+// x offset of channel 0 of output pixel q shifted by a tap (dy, dx), or -1 outside the image.
+fn shifted_offset(q: vec3u, dy: i32, dx: i32) -> i32 {
+  let sy = i32(q.y) + dy;
+  let sx = i32(q.x) + dx;
+  if (sy < 0 || sx < 0 || sy >= i32(s.h) || sx >= i32(s.w)) { return -1; }
+  return i32(((q.z * s.h + u32(sy)) * s.w + u32(sx)) * s.cin);
+}
+
 @compute @workgroup_size(WG)
 fn forward(@builtin(global_invocation_id) g: vec3u) {
   let first = g.x * BLOCK;
@@ -170,28 +195,13 @@ fn backward_weight(@builtin(global_invocation_id) g: vec3u) {
   let tx = i32(tap % s.kw) - i32(s.pad);
   let last_ci = s.cin - 1u;
   let last_co = s.cout - 1u;
-  let pixels = s.batch * s.ho * s.wo;
   let k_begin = g.z * s.k_per_split;
-  let k_end = min(k_begin + s.k_per_split, pixels);
-  var ox = k_begin % s.wo;
-  var oy = (k_begin / s.wo) % s.ho;
-  var ob = k_begin / (s.wo * s.ho);
+  let k_end = min(k_begin + s.k_per_split, s.batch * s.ho * s.wo);
+  var q = first_pixel(k_begin);
   for (var p = k_begin; p < k_end; p++) {
-    let sy = i32(oy) + ty;
-    let sx = i32(ox) + tx;
-    if (sy >= 0 && sx >= 0 && sy < i32(s.h) && sx < i32(s.w)) {
-      let xo = ((ob * s.h + u32(sy)) * s.w + u32(sx)) * s.cin;
-      fma_block(load_a_channels(xo, ci, last_ci), load_b_cols(p * s.cout, n, last_co));
-    }
-    ox += 1u;
-    if (ox == s.wo) {
-      ox = 0u;
-      oy += 1u;
-      if (oy == s.ho) {
-        oy = 0u;
-        ob += 1u;
-      }
-    }
+    let xo = shifted_offset(q, ty, tx);
+    if (xo >= 0) { fma_block(load_a_channels(u32(xo), ci, last_ci), load_b_cols(p * s.cout, n, last_co)); }
+    q = next_pixel(q);
   }
   // rows of the partial are (tap, ci): row = tap * Cin + ci
   let base = (g.z * s.m + tap * s.cin + ci) * s.n;
@@ -310,130 +320,73 @@ fn backward_data_wide(@builtin(global_invocation_id) g: vec3u) {
   store_tile(t30, first + 12u, s.m, n); store_tile(t31, first + 12u, s.m, n + 4u);
 }
 
+// The wide backward weight: a thread owns 16 rows (tap, ci) of the partial x WIDE_COLS output
+// channels, as two halves of 8 channels, (tap_lo, ci_lo..) and (tap_hi, ci_hi..).
+//   backward_weight_wide: one tap, 16 channels (tap_hi = tap_lo, ci_hi = ci_lo + 8).
+//   backward_weight_pair, for Cin <= WIDE_ROWS / 2 (group 1's second conv and group 2's first at base
+//   depth 8), where one tap has too few channels to fill the block: two neighbouring taps and their
+//   first 8 channels (tap_hi = tap_lo + 1, ci_lo = ci_hi = 0). Grid x = ceil(ceil(taps / 2) / WG).
+// Either way 24 loads feed 128 FMAs per pixel; rows past a tap's channels are not stored.
+fn wide_weight_grad(g: vec3u, tap_lo: u32, ci_lo: u32, tap_hi: u32, ci_hi: u32) {
+  let taps = s.kh * s.kw;
+  let n = g.y * WIDE_COLS; // output channel
+  if (tap_lo >= taps || n >= s.n) { return; }
+  let has_hi = tap_hi < taps;
+  let lo_y = i32(tap_lo / s.kw) - i32(s.pad);
+  let lo_x = i32(tap_lo % s.kw) - i32(s.pad);
+  let hi_y = i32(tap_hi / s.kw) - i32(s.pad);
+  let hi_x = i32(tap_hi % s.kw) - i32(s.pad);
+  let last_ci = s.cin - 1u;
+  let last_col = s.n - 1u;
+  let k_begin = g.z * s.k_per_split;
+  let k_end = min(k_begin + s.k_per_split, s.batch * s.ho * s.wo);
+  var q = first_pixel(k_begin);
+  var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
+  var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
+  for (var p = k_begin; p < k_end; p++) {
+    let xo_lo = shifted_offset(q, lo_y, lo_x);
+    let xo_hi = select(-1, shifted_offset(q, hi_y, hi_x), has_hi);
+    if (xo_lo >= 0 || xo_hi >= 0) {
+      let d = p * s.cout;
+      let b0 = load_b_cols(d, n, last_col);
+      let b1 = load_b_cols(d, n + 4u, last_col);
+      if (xo_lo >= 0) {
+        let a0 = load_a_channels(u32(xo_lo), ci_lo, last_ci);
+        let a1 = load_a_channels(u32(xo_lo), ci_lo + 4u, last_ci);
+        t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
+        t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);
+      }
+      if (xo_hi >= 0) {
+        let a2 = load_a_channels(u32(xo_hi), ci_hi, last_ci);
+        let a3 = load_a_channels(u32(xo_hi), ci_hi + 4u, last_ci);
+        t20 = tile_fma(t20, a2, b0); t21 = tile_fma(t21, a2, b1);
+        t30 = tile_fma(t30, a3, b0); t31 = tile_fma(t31, a3, b1);
+      }
+    }
+    q = next_pixel(q);
+  }
+  // rows of the partial are (tap, ci): row = tap * Cin + ci
+  let row_lo = g.z * s.m + tap_lo * s.cin;
+  store_tile(t00, row_lo + ci_lo, row_lo + s.cin, n); store_tile(t01, row_lo + ci_lo, row_lo + s.cin, n + 4u);
+  store_tile(t10, row_lo + ci_lo + 4u, row_lo + s.cin, n); store_tile(t11, row_lo + ci_lo + 4u, row_lo + s.cin, n + 4u);
+  if (has_hi) {
+    let row_hi = g.z * s.m + tap_hi * s.cin;
+    store_tile(t20, row_hi + ci_hi, row_hi + s.cin, n); store_tile(t21, row_hi + ci_hi, row_hi + s.cin, n + 4u);
+    store_tile(t30, row_hi + ci_hi + 4u, row_hi + s.cin, n);
+    store_tile(t31, row_hi + ci_hi + 4u, row_hi + s.cin, n + 4u);
+  }
+}
+
 @compute @workgroup_size(WG)
 fn backward_weight_wide(@builtin(global_invocation_id) g: vec3u) {
   let blocks_per_tap = (s.cin + WIDE_ROWS - 1u) / WIDE_ROWS;
   let tap = g.x / blocks_per_tap;
   let ci = (g.x % blocks_per_tap) * WIDE_ROWS;
-  let n = g.y * WIDE_COLS; // output channel
-  if (tap >= s.kh * s.kw || n >= s.n) { return; }
-  let ty = i32(tap / s.kw) - i32(s.pad);
-  let tx = i32(tap % s.kw) - i32(s.pad);
-  let last_ci = s.cin - 1u;
-  let last_col = s.n - 1u;
-  let pixels = s.batch * s.ho * s.wo;
-  let k_begin = g.z * s.k_per_split;
-  let k_end = min(k_begin + s.k_per_split, pixels);
-  var ox = k_begin % s.wo;
-  var oy = (k_begin / s.wo) % s.ho;
-  var ob = k_begin / (s.wo * s.ho);
-  var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
-  var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
-  for (var p = k_begin; p < k_end; p++) {
-    let sy = i32(oy) + ty;
-    let sx = i32(ox) + tx;
-    if (sy >= 0 && sx >= 0 && sy < i32(s.h) && sx < i32(s.w)) {
-      let xo = ((ob * s.h + u32(sy)) * s.w + u32(sx)) * s.cin;
-      let d = p * s.cout;
-      let b0 = load_b_cols(d, n, last_col);
-      let b1 = load_b_cols(d, n + 4u, last_col);
-      let a0 = load_a_channels(xo, ci, last_ci);
-      let a1 = load_a_channels(xo, ci + 4u, last_ci);
-      let a2 = load_a_channels(xo, ci + 8u, last_ci);
-      let a3 = load_a_channels(xo, ci + 12u, last_ci);
-      t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
-      t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);
-      t20 = tile_fma(t20, a2, b0); t21 = tile_fma(t21, a2, b1);
-      t30 = tile_fma(t30, a3, b0); t31 = tile_fma(t31, a3, b1);
-    }
-    ox += 1u;
-    if (ox == s.wo) {
-      ox = 0u;
-      oy += 1u;
-      if (oy == s.ho) {
-        oy = 0u;
-        ob += 1u;
-      }
-    }
-  }
-  // rows of the partial are (tap, ci): row = tap * Cin + ci; rows past this tap's channels are skipped
-  let base_row = g.z * s.m + tap * s.cin;
-  let rows = base_row + s.cin;
-  store_tile(t00, base_row + ci, rows, n); store_tile(t01, base_row + ci, rows, n + 4u);
-  store_tile(t10, base_row + ci + 4u, rows, n); store_tile(t11, base_row + ci + 4u, rows, n + 4u);
-  store_tile(t20, base_row + ci + 8u, rows, n); store_tile(t21, base_row + ci + 8u, rows, n + 4u);
-  store_tile(t30, base_row + ci + 12u, rows, n); store_tile(t31, base_row + ci + 12u, rows, n + 4u);
+  wide_weight_grad(g, tap, ci, tap, ci + WIDE_ROWS / 2u);
 }
 
-// backward_weight for Cin <= WIDE_ROWS / 2 (group 1's second conv and group 2's first at base depth
-// 8): one tap has too few channels to fill a wide block, so a thread takes two neighbouring taps
-// (2 t, 2 t + 1) x their first 8 channels x WIDE_COLS output channels, the same 16 x 8 block and
-// loads per FMA as backward_weight_wide. Grid: x = ceil(ceil(taps / 2) / WG), y, z as above.
 @compute @workgroup_size(WG)
 fn backward_weight_pair(@builtin(global_invocation_id) g: vec3u) {
-  let taps = s.kh * s.kw;
-  let tap_a = g.x * 2u;
-  let tap_b = tap_a + 1u;
-  let n = g.y * WIDE_COLS; // output channel
-  if (tap_a >= taps || n >= s.n) { return; }
-  let has_b = tap_b < taps;
-  let ay = i32(tap_a / s.kw) - i32(s.pad);
-  let ax = i32(tap_a % s.kw) - i32(s.pad);
-  let by = i32(tap_b / s.kw) - i32(s.pad);
-  let bx = i32(tap_b % s.kw) - i32(s.pad);
-  let last_ci = s.cin - 1u;
-  let last_col = s.n - 1u;
-  let pixels = s.batch * s.ho * s.wo;
-  let k_begin = g.z * s.k_per_split;
-  let k_end = min(k_begin + s.k_per_split, pixels);
-  var ox = k_begin % s.wo;
-  var oy = (k_begin / s.wo) % s.ho;
-  var ob = k_begin / (s.wo * s.ho);
-  var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
-  var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
-  for (var p = k_begin; p < k_end; p++) {
-    let say = i32(oy) + ay;
-    let sax = i32(ox) + ax;
-    let sby = i32(oy) + by;
-    let sbx = i32(ox) + bx;
-    let in_a = say >= 0 && sax >= 0 && say < i32(s.h) && sax < i32(s.w);
-    let in_b = has_b && sby >= 0 && sbx >= 0 && sby < i32(s.h) && sbx < i32(s.w);
-    if (in_a || in_b) {
-      let d = p * s.cout;
-      let b0 = load_b_cols(d, n, last_col);
-      let b1 = load_b_cols(d, n + 4u, last_col);
-      if (in_a) {
-        let xo = ((ob * s.h + u32(say)) * s.w + u32(sax)) * s.cin;
-        let a0 = load_a_channels(xo, 0u, last_ci);
-        let a1 = load_a_channels(xo, 4u, last_ci);
-        t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
-        t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);
-      }
-      if (in_b) {
-        let xo = ((ob * s.h + u32(sby)) * s.w + u32(sbx)) * s.cin;
-        let a2 = load_a_channels(xo, 0u, last_ci);
-        let a3 = load_a_channels(xo, 4u, last_ci);
-        t20 = tile_fma(t20, a2, b0); t21 = tile_fma(t21, a2, b1);
-        t30 = tile_fma(t30, a3, b0); t31 = tile_fma(t31, a3, b1);
-      }
-    }
-    ox += 1u;
-    if (ox == s.wo) {
-      ox = 0u;
-      oy += 1u;
-      if (oy == s.ho) {
-        oy = 0u;
-        ob += 1u;
-      }
-    }
-  }
-  // rows of the partial are (tap, ci): row = tap * Cin + ci; rows past a tap's channels are skipped
-  let row_a = g.z * s.m + tap_a * s.cin;
-  store_tile(t00, row_a, row_a + s.cin, n); store_tile(t01, row_a, row_a + s.cin, n + 4u);
-  store_tile(t10, row_a + 4u, row_a + s.cin, n); store_tile(t11, row_a + 4u, row_a + s.cin, n + 4u);
-  if (has_b) {
-    let row_b = row_a + s.cin;
-    store_tile(t20, row_b, row_b + s.cin, n); store_tile(t21, row_b, row_b + s.cin, n + 4u);
-    store_tile(t30, row_b + 4u, row_b + s.cin, n); store_tile(t31, row_b + 4u, row_b + s.cin, n + 4u);
-  }
+  wide_weight_grad(g, 2u * g.x, 0u, 2u * g.x + 1u, 0u);
 }
+
