@@ -18,7 +18,8 @@
 // backward_weight writes split z's partial sums to out[z][m][n]; reduce.wgsl sums the splits.
 // Grid: x = ceil(M / TILE_M), y = ceil(N / TILE_N), z = splits (backward_weight; else 1).
 // Bindings: 0 uniform ConvShape; 1 `a_in` (x, or dy for backward_data); 2 `b_in` (w, or dy for
-//   backward_weight); 3 `out` (y, dx or the partials).
+//   backward_weight); 3 `out` (y, dx or the partials). ConvShape, the aliases and the bindings repeat
+//   conv.wgsl's on purpose (WGSL has no include; main.ts fills both files' uniforms the same way).
 // Barriers are costly on CPU devices (lavapipe), which run conv.wgsl's *_wide kernels instead.
 
 const TILE_M: u32 = 64u;
@@ -121,9 +122,33 @@ var<private> am: u32; // the first of its 4 m there
 var<private> bk: u32; // the k row of the B slice this thread loads
 var<private> bn: u32; // the first of its 4 n there (absolute)
 
-// Each pass runs the same loop around its own slice function (WGSL has no function pointers):
-// store the fetched slice, barrier, fetch the next one into registers, multiply, barrier. The
-// barriers sit in uniform control flow: the loop bounds depend only on the shape and workgroup id.
+// The passes differ only in how a slice is fetched (WGSL has no function pointers: `which` picks it).
+const FORWARD: u32 = 0u;
+const BACKWARD_DATA: u32 = 1u;
+const BACKWARD_WEIGHT: u32 = 2u;
+
+fn fetch_slice(which: u32, k0: u32, k_end: u32) -> Slice {
+  switch which {
+    case FORWARD: { return forward_slice(k0, k_end); }
+    case BACKWARD_DATA: { return backward_data_slice(k0, k_end); }
+    default: { return backward_weight_slice(k0, k_end); }
+  }
+}
+
+// The main loop of every pass over k in [k_first, k_end): store the fetched slice, barrier, fetch the
+// next one into registers, multiply, barrier. The barriers sit in uniform control flow: the bounds
+// depend only on the shape and the workgroup id.
+fn multiply_slices(li: u32, which: u32, k_first: u32, k_end: u32) {
+  var next = fetch_slice(which, k_first, k_end);
+  for (var k0 = k_first; k0 < k_end; k0 += TILE_K) {
+    stage(next);
+    workgroupBarrier();
+    if (k0 + TILE_K < k_end) { next = fetch_slice(which, k0 + TILE_K, k_end); }
+    multiply_tiles(li);
+    workgroupBarrier();
+  }
+}
+
 fn stage(sl: Slice) {
   a_tile[ak * M4 + am / 4u] = sl.a;
   b_tile[bk * N4 + (bn % TILE_N) / 4u] = sl.b;
@@ -168,14 +193,7 @@ fn forward(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: 
   bk = li / N4; // B: neighbouring threads read neighbouring co
   bn = wg.y * TILE_N + (li % N4) * 4u;
   set_pixel_rows(m0, s.ho, s.wo);
-  var next = forward_slice(0u, k_total);
-  for (var k0 = 0u; k0 < k_total; k0 += TILE_K) {
-    stage(next);
-    workgroupBarrier();
-    if (k0 + TILE_K < k_total) { next = forward_slice(k0 + TILE_K, k_total); }
-    multiply_tiles(li);
-    workgroupBarrier();
-  }
+  multiply_slices(li, FORWARD, 0u, k_total);
   store_outputs(li, 0u, m0, wg.y * TILE_N);
 }
 
@@ -207,14 +225,7 @@ fn backward_data(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id
   bk = ak;
   bn = wg.y * TILE_N + am;
   set_pixel_rows(m0, s.h, s.w);
-  var next = backward_data_slice(0u, k_total);
-  for (var k0 = 0u; k0 < k_total; k0 += TILE_K) {
-    stage(next);
-    workgroupBarrier();
-    if (k0 + TILE_K < k_total) { next = backward_data_slice(k0 + TILE_K, k_total); }
-    multiply_tiles(li);
-    workgroupBarrier();
-  }
+  multiply_slices(li, BACKWARD_DATA, 0u, k_total);
   store_outputs(li, 0u, m0, wg.y * TILE_N);
 }
 
@@ -253,13 +264,6 @@ fn backward_weight(@builtin(local_invocation_index) li: u32, @builtin(workgroup_
     tap_dx[i] = i32(t % s.kw) - i32(s.pad);
     row_ok[i] = m < s.m;
   }
-  var next = backward_weight_slice(p_first, p_end);
-  for (var p0 = p_first; p0 < p_end; p0 += TILE_K) {
-    stage(next);
-    workgroupBarrier();
-    if (p0 + TILE_K < p_end) { next = backward_weight_slice(p0 + TILE_K, p_end); }
-    multiply_tiles(li);
-    workgroupBarrier();
-  }
+  multiply_slices(li, BACKWARD_WEIGHT, p_first, p_end);
   store_outputs(li, wg.z * s.m * s.n, m0, wg.y * TILE_N);
 }
