@@ -54,7 +54,9 @@ export type Hyp = typeof hyp;
 
 /** Element type of a tensor in GPU memory. Parameters and optimiser state are always f32. */
 export type DType = "f32" | "f16";
-export type Tensor = { buffer: GPUBuffer; offset: number; shape: number[]; dtype: DType }; // offset in bytes
+/** What a tensor holds: values in a DType, or u32 words (the max pools' argmax bytes). */
+export type Storage = DType | "u32";
+export type Tensor = { buffer: GPUBuffer; offset: number; shape: number[]; dtype: Storage }; // offset in bytes
 
 export interface Gpu {
   device: GPUDevice;
@@ -174,11 +176,11 @@ export function createBuffer(gpu: Gpu, bytes: number, usage = 0): GPUBuffer {
 
 export const numel = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
 
-const BYTES: Record<DType, number> = { f32: 4, f16: 2 };
+const BYTES: Record<Storage, number> = { f32: 4, f16: 2, u32: 4 };
 /** Bytes a tensor binds: WebGPU binds and copies whole 4-byte words, so an odd f16 count gets one more half. */
-const tensorBytes = (shape: number[], dtype: DType) => Math.ceil((numel(shape) * BYTES[dtype]) / 4) * 4;
+const tensorBytes = (shape: number[], dtype: Storage) => Math.ceil((numel(shape) * BYTES[dtype]) / 4) * 4;
 
-export function tensor(gpu: Gpu, shape: number[], dtype: DType = "f32"): Tensor {
+export function tensor(gpu: Gpu, shape: number[], dtype: Storage = "f32"): Tensor {
   const bytes = tensorBytes(shape, dtype);
   if (bytes > gpu.limits.maxBinding) {
     throw new Error(
@@ -201,7 +203,7 @@ export function upload(gpu: Gpu, data: Float32Array, shape: number[], dtype: DTy
 }
 
 /** A view of `shape` at element offset `offset` of `buffer` (offsets must be multiples of 256 bytes). */
-export const view = (buffer: GPUBuffer, offset: number, shape: number[], dtype: DType = "f32"): Tensor => ({
+export const view = (buffer: GPUBuffer, offset: number, shape: number[], dtype: Storage = "f32"): Tensor => ({
   buffer,
   offset: offset * BYTES[dtype],
   shape,
@@ -230,6 +232,7 @@ export async function readBuffer(gpu: Gpu, buffer: GPUBuffer, offsetBytes: numbe
 
 /** A tensor's values as f32 (f16 tensors are widened exactly). */
 export async function readTensor(gpu: Gpu, t: Tensor): Promise<Float32Array> {
+  if (t.dtype === "u32") throw new Error("readTensor: a u32 tensor holds words, not values: use readBuffer");
   const bytes = tensorBytes(t.shape, t.dtype);
   const raw = await readBuffer(gpu, t.buffer, t.offset, bytes);
   return t.dtype === "f16" ? Float32Array.from(new Float16Array(raw.buffer, 0, numel(t.shape))) : raw;
@@ -517,6 +520,27 @@ export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number): 
   return kernel(gpu, file, `forward${suffix}`, bindings, grid, convInfo(c));
 }
 
+/**
+ * conv2d then a 2x2 max pool (stride 2, floor) in one kernel: `y` is the pooled output [B][Ho/2][Wo/2][Cout]
+ * and `argmax` (u32 [B][Ho/2][Wo/2][ceil(Cout/4)]) records which pixel of each window won, for
+ * maxPool2Unpool. The full-size conv output is never written; the row and column the pool drops are not computed.
+ */
+export function conv2dMaxPool(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, argmax: Tensor, pad: number): Dispatch {
+  const [batch, h, wd] = x.shape, [kh, kw, , cout] = w.shape;
+  const full = [batch, h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1, cout];
+  const c = convShape(x.shape, w.shape, full, pad);
+  const pooled = [batch, c.ho >> 1, c.wo >> 1, cout];
+  if (y.shape.join() !== pooled.join() || argmax.shape.join() !== [...pooled.slice(0, 3), Math.ceil(cout / 4)].join()) {
+    throw new Error(`conv2dMaxPool: x [${x.shape}] w [${w.shape}] -> y [${y.shape}], argmax [${argmax.shape}]`);
+  }
+  if (argmax.dtype !== "u32") throw new Error("conv2dMaxPool: argmax must be a u32 tensor");
+  const m = 4 * numel(pooled.slice(0, 3)), n = cout; // rows: the 4 pixels of every pool window
+  const { file, rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
+  const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y, 4: argmax };
+  const info = { label: convInfo(c).label, flop: (convInfo(c).flop / (c.ho * c.wo)) * 4 * pooled[1] * pooled[2] };
+  return kernel(gpu, file, `forward_pool${suffix}`, bindings, grid, info);
+}
+
 /** dx = d conv / dx, given dy. */
 export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, pad: number): Dispatch {
   const c = convShape(dx.shape, w.shape, dy.shape, pad);
@@ -576,6 +600,19 @@ export function maxPool2(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
 export function maxPool2Backward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
   const u = poolUniform(gpu, x.shape, dy.shape, numel(x.shape));
   return kernel(gpu, "pool", "maxpool2_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(numel(x.shape)));
+}
+
+/** The backward of conv2dMaxPool's pool: dx (full size) = dy at each window's argmax, else 0. */
+export function maxPool2Unpool(gpu: Gpu, argmax: Tensor, dy: Tensor, dx: Tensor): Dispatch {
+  const [b, h, w, c] = dx.shape;
+  if (
+    dy.shape.join() !== [b, h >> 1, w >> 1, c].join() ||
+    argmax.shape.join() !== [b, h >> 1, w >> 1, Math.ceil(c / 4)].join()
+  ) {
+    throw new Error(`maxPool2Unpool: dy [${dy.shape}], argmax [${argmax.shape}] -> dx [${dx.shape}]`);
+  }
+  const u = poolUniform(gpu, dx.shape, dy.shape, numel(dx.shape));
+  return kernel(gpu, "pool", "maxpool2_unpool", { 0: u, 2: dy, 3: dx, 4: argmax }, grid1d(numel(dx.shape)));
 }
 
 /** y[b][c] = max over the image of x[b][:][:][c]. */
@@ -1424,7 +1461,8 @@ export function whiteningWeight(filters: number[][]): Float32Array {
 
 /** Saved activations of one ConvGroup (inputs of every backward op), and BN statistics. */
 interface GroupActs {
-  c1: Tensor; // conv1 output            [B][H][W][C]
+  c1?: Tensor; // conv1 output           [B][H][W][C] (only without FUSE_CONV_POOL: never stored when fused)
+  argmax1?: Tensor; // each pool window's winner, u32 [B][H/2][W/2][ceil(C/4)] (only with FUSE_CONV_POOL)
   p1: Tensor; // maxpool output = BN1 in [B][H/2][W/2][C]
   n1: Tensor; // BN1 output = GELU in (the same tensor as a1 when FUSE_NORM_GELU: never stored)
   a1: Tensor; // GELU output = conv2 in
@@ -1456,13 +1494,14 @@ export interface Activations {
 export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtype: DType = "f32"): Activations {
   const classes = hyp.misc.numClasses, side = IMAGE_SIDE - hyp.net.whitening.kernelSize + 1;
   const groups: GroupActs[] = [];
-  let h = side, largest = 0;
+  let h = side, largest = [0]; // the shape of the largest activation gradient (a conv1 output)
   for (const c of groupWidths(baseDepth)) {
     const full = [batch, h, h, c], pooled = [batch, h >> 1, h >> 1, c];
     const t = (shape: number[]) => tensor(gpu, shape, dtype);
     const a1 = t(pooled), a2 = t(pooled);
     groups.push({
-      c1: t(full),
+      c1: FUSE_CONV_POOL ? undefined : t(full),
+      argmax1: FUSE_CONV_POOL ? tensor(gpu, [...pooled.slice(0, 3), Math.ceil(c / 4)], "u32") : undefined,
       p1: t(pooled),
       n1: FUSE_NORM_GELU ? a1 : t(pooled),
       a1,
@@ -1472,7 +1511,7 @@ export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtyp
       stats1: tensor(gpu, [c, 2]),
       stats2: tensor(gpu, [c, 2]),
     });
-    largest = Math.max(largest, numel(full));
+    if (numel(full) > numel(largest)) largest = full;
     h >>= 1;
   }
   const c3 = groupWidths(baseDepth)[2];
@@ -1489,8 +1528,8 @@ export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtyp
     correct: tensor(gpu, [batch]),
     dlogits: tensor(gpu, [batch, classes]),
     dfeats: tensor(gpu, [batch, c3]),
-    gradA: tensor(gpu, [largest], dtype).buffer,
-    gradB: tensor(gpu, [largest], dtype).buffer,
+    gradA: tensor(gpu, largest, dtype).buffer,
+    gradB: tensor(gpu, largest, dtype).buffer,
     dtype,
   };
 }
@@ -1499,7 +1538,9 @@ export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtyp
 export function activationsWithRows(a: Activations, rows: number): Activations {
   const r = (t: Tensor) => withRows(t, rows);
   const groups = a.groups.map((g) =>
-    Object.fromEntries(Object.entries(g).map(([k, t]) => [k, k.startsWith("stats") ? t : r(t)])) as unknown as GroupActs
+    Object.fromEntries(
+      Object.entries(g).map(([k, t]) => [k, t === undefined || k.startsWith("stats") ? t : r(t)]),
+    ) as unknown as GroupActs
   );
   return {
     ...a,
@@ -1534,6 +1575,21 @@ const normParams = (P: Record<string, Tensor>, prefix: string): NormParams => ({
 export let FUSE_NORM_GELU = true;
 export const setFuseNormGelu = (on: boolean) => void (FUSE_NORM_GELU = on);
 
+/**
+ * Every group's first conv is followed by a 2x2 max pool. Fused (true), the conv kernel pools its own
+ * output and records each window's winner: the full-size conv output (4x the pooled size) is never
+ * written nor read back, and the pool's backward reads 1 byte per window instead of the 4 inputs.
+ * false: conv2d, then maxPool2 (bitwise the same results; tests/network.test.ts checks both).
+ */
+export let FUSE_CONV_POOL = true;
+export const setFuseConvPool = (on: boolean) => void (FUSE_CONV_POOL = on);
+
+/** conv1 -> 2x2 max pool of group G: fused, or the stored full-size conv output pooled by its own kernel. */
+function convMaxPool(gpu: Gpu, x: Tensor, w: Tensor, G: GroupActs): Dispatch[] {
+  if (FUSE_CONV_POOL) return [conv2dMaxPool(gpu, x, w, G.p1, G.argmax1!, 1)];
+  return [conv2d(gpu, x, w, G.c1!, 1), maxPool2(gpu, G.c1!, G.p1)];
+}
+
 /** batch norm, then GELU: a = gelu(n), n = batchnorm(x) (n is not written when fused). */
 function normGelu(gpu: Gpu, x: Tensor, p: NormParams, n: Tensor, a: Tensor, stats: Tensor, training: boolean) {
   if (FUSE_NORM_GELU) return batchNorm(gpu, x, p, a, stats, training, "gelu");
@@ -1550,8 +1606,7 @@ export function forward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, tra
   GROUPS.forEach((g, i) => {
     const G = A.groups[i];
     ops.push(
-      conv2d(gpu, input, P[`${g}.conv1.weight`], G.c1, 1),
-      maxPool2(gpu, G.c1, G.p1),
+      ...convMaxPool(gpu, input, P[`${g}.conv1.weight`], G),
       ...normGelu(gpu, G.p1, normParams(P, `${g}.norm1`), G.n1, G.a1, G.stats1, training),
       conv2d(gpu, G.a1, P[`${g}.conv2.weight`], G.c2, 1),
       ...normGelu(gpu, G.c2, normParams(P, `${g}.norm2`), G.n2, G.a2, G.stats2, training),
@@ -1602,8 +1657,8 @@ export function backward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, G:
     const da1 = next(S.a1.shape);
     ops.push(conv2dBackwardData(gpu, d, P[`${g}.conv2.weight`], da1, 1));
     const dp = normGeluBackward(S.p1, S.n1, da1, S.stats1, `${g}.norm1`);
-    const dc = next(S.c1.shape);
-    ops.push(maxPool2Backward(gpu, S.c1, dp, dc));
+    const dc = next([...input.shape.slice(0, 3), S.p1.shape[3]]); // conv1 keeps the size (3x3, pad 1)
+    ops.push(FUSE_CONV_POOL ? maxPool2Unpool(gpu, S.argmax1!, dp, dc) : maxPool2Backward(gpu, S.c1!, dp, dc));
     ops.push(...conv2dBackwardWeight(gpu, input, dc, G[`${g}.conv1.weight`], 1));
     if (i > 0) {
       // the whitening conv is frozen and the data needs no gradient: group 1 stops here

@@ -6,9 +6,13 @@ import {
   conv2d,
   conv2dBackwardData,
   conv2dBackwardWeight,
+  conv2dMaxPool,
   CONV_KERNEL_SETS,
   type Dispatch,
   initGpu,
+  maxPool2,
+  maxPool2Backward,
+  maxPool2Unpool,
   submit,
   tensor,
 } from "../main.ts";
@@ -34,6 +38,36 @@ const shapes: [string, number, number, number, number, number][] = [
 // storage, the port's first version) as the baseline, "tiled" (64 x 64 tiles in workgroup memory, the
 // GPU set) and "wide" (16 x 8, the CPU-device set).
 const sets = CONV_KERNEL_SETS;
+
+/** One submit of `list` and a wait for the GPU per iteration; the best time is printed at exit. */
+function bench(name: string, group: string, baseline: boolean, list: Dispatch[], flop?: number) {
+  let best = Infinity;
+  Deno.bench({
+    name,
+    group,
+    baseline,
+    n: 3,
+    warmup: 1,
+    async fn(b) {
+      b.start();
+      const t = performance.now();
+      submit(gpu, list);
+      await gpu.device.queue.onSubmittedWorkDone();
+      best = Math.min(best, performance.now() - t);
+      b.end();
+    },
+  });
+  addEventListener("unload", () => {
+    if (best === Infinity) return;
+    const rate = flop
+      ? `${(flop / best / 1e6).toFixed(2)} GFLOP/s (best ${best.toFixed(1)} ms, batch ${batch})${
+        peak > 0 ? `, ${((flop / best / 1e9 / peak) * 100).toFixed(1)}% of peak` : ""
+      }`
+      : `best ${best.toFixed(1)} ms (batch ${batch})`;
+    console.log(`${name.padEnd(40)} ${rate}`);
+  });
+}
+
 for (const [name, h, cin, cout, k, pad] of shapes) {
   const ho = h + 2 * pad - k + 1;
   const x = tensor(gpu, [batch, h, h, cin]), w = tensor(gpu, [k, k, cin, cout]), y = tensor(gpu, [batch, ho, ho, cout]);
@@ -46,31 +80,21 @@ for (const [name, h, cin, cout, k, pad] of shapes) {
       ["backward weight", conv2dBackwardWeight(gpu, x, y, w, pad)],
     ];
     for (const [pass, list] of passes) {
-      let best = Infinity;
-      Deno.bench({
-        name: `${name} ${pass} [${set}]`,
-        group: `${name} ${pass}`,
-        baseline: set === "block",
-        n: 3,
-        warmup: 1,
-        async fn(b) {
-          b.start();
-          const t = performance.now();
-          submit(gpu, list);
-          await gpu.device.queue.onSubmittedWorkDone();
-          best = Math.min(best, performance.now() - t);
-          b.end();
-        },
-      });
-      addEventListener("unload", () => {
-        if (best < Infinity) {
-          console.log(
-            `${`${name} ${pass} [${set}]`.padEnd(40)} ${(flop / best / 1e6).toFixed(2)} GFLOP/s (best ${
-              best.toFixed(1)
-            } ms, batch ${batch})${peak > 0 ? `, ${((flop / best / 1e9 / peak) * 100).toFixed(1)}% of peak` : ""}`,
-          );
-        }
-      });
+      bench(`${name} ${pass} [${set}]`, `${name} ${pass}`, set === "block", list, flop);
     }
   }
+  // Each group's first conv is followed by the 2x2 max pool: separate kernels (the baseline) against the conv
+  // that pools its own output (main.ts FUSE_CONV_POOL), per set; and the pool's backward against the unpool.
+  if (!name.endsWith("conv1")) continue;
+  const pooled = [batch, ho >> 1, ho >> 1, cout], p = tensor(gpu, pooled);
+  const argmax = tensor(gpu, [...pooled.slice(0, 3), Math.ceil(cout / 4)], "u32");
+  for (const set of sets) {
+    gpu.convKernels = set;
+    const group = `${name} + max pool forward [${set}]`;
+    bench(`${name} + max pool [${set}, separate]`, group, true, [conv2d(gpu, x, w, y, pad), maxPool2(gpu, y, p)]);
+    bench(`${name} + max pool [${set}, fused]`, group, false, [conv2dMaxPool(gpu, x, w, p, argmax, pad)]);
+  }
+  const group = `${name} max pool backward`, dy = tensor(gpu, y.shape);
+  bench(`${name} max pool backward [separate]`, group, true, [maxPool2Backward(gpu, y, p, dy)]);
+  bench(`${name} max pool backward [unpool]`, group, false, [maxPool2Unpool(gpu, argmax, p, dy)]);
 }

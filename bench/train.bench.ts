@@ -8,6 +8,7 @@ import {
   type ConvKernels,
   initGpu,
   loadCifar10,
+  setFuseConvPool,
   setFuseNormGelu,
   train,
   uploadDataset,
@@ -28,29 +29,42 @@ const cifar: Cifar10 = { trainImages: tr.images, trainLabels: tr.labels, testIma
 const data = uploadDataset(gpu, cifar);
 const imagesPerSecond: Record<string, number> = {};
 
-// The baseline is the port's first version: "block" conv kernels, batch norm and GELU as separate kernels. Then
-// every conv kernel set with the fused norm + GELU of today, except "tiled" on CPU devices (it is a GPU set that
-// costs seconds per barrier-heavy step on lavapipe; see bench/conv.bench.ts).
-const variants: { name: string; set: ConvKernels; fuse: boolean }[] = [
-  { name: "first version: block conv kernels, separate norm + GELU", set: "block", fuse: false },
+// The baseline is the port's first version: "block" conv kernels, no fusion (batch norm, GELU and max pool each
+// their own kernel). Then every conv kernel set with today's fusions (norm + GELU, conv + max pool), except
+// "tiled" on CPU devices (it is a GPU set that costs seconds per barrier-heavy step on lavapipe; see
+// bench/conv.bench.ts); and this device's set without the conv + max pool fusion, its latest change.
+type Variant = { name: string; set: ConvKernels; fuseNormGelu: boolean; fuseConvPool: boolean };
+const variants: Variant[] = [
+  { name: "first version: block conv kernels, no fusion", set: "block", fuseNormGelu: false, fuseConvPool: false },
   ...CONV_KERNEL_SETS.filter((set) => set !== "tiled" || defaultKernels !== "wide").map((set) => ({
-    name: `${set} conv kernels, fused norm + GELU${set === defaultKernels ? " (this device's default)" : ""}`,
+    name: `${set} conv kernels, fused norm + GELU and conv + pool${
+      set === defaultKernels ? " (this device's default)" : ""
+    }`,
     set,
-    fuse: true,
+    fuseNormGelu: true,
+    fuseConvPool: true,
   })),
+  {
+    name: `${defaultKernels} conv kernels, fused norm + GELU, separate conv and max pool`,
+    set: defaultKernels,
+    fuseNormGelu: true,
+    fuseConvPool: false,
+  },
 ];
 for (const v of variants) {
   Deno.bench({
     name: `train [${v.name}]: ${steps} steps of batch ${batch}, base depth ${baseDepth}, + eval of ${batch}`,
     group: "train",
-    baseline: !v.fuse,
+    baseline: v === variants[0],
     n: 2,
     warmup: 1,
     async fn() {
       gpu.convKernels = v.set;
-      setFuseNormGelu(v.fuse);
+      setFuseNormGelu(v.fuseNormGelu);
+      setFuseConvPool(v.fuseConvPool);
       const r = await train({ gpu, data, seed: 1, epochs: 1, baseDepth, batchSize: batch });
       setFuseNormGelu(true);
+      setFuseConvPool(true);
       imagesPerSecond[v.name] = (steps * batch) / r.trainSeconds;
     },
   });

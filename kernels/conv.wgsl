@@ -15,8 +15,15 @@
 // Grid: x = ceil(row blocks / WG), y = ceil(columns / BLOCK), z = splits (backward_weight only), where
 //   row blocks = ceil(pixels / BLOCK), or KH*KW*ceil(Cin / BLOCK) for backward_weight.
 // Inner loops walk taps, then channels (or pixels) with running counters: no integer division there.
+// forward_pool:    the forward fused with the 2x2 max pool that follows it (stride 2, floor): rows are
+//                  output pixels in 2x2-window order (window-major, then the window's 4 pixels row-major,
+//                  M = 4 x windows), so a thread's 4 rows are one window; it writes the window's max per
+//                  channel to out [B][Ho/2][Wo/2][Cout] and which pixel held it (0..3, the first on ties)
+//                  to `argmax`. The full-size output is never written; the rows and columns the pool
+//                  drops are not computed. pool.wgsl's maxpool2_unpool is its backward.
 // Bindings: 0 uniform ConvShape; 1 `a_in` (x, or dy for backward_data); 2 `b_in` (w, or dy for
-//   backward_weight); 3 `out` (y, dx or the partials).
+//   backward_weight); 3 `out` (y, dx or the partials); 4 `argmax` (forward_pool only): u32
+//   [B][Ho/2][Wo/2][ceil(Cout / 4)], byte j of a word for channel 4 * word + j.
 // Two sets of entry points compute the same results: forward/backward_data/backward_weight (4 x 4
 // outputs per thread, for GPUs) and the *_wide ones at the end (16 x 8, for CPU devices); main.ts
 // picks the set per device (Gpu.convKernels).
@@ -42,6 +49,7 @@ alias OUT_T = f32;
 @group(0) @binding(1) var<storage, read> a_in: array<A_T>;
 @group(0) @binding(2) var<storage, read> b_in: array<B_T>;
 @group(0) @binding(3) var<storage, read_write> out: array<OUT_T>;
+@group(0) @binding(4) var<storage, read_write> argmax: array<u32>;
 
 // Output tile bookkeeping: 4 accumulators (one vec4 of columns per row), and masks for the edges.
 var<private> acc0: vec4f;
@@ -63,17 +71,63 @@ fn store_row(row_base: u32, n: u32, rows_ok: bool, v: vec4f) {
   }
 }
 
+// A 4 x 4 block of accumulators (4 rows of vec4 columns), the unit every kernel stores.
+struct Tile { r0: vec4f, r1: vec4f, r2: vec4f, r3: vec4f } // 4 rows x 4 columns of accumulators
+
+fn tile_fma(t: Tile, a: vec4f, b: vec4f) -> Tile {
+  return Tile(fma(vec4f(a.x), b, t.r0), fma(vec4f(a.y), b, t.r1), fma(vec4f(a.z), b, t.r2), fma(vec4f(a.w), b, t.r3));
+}
+
+// Stores the 4 x 4 tile whose first row is `row` and first column `n`, skipping rows >= `rows`.
+fn store_tile(t: Tile, row: u32, rows: u32, n: u32) {
+  store_row(row * s.n, n, row < rows, t.r0);
+  store_row((row + 1u) * s.n, n, row + 1u < rows, t.r1);
+  store_row((row + 2u) * s.n, n, row + 2u < rows, t.r2);
+  store_row((row + 3u) * s.n, n, row + 3u < rows, t.r3);
+}
+
+// forward_pool's epilogue: the 4 rows of tile t are the 4 pixels of pool window `window` (row-major),
+// its columns the channels n..n+3 (n a multiple of 4). Writes each channel's max to out[window][..]
+// and the pixel that held it (the first on ties, as maxpool2_forward then maxpool2_backward) to argmax.
+fn store_pooled(t: Tile, window: u32, n: u32) {
+  if (window * 4u >= s.m || n >= s.n) { return; }
+  var best = t.r0;
+  var arg = vec4u(0u);
+  var take = t.r1 > best;
+  best = select(best, t.r1, take);
+  arg = select(arg, vec4u(1u), take);
+  take = t.r2 > best;
+  best = select(best, t.r2, take);
+  arg = select(arg, vec4u(2u), take);
+  take = t.r3 > best;
+  best = select(best, t.r3, take);
+  arg = select(arg, vec4u(3u), take);
+  store_row(window * s.n, n, true, best);
+  argmax[window * ((s.n + 3u) / 4u) + n / 4u] = arg.x | (arg.y << 8u) | (arg.z << 16u) | (arg.w << 24u);
+}
+
+// Row p of a [batch][rows_h][rows_w] grid as (image, y, x): row-major, or in 2x2-window order if
+// `pooled` (forward_pool), where rows 4 w .. 4 w + 3 are the pixels of pool window w.
+fn grid_pixel(p: u32, rows_h: u32, rows_w: u32, pooled: bool) -> vec3u {
+  if (!pooled) { return vec3u(p / (rows_w * rows_h), (p / rows_w) % rows_h, p % rows_w); }
+  let pool_h = rows_h / 2u;
+  let pool_w = rows_w / 2u;
+  let window = p / 4u;
+  let q = p % 4u;
+  return vec3u(window / (pool_w * pool_h), 2u * ((window / pool_w) % pool_h) + q / 2u, 2u * (window % pool_w) + q % 2u);
+}
+
 // x (or dy) offsets of 4 pixel rows for one tap; -1 where the tap falls outside the image.
 struct PixelRows { b: vec4u, y: vec4i, x: vec4i, ok: vec4<bool> }
 
-fn pixel_rows(first: u32, rows_h: u32, rows_w: u32) -> PixelRows {
+fn pixel_rows(first: u32, rows_h: u32, rows_w: u32, pooled: bool) -> PixelRows {
   var r: PixelRows;
   for (var i = 0u; i < BLOCK; i++) {
-    let p = first + i;
-    r.ok[i] = p < s.m;
-    r.x[i] = i32(p % rows_w);
-    r.y[i] = i32((p / rows_w) % rows_h);
-    r.b[i] = p / (rows_w * rows_h);
+    let p = grid_pixel(first + i, rows_h, rows_w, pooled);
+    r.ok[i] = first + i < s.m;
+    r.b[i] = p.x;
+    r.y[i] = i32(p.y);
+    r.x[i] = i32(p.z);
   }
   return r;
 }
@@ -134,12 +188,11 @@ fn shifted_offset(q: vec3u, dy: i32, dx: i32) -> i32 {
   return i32(((q.z * s.h + u32(sy)) * s.w + u32(sx)) * s.cin);
 }
 
-@compute @workgroup_size(WG)
-fn forward(@builtin(global_invocation_id) g: vec3u) {
+// The sums of a forward thread (rows g.x * BLOCK.., columns g.y * BLOCK..) into acc0..acc3.
+fn forward_sums(g: vec3u, pooled: bool) {
   let first = g.x * BLOCK;
   let n = g.y * BLOCK;
-  if (first >= s.m || n >= s.n) { return; }
-  let rows = pixel_rows(first, s.ho, s.wo);
+  let rows = pixel_rows(first, s.ho, s.wo, pooled);
   let last_col = s.n - 1u;
   for (var ky = 0u; ky < s.kh; ky++) {
     for (var kx = 0u; kx < s.kw; kx++) {
@@ -152,10 +205,22 @@ fn forward(@builtin(global_invocation_id) g: vec3u) {
       }
     }
   }
-  store_row(first * s.n, n, rows.ok[0], acc0);
-  store_row((first + 1u) * s.n, n, rows.ok[1], acc1);
-  store_row((first + 2u) * s.n, n, rows.ok[2], acc2);
-  store_row((first + 3u) * s.n, n, rows.ok[3], acc3);
+}
+
+@compute @workgroup_size(WG)
+fn forward(@builtin(global_invocation_id) g: vec3u) {
+  let first = g.x * BLOCK;
+  let n = g.y * BLOCK;
+  if (first >= s.m || n >= s.n) { return; }
+  forward_sums(g, false);
+  store_tile(Tile(acc0, acc1, acc2, acc3), first, s.m, n);
+}
+
+@compute @workgroup_size(WG)
+fn forward_pool(@builtin(global_invocation_id) g: vec3u) {
+  if (g.x * BLOCK >= s.m || g.y * BLOCK >= s.n) { return; }
+  forward_sums(g, true);
+  store_pooled(Tile(acc0, acc1, acc2, acc3), g.x, g.y * BLOCK);
 }
 
 @compute @workgroup_size(WG)
@@ -163,7 +228,7 @@ fn backward_data(@builtin(global_invocation_id) g: vec3u) {
   let first = g.x * BLOCK;
   let n = g.y * BLOCK; // input channel
   if (first >= s.m || n >= s.n) { return; }
-  let rows = pixel_rows(first, s.h, s.w);
+  let rows = pixel_rows(first, s.h, s.w, false);
   let last_col = s.n - 1u;
   for (var ky = 0u; ky < s.kh; ky++) {
     for (var kx = 0u; kx < s.kw; kx++) {
@@ -220,29 +285,15 @@ fn backward_weight(@builtin(global_invocation_id) g: vec3u) {
 const WIDE_ROWS: u32 = 16u; // 4 row groups of 4 (the code below is written out for 16 x 8)
 const WIDE_COLS: u32 = 8u; // 2 column groups of 4
 
-struct Tile { r0: vec4f, r1: vec4f, r2: vec4f, r3: vec4f } // 4 rows x 4 columns of accumulators
+// A wide thread's 16 x 8 accumulators: tile tRC holds rows 4R.. and columns 4C...
+struct WideTiles { t00: Tile, t01: Tile, t10: Tile, t11: Tile, t20: Tile, t21: Tile, t30: Tile, t31: Tile }
 
-fn tile_fma(t: Tile, a: vec4f, b: vec4f) -> Tile {
-  return Tile(fma(vec4f(a.x), b, t.r0), fma(vec4f(a.y), b, t.r1), fma(vec4f(a.z), b, t.r2), fma(vec4f(a.w), b, t.r3));
-}
-
-// Stores the 4 x 4 tile whose first row is `row` and first column `n`, skipping rows >= `rows`.
-fn store_tile(t: Tile, row: u32, rows: u32, n: u32) {
-  store_row(row * s.n, n, row < rows, t.r0);
-  store_row((row + 1u) * s.n, n, row + 1u < rows, t.r1);
-  store_row((row + 2u) * s.n, n, row + 2u < rows, t.r2);
-  store_row((row + 3u) * s.n, n, row + 3u < rows, t.r3);
-}
-
-@compute @workgroup_size(WG)
-fn forward_wide(@builtin(global_invocation_id) g: vec3u) {
-  let first = g.x * WIDE_ROWS;
-  let n = g.y * WIDE_COLS;
-  if (first >= s.m || n >= s.n) { return; }
-  let rows0 = pixel_rows(first, s.ho, s.wo);
-  let rows1 = pixel_rows(first + 4u, s.ho, s.wo);
-  let rows2 = pixel_rows(first + 8u, s.ho, s.wo);
-  let rows3 = pixel_rows(first + 12u, s.ho, s.wo);
+// The sums of a wide forward thread: rows `first`.., columns n...
+fn forward_wide_sums(first: u32, n: u32, pooled: bool) -> WideTiles {
+  let rows0 = pixel_rows(first, s.ho, s.wo, pooled);
+  let rows1 = pixel_rows(first + 4u, s.ho, s.wo, pooled);
+  let rows2 = pixel_rows(first + 8u, s.ho, s.wo, pooled);
+  let rows3 = pixel_rows(first + 12u, s.ho, s.wo, pooled);
   let last_col = s.n - 1u;
   var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
   var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
@@ -267,10 +318,33 @@ fn forward_wide(@builtin(global_invocation_id) g: vec3u) {
       }
     }
   }
-  store_tile(t00, first, s.m, n); store_tile(t01, first, s.m, n + 4u);
-  store_tile(t10, first + 4u, s.m, n); store_tile(t11, first + 4u, s.m, n + 4u);
-  store_tile(t20, first + 8u, s.m, n); store_tile(t21, first + 8u, s.m, n + 4u);
-  store_tile(t30, first + 12u, s.m, n); store_tile(t31, first + 12u, s.m, n + 4u);
+  return WideTiles(t00, t01, t10, t11, t20, t21, t30, t31);
+}
+
+@compute @workgroup_size(WG)
+fn forward_wide(@builtin(global_invocation_id) g: vec3u) {
+  let first = g.x * WIDE_ROWS;
+  let n = g.y * WIDE_COLS;
+  if (first >= s.m || n >= s.n) { return; }
+  let t = forward_wide_sums(first, n, false);
+  store_tile(t.t00, first, s.m, n); store_tile(t.t01, first, s.m, n + 4u);
+  store_tile(t.t10, first + 4u, s.m, n); store_tile(t.t11, first + 4u, s.m, n + 4u);
+  store_tile(t.t20, first + 8u, s.m, n); store_tile(t.t21, first + 8u, s.m, n + 4u);
+  store_tile(t.t30, first + 12u, s.m, n); store_tile(t.t31, first + 12u, s.m, n + 4u);
+}
+
+// forward_pool for CPU devices: a thread's 16 rows are 4 pool windows.
+@compute @workgroup_size(WG)
+fn forward_pool_wide(@builtin(global_invocation_id) g: vec3u) {
+  let first = g.x * WIDE_ROWS;
+  let n = g.y * WIDE_COLS;
+  if (first >= s.m || n >= s.n) { return; }
+  let t = forward_wide_sums(first, n, true);
+  let window = first / 4u;
+  store_pooled(t.t00, window, n); store_pooled(t.t01, window, n + 4u);
+  store_pooled(t.t10, window + 1u, n); store_pooled(t.t11, window + 1u, n + 4u);
+  store_pooled(t.t20, window + 2u, n); store_pooled(t.t21, window + 2u, n + 4u);
+  store_pooled(t.t30, window + 3u, n); store_pooled(t.t31, window + 3u, n + 4u);
 }
 
 @compute @workgroup_size(WG)
@@ -278,10 +352,10 @@ fn backward_data_wide(@builtin(global_invocation_id) g: vec3u) {
   let first = g.x * WIDE_ROWS;
   let n = g.y * WIDE_COLS; // input channel
   if (first >= s.m || n >= s.n) { return; }
-  let rows0 = pixel_rows(first, s.h, s.w);
-  let rows1 = pixel_rows(first + 4u, s.h, s.w);
-  let rows2 = pixel_rows(first + 8u, s.h, s.w);
-  let rows3 = pixel_rows(first + 12u, s.h, s.w);
+  let rows0 = pixel_rows(first, s.h, s.w, false);
+  let rows1 = pixel_rows(first + 4u, s.h, s.w, false);
+  let rows2 = pixel_rows(first + 8u, s.h, s.w, false);
+  let rows3 = pixel_rows(first + 12u, s.h, s.w, false);
   let last_col = s.n - 1u;
   var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
   var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;

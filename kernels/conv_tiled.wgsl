@@ -16,9 +16,12 @@
 // before it multiplies the current one, so global-memory latency hides behind the FMAs. Every global load walks the contiguous NHWC/HWIO dimension
 // across neighbouring threads (coalesced).
 // backward_weight writes split z's partial sums to out[z][m][n]; reduce.wgsl sums the splits.
+// forward_pool is the forward fused with the 2x2 max pool after it, as in conv.wgsl: rows m in
+// 2x2-window order, so a thread's 4 rows are one window; it writes the pooled output and `argmax`.
 // Grid: x = ceil(M / TILE_M), y = ceil(N / TILE_N), z = splits (backward_weight; else 1).
 // Bindings: 0 uniform ConvShape; 1 `a_in` (x, or dy for backward_data); 2 `b_in` (w, or dy for
-//   backward_weight); 3 `out` (y, dx or the partials). ConvShape, the aliases and the bindings repeat
+//   backward_weight); 3 `out` (y, dx or the partials); 4 `argmax` (forward_pool only, laid out as in
+//   conv.wgsl). ConvShape, the aliases and the bindings repeat
 //   conv.wgsl's on purpose (WGSL has no include; main.ts fills both files' uniforms the same way).
 // Barriers are costly on CPU devices (lavapipe), which run conv.wgsl's *_wide kernels instead.
 
@@ -49,6 +52,7 @@ alias OUT_T = f32;
 @group(0) @binding(1) var<storage, read> a_in: array<A_T>;
 @group(0) @binding(2) var<storage, read> b_in: array<B_T>;
 @group(0) @binding(3) var<storage, read_write> out: array<OUT_T>;
+@group(0) @binding(4) var<storage, read_write> argmax: array<u32>;
 
 var<workgroup> a_tile: array<vec4f, TILE_K * M4>; // [k][m / 4]
 var<workgroup> b_tile: array<vec4f, TILE_K * N4>; // [k][n / 4]
@@ -90,9 +94,16 @@ fn store_outputs(li: u32, base: u32, m0: u32, n0: u32) {
 }
 
 // Pixel p of a [batch][rows_h][rows_w] grid as (image, row, column); image -1 past the last pixel.
-fn pixel(p: u32, pixels: u32, rows_h: u32, rows_w: u32) -> vec3i {
+// `pooled` (forward_pool): p in 2x2-window order, rows 4 w .. 4 w + 3 the pixels of pool window w.
+fn pixel(p: u32, pixels: u32, rows_h: u32, rows_w: u32, pooled: bool) -> vec3i {
   if (p >= pixels) { return vec3i(-1, 0, 0); }
-  return vec3i(i32(p / (rows_w * rows_h)), i32((p / rows_w) % rows_h), i32(p % rows_w));
+  if (!pooled) { return vec3i(i32(p / (rows_w * rows_h)), i32((p / rows_w) % rows_h), i32(p % rows_w)); }
+  let pool_h = rows_h / 2u;
+  let pool_w = rows_w / 2u;
+  let window = p / 4u;
+  let q = p % 4u;
+  return vec3i(i32(window / (pool_w * pool_h)), i32(2u * ((window / pool_w) % pool_h) + q / 2u),
+               i32(2u * (window % pool_w) + q % 2u));
 }
 
 // Channel c of pixel (b, y, x) + (dy, dx) of a [batch][src_h][src_w][src_c] tensor, or 0 outside it.
@@ -155,11 +166,11 @@ fn stage(sl: Slice) {
 }
 
 // Rows m0 + am.. of A as output (or input) pixels of a [batch][rows_h][rows_w] grid.
-fn set_pixel_rows(m0: u32, rows_h: u32, rows_w: u32) {
-  r0 = pixel(m0 + am, s.m, rows_h, rows_w);
-  r1 = pixel(m0 + am + 1u, s.m, rows_h, rows_w);
-  r2 = pixel(m0 + am + 2u, s.m, rows_h, rows_w);
-  r3 = pixel(m0 + am + 3u, s.m, rows_h, rows_w);
+fn set_pixel_rows(m0: u32, rows_h: u32, rows_w: u32, pooled: bool) {
+  r0 = pixel(m0 + am, s.m, rows_h, rows_w, pooled);
+  r1 = pixel(m0 + am + 1u, s.m, rows_h, rows_w, pooled);
+  r2 = pixel(m0 + am + 2u, s.m, rows_h, rows_w, pooled);
+  r3 = pixel(m0 + am + 3u, s.m, rows_h, rows_w, pooled);
 }
 
 // b_in[row + bn ..], the 4 columns of this thread, zero past N or if !ok.
@@ -184,17 +195,42 @@ fn forward_slice(k0: u32, k_total: u32) -> Slice {
   return sl;
 }
 
-@compute @workgroup_size(WG)
-fn forward(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3u) {
-  let m0 = wg.x * TILE_M;
+fn forward_sums(li: u32, wg: vec3u, pooled: bool) {
   let k_total = s.kh * s.kw * s.cin;
   ak = li % TILE_K; // A: neighbouring threads read neighbouring ci of a pixel
   am = (li / TILE_K) * 4u;
   bk = li / N4; // B: neighbouring threads read neighbouring co
   bn = wg.y * TILE_N + (li % N4) * 4u;
-  set_pixel_rows(m0, s.ho, s.wo);
+  set_pixel_rows(wg.x * TILE_M, s.ho, s.wo, pooled);
   multiply_slices(li, FORWARD, 0u, k_total);
-  store_outputs(li, 0u, m0, wg.y * TILE_N);
+}
+
+@compute @workgroup_size(WG)
+fn forward(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3u) {
+  forward_sums(li, wg, false);
+  store_outputs(li, 0u, wg.x * TILE_M, wg.y * TILE_N);
+}
+
+@compute @workgroup_size(WG)
+fn forward_pool(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3u) {
+  forward_sums(li, wg, true);
+  // this thread's rows (a multiple of 4 on) are one pool window, its columns 4 channels
+  let window = (wg.x * TILE_M + (li / N4) * THREAD_M) / 4u;
+  let n = wg.y * TILE_N + (li % N4) * THREAD_N;
+  if (window * 4u >= s.m || n >= s.n) { return; }
+  var best = acc0;
+  var arg = vec4u(0u);
+  var take = acc1 > best;
+  best = select(best, acc1, take);
+  arg = select(arg, vec4u(1u), take);
+  take = acc2 > best;
+  best = select(best, acc2, take);
+  arg = select(arg, vec4u(2u), take);
+  take = acc3 > best;
+  best = select(best, acc3, take);
+  arg = select(arg, vec4u(3u), take);
+  store_row(window * s.n + n, n, best);
+  argmax[window * ((s.n + 3u) / 4u) + n / 4u] = arg.x | (arg.y << 8u) | (arg.z << 16u) | (arg.w << 24u);
 }
 
 // backward_data: A[m][k] = dy[pixel m - tap + pad][co], k = (tap, co); B[k][n] = w[tap][n][co]
@@ -224,7 +260,7 @@ fn backward_data(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id
   am = (li / TILE_K) * 4u;
   bk = ak;
   bn = wg.y * TILE_N + am;
-  set_pixel_rows(m0, s.h, s.w);
+  set_pixel_rows(m0, s.h, s.w, false);
   multiply_slices(li, BACKWARD_DATA, 0u, k_total);
   store_outputs(li, 0u, m0, wg.y * TILE_N);
 }
@@ -238,7 +274,7 @@ var<private> row_ok: vec4<bool>;
 
 fn backward_weight_slice(p0: u32, p_end: u32) -> Slice {
   let p = p0 + ak;
-  let r = pixel(p, p_end, s.ho, s.wo); // image -1 past this split
+  let r = pixel(p, p_end, s.ho, s.wo, false); // image -1 past this split
   var a = vec4f(0.0);
   for (var i = 0u; i < 4u; i++) {
     if (row_ok[i]) { a[i] = gather_a(r, tap_dy[i], tap_dx[i], chan[i], s.h, s.w, s.cin); }

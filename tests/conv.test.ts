@@ -8,13 +8,19 @@ import {
   conv2d,
   conv2dBackwardData,
   conv2dBackwardWeight,
+  conv2dMaxPool,
   CONV_KERNEL_SETS,
   type ConvKernels,
   type DType,
   freeSince,
   initGpu,
+  maxPool2,
+  maxPool2Backward,
+  maxPool2Unpool,
+  readBuffer,
   readTensor,
   submit,
+  tensor,
   upload,
 } from "../main.ts";
 
@@ -281,4 +287,130 @@ Deno.test("conv: gradients match central finite differences of the float64 forwa
       assert.ok(Math.abs(got.dw[j] - gw) <= 1e-4 * (1 + Math.abs(gw)), `GPU dw[${j}] ${got.dw[j]} vs fd ${gw} ${tag}`);
     });
   }
+});
+
+// ---- conv fused with the 2x2 max pool (conv2dMaxPool) and its backward (maxPool2Unpool) ----
+
+/**
+ * 2x2 max pool (stride 2, floor) of a float64 conv output: pooled values, the first maximum of each
+ * window (0..3, row-major) and the gap between the best and the runner-up (a tie within f32 rounding
+ * may go either way on the GPU).
+ */
+function maxPoolRef(y: ArrayLike<number>, [b, h, w, c]: number[]) {
+  const ph = h >> 1, pw = w >> 1, n = b * ph * pw * c;
+  const out = { y: new Float64Array(n), arg: new Uint8Array(n), gap: new Float64Array(n) };
+  for (let i = 0; i < n; i++) {
+    const ch = i % c,
+      px = Math.floor(i / c) % pw,
+      py = Math.floor(i / (c * pw)) % ph,
+      img = Math.floor(i / (c * pw * ph));
+    const v = [0, 1, 2, 3].map((q) => y[((img * h + 2 * py + (q >> 1)) * w + 2 * px + (q & 1)) * c + ch]);
+    let arg = 0;
+    for (let q = 1; q < 4; q++) if (v[q] > v[arg]) arg = q;
+    out.y[i] = v[arg];
+    out.arg[i] = arg;
+    out.gap[i] = v[arg] - Math.max(...v.filter((_, q) => q !== arg));
+  }
+  return out;
+}
+
+/** The fused pair (conv2dMaxPool, maxPool2Unpool) and the separate kernels (conv2d, maxPool2, maxPool2Backward). */
+async function runConvPool(
+  c: ConvCase,
+  x: Float32Array,
+  w: Float32Array,
+  dp: Float32Array,
+  kernels: ConvKernels,
+  act: DType,
+) {
+  const { ho, wo } = outSize(c);
+  const devices = gpu.convKernels;
+  gpu.convKernels = kernels;
+  const mark = gpu.allocated.length;
+  const garbage = (n: number) => new Float32Array(n).fill(-777.5);
+  const xs = [c.b, c.h, c.w, c.cin], ys = [c.b, ho, wo, c.cout], ps = [c.b, ho >> 1, wo >> 1, c.cout];
+  const words = c.b * (ho >> 1) * (wo >> 1) * Math.ceil(c.cout / 4);
+  const xt = upload(gpu, x, xs, act), wt = upload(gpu, w, [c.kh, c.kw, c.cin, c.cout]), dpt = upload(gpu, dp, ps, act);
+  const pooled = upload(gpu, garbage(dp.length), ps, act),
+    argmax = tensor(gpu, [...ps.slice(0, 3), Math.ceil(c.cout / 4)], "u32");
+  gpu.device.queue.writeBuffer(argmax.buffer, 0, new Uint32Array(words).fill(0xdeadbeef)); // every word must be written
+  const dx = upload(gpu, garbage(c.b * ho * wo * c.cout), ys, act);
+  const full = upload(gpu, garbage(c.b * ho * wo * c.cout), ys, act),
+    sepPooled = upload(gpu, garbage(dp.length), ps, act);
+  const sepDx = upload(gpu, garbage(c.b * ho * wo * c.cout), ys, act);
+  submit(gpu, [
+    conv2dMaxPool(gpu, xt, wt, pooled, argmax, c.pad),
+    maxPool2Unpool(gpu, argmax, dpt, dx),
+    conv2d(gpu, xt, wt, full, c.pad),
+    maxPool2(gpu, full, sepPooled),
+    maxPool2Backward(gpu, full, dpt, sepDx),
+  ]);
+  const got = {
+    pooled: await readTensor(gpu, pooled),
+    argmax: new Uint32Array((await readBuffer(gpu, argmax.buffer, 0, words * 4)).buffer),
+    dx: await readTensor(gpu, dx),
+    sepPooled: await readTensor(gpu, sepPooled),
+    sepDx: await readTensor(gpu, sepDx),
+  };
+  checkGpu(gpu);
+  freeSince(gpu, mark);
+  gpu.convKernels = devices;
+  return got;
+}
+
+async function checkConvPool(c: ConvCase, seed: number, act: DType = "f32") {
+  const rng = new Prng(seed);
+  const { ho, wo } = outSize(c);
+  const round = (a: Float32Array) => act === "f16" ? toF16(a) : a;
+  const x = round(rng.normals(c.b * c.h * c.w * c.cin)), dp = round(rng.normals(c.b * (ho >> 1) * (wo >> 1) * c.cout));
+  const w = rng.normals(c.kh * c.kw * c.cin * c.cout, 1 / Math.sqrt(c.kh * c.kw * c.cin));
+  const ref = maxPoolRef(convRef(c, x, w), [c.b, ho, wo, c.cout]);
+  const words = Math.ceil(c.cout / 4);
+  for (const kernels of KERNEL_SETS) {
+    const got = await runConvPool(c, x, w, dp, kernels, act), tag = `${JSON.stringify(c)} (${kernels} kernels, ${act})`;
+    // the fused kernels compute every sum in the same order as the separate ones: the same bits
+    assert.deepEqual(got.pooled, got.sepPooled, `conv2dMaxPool vs conv2d + maxPool2 ${tag}`);
+    assert.deepEqual(got.dx, got.sepDx, `maxPool2Unpool vs maxPool2Backward ${tag}`);
+    // and against the float64 reference: pooled values, and each window's winner unless it is a near-tie
+    if (act === "f32") assertClose(`conv2dMaxPool ${tag}`, got.pooled, ref.y);
+    else {
+      got.pooled.forEach((v, i) => {
+        assert.ok(Math.abs(v - ref.y[i]) <= 2 ** -11 * Math.abs(ref.y[i]) + 1e-4, `${tag}[${i}]: ${v} vs ${ref.y[i]}`);
+      });
+    }
+    let decided = 0;
+    for (let i = 0; i < ref.arg.length; i++) {
+      const ch = i % c.cout, byte = (got.argmax[Math.floor(i / c.cout) * words + (ch >> 2)] >>> (8 * (ch % 4))) & 0xff;
+      assert.ok(byte < 4, `argmax ${tag}[${i}] = ${byte}: not written`);
+      if (ref.gap[i] > (act === "f16" ? 1e-2 : 1e-4)) {
+        assert.equal(byte, ref.arg[i], `argmax ${tag}[${i}] (gap ${ref.gap[i]})`);
+        decided++;
+      }
+    }
+    assert.ok(decided > 0.9 * ref.arg.length, `only ${decided} of ${ref.arg.length} windows have a clear winner`);
+    // the unpool's gradient sits at the winner of each window, zero elsewhere and on the dropped row/column
+    for (let i = 0; i < got.dx.length; i++) {
+      const ch = i % c.cout, ix = Math.floor(i / c.cout) % wo, iy = Math.floor(i / (c.cout * wo)) % ho;
+      const img = Math.floor(i / (c.cout * wo * ho)), px = ix >> 1, py = iy >> 1;
+      let want = 0;
+      if (py < ho >> 1 && px < wo >> 1) {
+        const o = ((img * (ho >> 1) + py) * (wo >> 1) + px) * c.cout + ch;
+        const byte = (got.argmax[Math.floor(o / c.cout) * words + (ch >> 2)] >>> (8 * (ch % 4))) & 0xff;
+        if (byte === 2 * (iy & 1) + (ix & 1)) want = dp[o];
+      }
+      assert.equal(got.dx[i], want, `maxPool2Unpool ${tag}[${i}]`);
+    }
+  }
+}
+
+Deno.test("conv + max pool fused: odd output sizes (dropped row/column), Cout 6 and 67 (partial words and tiles)", async () => {
+  // output 7x9 -> pooled 3x4: 96 rows in window order (a partial 64-row tile), Cout 6: a half-used argmax word
+  await checkConvPool({ b: 2, h: 7, w: 9, cin: 3, cout: 6, kh: 3, kw: 3, pad: 1 }, 31);
+  // 15x15 -> 7x7, Cout 67: partial column tiles and blocks everywhere, 588 rows
+  await checkConvPool({ b: 3, h: 15, w: 15, cin: 8, cout: 67, kh: 3, kw: 3, pad: 1 }, 32);
+});
+
+Deno.test("conv + max pool fused: group 1's shape (31x31, Cin 24 -> 8) and f16 storage", async () => {
+  await checkConvPool({ b: 2, h: 31, w: 31, cin: 24, cout: 8, kh: 3, kw: 3, pad: 1 }, 33);
+  await checkConvPool({ b: 2, h: 7, w: 9, cin: 5, cout: 13, kh: 3, kw: 3, pad: 1 }, 34, "f16");
 });

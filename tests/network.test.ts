@@ -15,6 +15,7 @@ import {
   readTensor,
   Rng,
   setFrame,
+  setFuseConvPool,
   setFuseNormGelu,
   stateSpec,
   stateViews,
@@ -23,9 +24,13 @@ import {
 
 const gpu = await initGpu();
 
-/** The network's gradients at a fixed random point, and a central finite difference for 3 entries of each tensor. */
-async function checkNetworkGradients(fuseNormGelu: boolean) {
+/**
+ * The network's gradients at a fixed random point, and (if `fd`) a central finite difference for 3 entries of
+ * each tensor.
+ */
+async function checkNetworkGradients(fuseNormGelu: boolean, fuseConvPool = true, fd = true) {
   setFuseNormGelu(fuseNormGelu); // read when the activations and programs are built
+  setFuseConvPool(fuseConvPool);
   const B = 4, baseDepth = 2, rng = new Rng(3);
   const layout = layoutState(stateSpec(baseDepth));
   const whiten = new Float32Array(2 * 2 * 3 * 24).map(() => rng.next() - 0.5);
@@ -48,6 +53,10 @@ async function checkNetworkGradients(fuseNormGelu: boolean) {
   gpu.device.queue.writeBuffer(state, 0, init);
   submit(gpu, [...fwd, ...backward(gpu, A, P, G)]);
   const g = await readBuffer(gpu, grads, 0, layout.nTotal * 4);
+  const loss = await readTensor(gpu, A.loss);
+  setFuseNormGelu(true);
+  setFuseConvPool(true);
+  if (!fd) return { g: g.slice(0, layout.nTrainable), loss };
   const eps = 2e-3;
   let checked = 0;
   for (const [name, e] of layout.entries) {
@@ -68,14 +77,20 @@ async function checkNetworkGradients(fuseNormGelu: boolean) {
     }
   }
   assert.equal(checked, 3 * 13); // 6 convs, 6 BN shifts, the linear head
-  setFuseNormGelu(true);
-  return g.slice(0, layout.nTrainable);
+  return { g: g.slice(0, layout.nTrainable), loss };
 }
 
 Deno.test("network gradients match finite differences of the forward pass (every trainable tensor)", async () => {
-  const fused = await checkNetworkGradients(true), separate = await checkNetworkGradients(false);
+  const fused = (await checkNetworkGradients(true)).g, separate = (await checkNetworkGradients(false)).g;
   // the fused batch norm + GELU computes the same gradients as the separate kernels, up to f32 rounding
   let worst = 0, scale = 0;
   fused.forEach((v, i) => [worst, scale] = [Math.max(worst, Math.abs(v - separate[i])), Math.max(scale, Math.abs(v))]);
   assert.ok(worst <= 1e-4 * scale, `fused vs separate norm+GELU gradients differ by ${worst} (scale ${scale})`);
+});
+
+Deno.test("network: conv + max pool fused gives the same loss and gradients, bit for bit, as separate kernels", async () => {
+  const fused = await checkNetworkGradients(true, true, false),
+    separate = await checkNetworkGradients(true, false, false);
+  assert.deepEqual(fused.loss, separate.loss);
+  assert.deepEqual(fused.g, separate.g);
 });
