@@ -483,9 +483,12 @@ function convBlock(gpu: Gpu, set = gpu.convKernels) {
     cols: kernelConst(gpu, k.file, k.cols),
   };
 }
-// backward-weight split-K: aim for `target` pixels per split and at most `max` splits, but never more
-// than `longest` pixels per thread (lavapipe silently stops a shader after ~65,535 loop iterations)
-const CONV_SPLIT_K = { target: 8192, max: 32, longest: 16384 };
+// backward-weight split-K over the pixels. conv.wgsl (CPU devices): aim for `target` pixels per split and at most
+// `max` splits. conv_tiled.wgsl (GPUs): the weight gradient has few 64 x 64 tiles (group 1's first conv at base
+// depth 64: 4), so split until the grid has `tiledWorkgroups` workgroups, enough to fill a large GPU (an H100 holds
+// 132 SMs x 8 of them), each split summing at least `tiledLeast` pixels. Either way never more than `longest` pixels
+// per thread (lavapipe silently stops a shader after ~65,535 loop iterations).
+const CONV_SPLIT_K = { target: 8192, max: 32, tiledWorkgroups: 1024, tiledLeast: 256, longest: 16384 };
 
 function convShape(x: number[], w: number[], y: number[], pad: number) {
   const [batch, h, wd, cin] = x, [kh, kw, wcin, cout] = w, [yb, ho, wo, ycout] = y;
@@ -554,10 +557,12 @@ export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, 
 export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor, pad: number): Dispatch[] {
   const c = convShape(x.shape, dw.shape, dy.shape, pad);
   const m = c.kh * c.kw * c.cin, n = c.cout, pixels = c.batch * c.ho * c.wo;
-  let splits = Math.max(
-    Math.ceil(pixels / CONV_SPLIT_K.longest),
-    Math.min(CONV_SPLIT_K.max, Math.ceil(pixels / CONV_SPLIT_K.target)),
-  );
+  let splits = Math.min(CONV_SPLIT_K.max, Math.ceil(pixels / CONV_SPLIT_K.target));
+  if (gpu.convKernels === "tiled") {
+    const { rows, cols } = convBlock(gpu), tiles = Math.ceil(m / rows) * Math.ceil(n / cols);
+    splits = Math.min(Math.ceil(CONV_SPLIT_K.tiledWorkgroups / tiles), Math.floor(pixels / CONV_SPLIT_K.tiledLeast));
+  }
+  splits = Math.max(1, splits, Math.ceil(pixels / CONV_SPLIT_K.longest));
   const kps = Math.ceil(pixels / splits);
   splits = Math.ceil(pixels / kps);
   const partials = tensor(gpu, [splits, m, n]);
