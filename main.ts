@@ -77,19 +77,22 @@ export interface Gpu {
  * The conv kernel sets, each computing the same three passes: "tiled" (kernels/conv_tiled.wgsl,
  * implicit GEMM with 64 x 64 tiles staged in workgroup memory, 4 x 4 outputs per thread) is the
  * classic GPU schedule and the default on GPUs; "block" (kernels/conv.wgsl, 4 x 4 outputs per thread
- * read straight from storage) is the port's first version; "wide" (conv.wgsl, 16 x 8 per thread) is
- * for CPU devices such as lavapipe, where a barrier costs microseconds and each storage load is a
- * per-lane gather that costs far more than the FMAs it feeds (measured in bench/RESULTS.md).
+ * read straight from storage) is the port's first version; "wide" (conv.wgsl, 16 x 8 per thread, or
+ * 32 x 16 for passes with 16 columns or more) is for CPU devices such as lavapipe, where a barrier costs
+ * microseconds and each storage load is a per-lane gather that costs far more than the FMAs it feeds
+ * (measured in bench/RESULTS.md).
  * `--conv-kernels` (or gpu.convKernels) overrides the choice initGpu makes from the adapter's name.
  */
 export type ConvKernels = "tiled" | "block" | "wide";
 export const CONV_KERNEL_SETS: ConvKernels[] = ["tiled", "block", "wide"];
 // per set: WGSL file, entry-point suffix, and the names of its constants (threads per workgroup
-// along the rows, rows and columns of outputs per thread, or per workgroup for "tiled")
+// along the rows, rows and columns of outputs per thread, or per workgroup for "tiled"); "wide2" is
+// the wide set's bigger block, for passes with at least WIDE2_COLS columns (convPick)
 const CONV_KERNELS = {
   tiled: { file: "conv_tiled", suffix: "", wg: "", rows: "TILE_M", cols: "TILE_N" },
   block: { file: "conv", suffix: "", wg: "WG", rows: "BLOCK", cols: "BLOCK" },
   wide: { file: "conv", suffix: "_wide", wg: "WG", rows: "WIDE_ROWS", cols: "WIDE_COLS" },
+  wide2: { file: "conv", suffix: "_wide2", wg: "WG", rows: "WIDE2_ROWS", cols: "WIDE2_COLS" },
 } as const;
 const CPU_DEVICE = /llvmpipe|lavapipe|swiftshader|\bwarp\b/i; // software rasterisers running on the CPU
 
@@ -373,6 +376,26 @@ export function submit(gpu: Gpu, list: Dispatch[], after?: (enc: GPUCommandEncod
 }
 
 /**
+ * Dispatches each distinct pipeline of `list` over an empty grid, and waits. Some drivers compile a pipeline at
+ * its first dispatch (lavapipe: up to ~20 s for a big conv kernel on a cold shader cache); this puts that before
+ * any clock starts. Nothing runs, nothing is written, and the profiler does not see it.
+ */
+export async function compilePipelines(gpu: Gpu, list: Dispatch[]) {
+  const seen = new Set<GPUComputePipeline>();
+  const enc = gpu.device.createCommandEncoder(), pass = enc.beginComputePass();
+  for (const d of list) {
+    if (seen.has(d.pipeline)) continue;
+    seen.add(d.pipeline);
+    pass.setPipeline(d.pipeline);
+    pass.setBindGroup(0, d.bindGroup);
+    pass.dispatchWorkgroups(0, 0, 0);
+  }
+  pass.end();
+  gpu.device.queue.submit([enc.finish()]);
+  await gpu.device.queue.onSubmittedWorkDone();
+}
+
+/**
  * --profile: every dispatch gets its own compute pass with timestamps; after each submit the
  * caller awaits `collect()` (one readback per submit: profiled runs are slower, their table is not).
  */
@@ -473,7 +496,7 @@ export function setKernelConst(gpu: Gpu, file: string, name: string, value: numb
 
 /** The conv kernel set of this device (or `set`): file, entry-point suffix, threads per workgroup along
  * the rows, outputs per thread (rows x cols); a "tiled" workgroup is one unit of TILE_M x TILE_N outputs. */
-function convBlock(gpu: Gpu, set = gpu.convKernels) {
+function convBlock(gpu: Gpu, set: keyof typeof CONV_KERNELS = gpu.convKernels) {
   const k = CONV_KERNELS[set];
   return {
     file: k.file,
@@ -508,8 +531,23 @@ const convInfo = (c: ReturnType<typeof convShape>) => ({
   flop: 2 * c.batch * c.ho * c.wo * c.cout * c.cin * c.kh * c.kw,
 });
 
+/** True if `n` rows or columns fill blocks of `block` with at most a fifth of them padding. */
+const fills = (n: number, block: number) => Math.ceil(n / block) * block <= 1.25 * n;
+
+/** The kernels of a pass with `n` columns: this device's set, except that "wide" runs its 32 x 16 block where the
+ * columns fill it (on lavapipe 1.2-1.5x the 16 x 8 block's speed there, bench/RESULTS.md). */
+function convPick(gpu: Gpu, n: number): keyof typeof CONV_KERNELS {
+  return gpu.convKernels === "wide" && fills(n, kernelConst(gpu, "conv", "WIDE2_COLS")) ? "wide2" : gpu.convKernels;
+}
+
 /** Grid of a conv kernel: each thread owns `rows` x `cols` outputs; workgroups of WG threads run along rows. */
-function convGrid(gpu: Gpu, rowBlocks: number, n: number, splits = 1, set = gpu.convKernels): [number, number, number] {
+function convGrid(
+  gpu: Gpu,
+  rowBlocks: number,
+  n: number,
+  splits = 1,
+  set: keyof typeof CONV_KERNELS = gpu.convKernels,
+): [number, number, number] {
   const { wg, cols } = convBlock(gpu, set);
   return [Math.ceil(rowBlocks / wg), Math.ceil(n / cols), splits];
 }
@@ -518,7 +556,8 @@ function convGrid(gpu: Gpu, rowBlocks: number, n: number, splits = 1, set = gpu.
 export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number): Dispatch {
   const c = convShape(x.shape, w.shape, y.shape, pad);
   const m = c.batch * c.ho * c.wo, n = c.cout;
-  const { file, rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
+  const set = convPick(gpu, n), { file, rows, suffix } = convBlock(gpu, set);
+  const grid = convGrid(gpu, Math.ceil(m / rows), n, 1, set);
   const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y };
   return kernel(gpu, file, `forward${suffix}`, bindings, grid, convInfo(c));
 }
@@ -538,7 +577,8 @@ export function conv2dMaxPool(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, argmax:
   }
   if (argmax.dtype !== "u32") throw new Error("conv2dMaxPool: argmax must be a u32 tensor");
   const m = 4 * numel(pooled.slice(0, 3)), n = cout; // rows: the 4 pixels of every pool window
-  const { file, rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
+  const set = convPick(gpu, n), { file, rows, suffix } = convBlock(gpu, set);
+  const grid = convGrid(gpu, Math.ceil(m / rows), n, 1, set);
   const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y, 4: argmax };
   const info = { label: convInfo(c).label, flop: (convInfo(c).flop / (c.ho * c.wo)) * 4 * pooled[1] * pooled[2] };
   return kernel(gpu, file, `forward_pool${suffix}`, bindings, grid, info);
@@ -548,7 +588,8 @@ export function conv2dMaxPool(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, argmax:
 export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, pad: number): Dispatch {
   const c = convShape(dx.shape, w.shape, dy.shape, pad);
   const m = c.batch * c.h * c.w, n = c.cin;
-  const { file, rows, suffix } = convBlock(gpu), grid = convGrid(gpu, Math.ceil(m / rows), n);
+  const set = convPick(gpu, n), { file, rows, suffix } = convBlock(gpu, set);
+  const grid = convGrid(gpu, Math.ceil(m / rows), n, 1, set);
   const u = convUniform(gpu, c, pad, m, n);
   return kernel(gpu, file, `backward_data${suffix}`, { 0: u, 1: dy, 2: w, 3: dx }, grid, convInfo(c));
 }
@@ -567,10 +608,17 @@ export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor
   splits = Math.ceil(pixels / kps);
   const partials = tensor(gpu, [splits, m, n]);
   // A wide thread covers 16 input channels of one tap. With at most 8, "pair" threads take 2 taps x 8 channels
-  // instead; with 9 to 15, most of a wide thread's loads would be wasted, and the block kernel runs.
-  const wideRows = kernelConst(gpu, "conv", "WIDE_ROWS");
-  const pair = gpu.convKernels === "wide" && c.cin <= wideRows / 2;
-  const set = gpu.convKernels === "wide" && c.cin < wideRows && !pair ? "block" : gpu.convKernels;
+  // instead; with 9 to 15, most of a wide thread's loads would be wasted, and the block kernel runs; where the input
+  // channels fill 32 rows and the output channels 16 columns, the 32 x 16 block.
+  const wideRows = kernelConst(gpu, "conv", "WIDE_ROWS"), wide2Rows = kernelConst(gpu, "conv", "WIDE2_ROWS");
+  const wide = gpu.convKernels === "wide", pair = wide && c.cin <= wideRows / 2;
+  const set = !wide
+    ? gpu.convKernels
+    : fills(c.cin, wide2Rows) && convPick(gpu, n) === "wide2"
+    ? "wide2"
+    : c.cin < wideRows && !pair
+    ? "block"
+    : "wide";
   const { file, rows, suffix } = convBlock(gpu, set);
   // conv.wgsl's threads own `rows` channels of one tap (pair: 2 taps); a conv_tiled.wgsl workgroup, TILE_M rows of (tap, channel)
   const taps = c.kh * c.kw;
@@ -1929,6 +1977,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
     );
     const { state, ema, stateBytes, perm, augParams, metrics, half } = run;
     const { trainForward, firstBatchMetrics, update, emaStep, evalNet, evalEma } = run;
+    await compilePipelines(gpu, [...trainForward, firstBatchMetrics, ...update, emaStep, ...evalNet, ...evalEma]);
 
     // ---- the epoch loop: the CPU only waits at the end of each epoch's steps (for the clock) and after eval
     const epochs: EpochMetrics[] = [];

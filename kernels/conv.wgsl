@@ -288,6 +288,28 @@ const WIDE_COLS: u32 = 8u; // 2 column groups of 4
 // A wide thread's 16 x 8 accumulators: tile tRC holds rows 4R.. and columns 4C...
 struct WideTiles { t00: Tile, t01: Tile, t10: Tile, t11: Tile, t20: Tile, t21: Tile, t30: Tile, t31: Tile }
 
+// t += (16 rows a0..a3) x (8 columns b0, b1)
+fn wide_fma(t: WideTiles, a0: vec4f, a1: vec4f, a2: vec4f, a3: vec4f, b0: vec4f, b1: vec4f) -> WideTiles {
+  return WideTiles(tile_fma(t.t00, a0, b0), tile_fma(t.t01, a0, b1), tile_fma(t.t10, a1, b0), tile_fma(t.t11, a1, b1),
+                   tile_fma(t.t20, a2, b0), tile_fma(t.t21, a2, b1), tile_fma(t.t30, a3, b0), tile_fma(t.t31, a3, b1));
+}
+
+// Stores the 16 x 8 block whose first row is `row` and first column `n`, skipping rows >= `rows`.
+fn store_wide(t: WideTiles, row: u32, rows: u32, n: u32) {
+  store_tile(t.t00, row, rows, n); store_tile(t.t01, row, rows, n + 4u);
+  store_tile(t.t10, row + 4u, rows, n); store_tile(t.t11, row + 4u, rows, n + 4u);
+  store_tile(t.t20, row + 8u, rows, n); store_tile(t.t21, row + 8u, rows, n + 4u);
+  store_tile(t.t30, row + 12u, rows, n); store_tile(t.t31, row + 12u, rows, n + 4u);
+}
+
+// forward_pool's store of a 16 x 8 block whose rows are the pool windows `window`.. window + 3.
+fn pool_wide(t: WideTiles, window: u32, n: u32) {
+  store_pooled(t.t00, window, n); store_pooled(t.t01, window, n + 4u);
+  store_pooled(t.t10, window + 1u, n); store_pooled(t.t11, window + 1u, n + 4u);
+  store_pooled(t.t20, window + 2u, n); store_pooled(t.t21, window + 2u, n + 4u);
+  store_pooled(t.t30, window + 3u, n); store_pooled(t.t31, window + 3u, n + 4u);
+}
+
 // The sums of a wide forward thread: rows `first`.., columns n...
 fn forward_wide_sums(first: u32, n: u32, pooled: bool) -> WideTiles {
   let rows0 = pixel_rows(first, s.ho, s.wo, pooled);
@@ -326,11 +348,7 @@ fn forward_wide(@builtin(global_invocation_id) g: vec3u) {
   let first = g.x * WIDE_ROWS;
   let n = g.y * WIDE_COLS;
   if (first >= s.m || n >= s.n) { return; }
-  let t = forward_wide_sums(first, n, false);
-  store_tile(t.t00, first, s.m, n); store_tile(t.t01, first, s.m, n + 4u);
-  store_tile(t.t10, first + 4u, s.m, n); store_tile(t.t11, first + 4u, s.m, n + 4u);
-  store_tile(t.t20, first + 8u, s.m, n); store_tile(t.t21, first + 8u, s.m, n + 4u);
-  store_tile(t.t30, first + 12u, s.m, n); store_tile(t.t31, first + 12u, s.m, n + 4u);
+  store_wide(forward_wide_sums(first, n, false), first, s.m, n);
 }
 
 // forward_pool for CPU devices: a thread's 16 rows are 4 pool windows.
@@ -339,12 +357,7 @@ fn forward_pool_wide(@builtin(global_invocation_id) g: vec3u) {
   let first = g.x * WIDE_ROWS;
   let n = g.y * WIDE_COLS;
   if (first >= s.m || n >= s.n) { return; }
-  let t = forward_wide_sums(first, n, true);
-  let window = first / 4u;
-  store_pooled(t.t00, window, n); store_pooled(t.t01, window, n + 4u);
-  store_pooled(t.t10, window + 1u, n); store_pooled(t.t11, window + 1u, n + 4u);
-  store_pooled(t.t20, window + 2u, n); store_pooled(t.t21, window + 2u, n + 4u);
-  store_pooled(t.t30, window + 3u, n); store_pooled(t.t31, window + 3u, n + 4u);
+  pool_wide(forward_wide_sums(first, n, true), first / 4u, n);
 }
 
 @compute @workgroup_size(WG)
@@ -464,3 +477,157 @@ fn backward_weight_pair(@builtin(global_invocation_id) g: vec3u) {
   wide_weight_grad(g, 2u * g.x, 0u, 2u * g.x + 1u, 0u);
 }
 
+
+// ---- Wide2 variants, for CPU devices, of the passes with 16 columns or more (output channels for
+// forward and backward weight, input channels for backward data; backward weight also needs 32 input
+// channels): each thread owns WIDE2_ROWS x WIDE2_COLS = 32 x 16 outputs, held as 2 x 2 wide blocks
+// (qRC: rows 16R.., columns 8C..). 48 loads feed 512 FMAs (16 x 8: 24 loads, 128 FMAs): 1.2-1.5x the
+// 16 x 8 kernels' speed on lavapipe where the columns fill the block (a 32 x 32 block measured a little
+// faster still, but took ~18 s to compile per kernel against ~5 s; bench/RESULTS.md).
+// Same layouts, bindings and results as the kernels above (each output's sum in the same order).
+// Grid: x = ceil(ceil(rows / WIDE2_ROWS) / WG), y = ceil(columns / WIDE2_COLS), z = splits.
+
+const WIDE2_ROWS: u32 = 32u; // the code below is written out for 32 x 16
+const WIDE2_COLS: u32 = 16u;
+
+struct Wide2 { q00: WideTiles, q01: WideTiles, q10: WideTiles, q11: WideTiles }
+
+fn store_wide2(q: Wide2, row: u32, rows: u32, n: u32) {
+  store_wide(q.q00, row, rows, n); store_wide(q.q01, row, rows, n + 8u);
+  store_wide(q.q10, row + 16u, rows, n); store_wide(q.q11, row + 16u, rows, n + 8u);
+}
+
+fn forward_wide2_sums(first: u32, n: u32, pooled: bool) -> Wide2 {
+  let rows0 = pixel_rows(first, s.ho, s.wo, pooled);
+  let rows1 = pixel_rows(first + 4u, s.ho, s.wo, pooled);
+  let rows2 = pixel_rows(first + 8u, s.ho, s.wo, pooled);
+  let rows3 = pixel_rows(first + 12u, s.ho, s.wo, pooled);
+  let rows4 = pixel_rows(first + 16u, s.ho, s.wo, pooled);
+  let rows5 = pixel_rows(first + 20u, s.ho, s.wo, pooled);
+  let rows6 = pixel_rows(first + 24u, s.ho, s.wo, pooled);
+  let rows7 = pixel_rows(first + 28u, s.ho, s.wo, pooled);
+  let last_col = s.n - 1u;
+  var q00: WideTiles; var q01: WideTiles; var q10: WideTiles; var q11: WideTiles;
+  for (var ky = 0u; ky < s.kh; ky++) {
+    for (var kx = 0u; kx < s.kw; kx++) {
+      let dy = i32(ky) - i32(s.pad);
+      let dx = i32(kx) - i32(s.pad);
+      let o0 = tap_offsets(rows0, dy, dx, s.h, s.w, s.cin); let o1 = tap_offsets(rows1, dy, dx, s.h, s.w, s.cin);
+      let o2 = tap_offsets(rows2, dy, dx, s.h, s.w, s.cin); let o3 = tap_offsets(rows3, dy, dx, s.h, s.w, s.cin);
+      let o4 = tap_offsets(rows4, dy, dx, s.h, s.w, s.cin); let o5 = tap_offsets(rows5, dy, dx, s.h, s.w, s.cin);
+      let o6 = tap_offsets(rows6, dy, dx, s.h, s.w, s.cin); let o7 = tap_offsets(rows7, dy, dx, s.h, s.w, s.cin);
+      var w_row = (ky * s.kw + kx) * s.cin * s.cout; // w[ky][kx][0][0]
+      for (var ci = 0u; ci < s.cin; ci++) {
+        let b0 = load_b_cols(w_row, n, last_col); let b1 = load_b_cols(w_row, n + 4u, last_col);
+        let b2 = load_b_cols(w_row, n + 8u, last_col); let b3 = load_b_cols(w_row, n + 12u, last_col);
+        let a0 = load_a(o0, ci); let a1 = load_a(o1, ci); let a2 = load_a(o2, ci); let a3 = load_a(o3, ci);
+        let a4 = load_a(o4, ci); let a5 = load_a(o5, ci); let a6 = load_a(o6, ci); let a7 = load_a(o7, ci);
+        q00 = wide_fma(q00, a0, a1, a2, a3, b0, b1); q01 = wide_fma(q01, a0, a1, a2, a3, b2, b3);
+        q10 = wide_fma(q10, a4, a5, a6, a7, b0, b1); q11 = wide_fma(q11, a4, a5, a6, a7, b2, b3);
+        w_row += s.cout;
+      }
+    }
+  }
+  return Wide2(q00, q01, q10, q11);
+}
+
+@compute @workgroup_size(WG)
+fn forward_wide2(@builtin(global_invocation_id) g: vec3u) {
+  let first = g.x * WIDE2_ROWS;
+  let n = g.y * WIDE2_COLS;
+  if (first >= s.m || n >= s.n) { return; }
+  store_wide2(forward_wide2_sums(first, n, false), first, s.m, n);
+}
+
+// forward_pool for CPU devices, 32 x 16: a thread's 32 rows are 8 pool windows.
+@compute @workgroup_size(WG)
+fn forward_pool_wide2(@builtin(global_invocation_id) g: vec3u) {
+  let first = g.x * WIDE2_ROWS;
+  let n = g.y * WIDE2_COLS;
+  if (first >= s.m || n >= s.n) { return; }
+  let q = forward_wide2_sums(first, n, true);
+  let window = first / 4u;
+  pool_wide(q.q00, window, n); pool_wide(q.q01, window, n + 8u);
+  pool_wide(q.q10, window + 4u, n); pool_wide(q.q11, window + 4u, n + 8u);
+}
+
+// w[tap][ci][co] for the 4 input channels (columns) c.. of backward data, clamped at the last one.
+fn load_w_rows(w_tap: u32, c: u32, co: u32, last_col: u32) -> vec4f {
+  return vec4f(f32(b_in[w_tap + c * s.cout + co]), f32(b_in[w_tap + min(c + 1u, last_col) * s.cout + co]),
+               f32(b_in[w_tap + min(c + 2u, last_col) * s.cout + co]), f32(b_in[w_tap + min(c + 3u, last_col) * s.cout + co]));
+}
+
+@compute @workgroup_size(WG)
+fn backward_data_wide2(@builtin(global_invocation_id) g: vec3u) {
+  let first = g.x * WIDE2_ROWS;
+  let n = g.y * WIDE2_COLS; // input channel
+  if (first >= s.m || n >= s.n) { return; }
+  let rows0 = pixel_rows(first, s.h, s.w, false);
+  let rows1 = pixel_rows(first + 4u, s.h, s.w, false);
+  let rows2 = pixel_rows(first + 8u, s.h, s.w, false);
+  let rows3 = pixel_rows(first + 12u, s.h, s.w, false);
+  let rows4 = pixel_rows(first + 16u, s.h, s.w, false);
+  let rows5 = pixel_rows(first + 20u, s.h, s.w, false);
+  let rows6 = pixel_rows(first + 24u, s.h, s.w, false);
+  let rows7 = pixel_rows(first + 28u, s.h, s.w, false);
+  let last_col = s.n - 1u;
+  var q00: WideTiles; var q01: WideTiles; var q10: WideTiles; var q11: WideTiles;
+  for (var ky = 0u; ky < s.kh; ky++) {
+    for (var kx = 0u; kx < s.kw; kx++) {
+      let dy = i32(s.pad) - i32(ky);
+      let dx = i32(s.pad) - i32(kx);
+      let o0 = tap_offsets(rows0, dy, dx, s.ho, s.wo, s.cout); let o1 = tap_offsets(rows1, dy, dx, s.ho, s.wo, s.cout);
+      let o2 = tap_offsets(rows2, dy, dx, s.ho, s.wo, s.cout); let o3 = tap_offsets(rows3, dy, dx, s.ho, s.wo, s.cout);
+      let o4 = tap_offsets(rows4, dy, dx, s.ho, s.wo, s.cout); let o5 = tap_offsets(rows5, dy, dx, s.ho, s.wo, s.cout);
+      let o6 = tap_offsets(rows6, dy, dx, s.ho, s.wo, s.cout); let o7 = tap_offsets(rows7, dy, dx, s.ho, s.wo, s.cout);
+      let w_tap = (ky * s.kw + kx) * s.cin * s.cout; // w[ky][kx][ci][co] = w_tap + ci * Cout + co
+      for (var co = 0u; co < s.cout; co++) {
+        let b0 = load_w_rows(w_tap, n, co, last_col); let b1 = load_w_rows(w_tap, n + 4u, co, last_col);
+        let b2 = load_w_rows(w_tap, n + 8u, co, last_col); let b3 = load_w_rows(w_tap, n + 12u, co, last_col);
+        let a0 = load_a(o0, co); let a1 = load_a(o1, co); let a2 = load_a(o2, co); let a3 = load_a(o3, co);
+        let a4 = load_a(o4, co); let a5 = load_a(o5, co); let a6 = load_a(o6, co); let a7 = load_a(o7, co);
+        q00 = wide_fma(q00, a0, a1, a2, a3, b0, b1); q01 = wide_fma(q01, a0, a1, a2, a3, b2, b3);
+        q10 = wide_fma(q10, a4, a5, a6, a7, b0, b1); q11 = wide_fma(q11, a4, a5, a6, a7, b2, b3);
+      }
+    }
+  }
+  store_wide2(Wide2(q00, q01, q10, q11), first, s.m, n);
+}
+
+// backward weight, 32 x 16: a thread owns 32 input channels ci.. of one tap (rows tap * Cin + ci..) and
+// 16 output channels; Cin >= 32.
+@compute @workgroup_size(WG)
+fn backward_weight_wide2(@builtin(global_invocation_id) g: vec3u) {
+  let blocks_per_tap = (s.cin + WIDE2_ROWS - 1u) / WIDE2_ROWS;
+  let tap = g.x / blocks_per_tap;
+  let ci = (g.x % blocks_per_tap) * WIDE2_ROWS;
+  let n = g.y * WIDE2_COLS; // output channel
+  if (tap >= s.kh * s.kw || n >= s.n) { return; }
+  let ty = i32(tap / s.kw) - i32(s.pad);
+  let tx = i32(tap % s.kw) - i32(s.pad);
+  let last_ci = s.cin - 1u;
+  let last_col = s.n - 1u;
+  let k_begin = g.z * s.k_per_split;
+  let k_end = min(k_begin + s.k_per_split, s.batch * s.ho * s.wo);
+  var q = first_pixel(k_begin);
+  var q00: WideTiles; var q01: WideTiles; var q10: WideTiles; var q11: WideTiles;
+  for (var p = k_begin; p < k_end; p++) {
+    let xo = shifted_offset(q, ty, tx);
+    if (xo >= 0) {
+      let d = p * s.cout;
+      let b0 = load_b_cols(d, n, last_col); let b1 = load_b_cols(d, n + 4u, last_col);
+      let b2 = load_b_cols(d, n + 8u, last_col); let b3 = load_b_cols(d, n + 12u, last_col);
+      let x = u32(xo);
+      let a0 = load_a_channels(x, ci, last_ci); let a1 = load_a_channels(x, ci + 4u, last_ci);
+      let a2 = load_a_channels(x, ci + 8u, last_ci); let a3 = load_a_channels(x, ci + 12u, last_ci);
+      let a4 = load_a_channels(x, ci + 16u, last_ci); let a5 = load_a_channels(x, ci + 20u, last_ci);
+      let a6 = load_a_channels(x, ci + 24u, last_ci); let a7 = load_a_channels(x, ci + 28u, last_ci);
+      q00 = wide_fma(q00, a0, a1, a2, a3, b0, b1); q01 = wide_fma(q01, a0, a1, a2, a3, b2, b3);
+      q10 = wide_fma(q10, a4, a5, a6, a7, b0, b1); q11 = wide_fma(q11, a4, a5, a6, a7, b2, b3);
+    }
+    q = next_pixel(q);
+  }
+  // rows of the partial are (tap, ci): row = tap * Cin + ci
+  let row = g.z * s.m + tap * s.cin;
+  store_wide2(Wide2(q00, q01, q10, q11), row + ci, row + s.cin, n);
+}

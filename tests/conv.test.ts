@@ -207,9 +207,29 @@ Deno.test("conv: 3x3 pad 1, odd spatial size and channels (Cin 3, Cout 5)", asyn
   await checkConv({ b: 2, h: 7, w: 9, cin: 3, cout: 5, kh: 3, kw: 3, pad: 1 }, 1);
 });
 
-Deno.test("conv: 3x3 pad 1, Cin 37 Cout 70 (not multiples of 4/8/32)", async () => {
+Deno.test("conv: 3x3 pad 1, Cin 37 Cout 70 (not multiples of 4/8/32) and Cin 28 (the wide set's 32 x 16 blocks)", async () => {
   await checkConv({ b: 1, h: 5, w: 7, cin: 37, cout: 70, kh: 3, kw: 3, pad: 1 }, 2);
   await checkConv({ b: 3, h: 3, w: 3, cin: 70, cout: 37, kh: 3, kw: 3, pad: 1 }, 3);
+  // 28 input and 70 output channels fill 32 x 16 blocks but for their last rows and columns: all three passes
+  // take the wide set's big block there, and partial blocks on every edge (M = 60 pixels, not a multiple of 32)
+  const c = { b: 2, h: 5, w: 6, cin: 28, cout: 70, kh: 3, kw: 3, pad: 1 };
+  await checkConv(c, 22);
+  const devices = gpu.convKernels, mark = gpu.allocated.length;
+  gpu.convKernels = "wide";
+  const x = tensor(gpu, [2, 5, 6, 28]), w = tensor(gpu, [3, 3, 28, 70]), y = tensor(gpu, [2, 5, 6, 70]);
+  const labels = [
+    conv2d(gpu, x, w, y, 1),
+    conv2dBackwardData(gpu, y, w, x, 1),
+    ...conv2dBackwardWeight(gpu, x, y, w, 1),
+  ]
+    .map((d) => d.label.split(" ")[0]);
+  freeSince(gpu, mark);
+  gpu.convKernels = devices;
+  assert.deepEqual(labels.slice(0, 3), [
+    "conv.forward_wide2",
+    "conv.backward_data_wide2",
+    "conv.backward_weight_wide2",
+  ]);
 });
 
 Deno.test("conv: partial 64 x 64 x 16 tiles on every edge of M, N and K in all three passes", async () => {
