@@ -607,26 +607,23 @@ export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor
   const kps = Math.ceil(pixels / splits);
   splits = Math.ceil(pixels / kps);
   const partials = tensor(gpu, [splits, m, n]);
-  // A wide thread covers 16 input channels of one tap. With at most 8, "pair" threads take 2 taps x 8 channels
-  // instead; with 9 to 15, most of a wide thread's loads would be wasted, and the block kernel runs; where the input
-  // channels fill 32 rows and the output channels 16 columns, the 32 x 16 block.
-  const wideRows = kernelConst(gpu, "conv", "WIDE_ROWS"), wide2Rows = kernelConst(gpu, "conv", "WIDE2_ROWS");
-  const wide = gpu.convKernels === "wide", pair = wide && c.cin <= wideRows / 2;
-  const set = !wide
-    ? gpu.convKernels
-    : fills(c.cin, wide2Rows) && convPick(gpu, n) === "wide2"
-    ? "wide2"
-    : c.cin < wideRows && !pair
-    ? "block"
-    : "wide";
+  // The wide set runs its 32 x 16 block where the input channels fill 32 rows (of one tap) and the output channels
+  // 16 columns; else its 16 x 8 block, whose 16 rows are two units of 8 channels, of one tap or two.
+  const wide2 = gpu.convKernels === "wide" && fills(c.cin, kernelConst(gpu, "conv", "WIDE2_ROWS"));
+  const set = wide2 && convPick(gpu, n) === "wide2" ? "wide2" : gpu.convKernels;
   const { file, rows, suffix } = convBlock(gpu, set);
-  // conv.wgsl's threads own `rows` channels of one tap (pair: 2 taps); a conv_tiled.wgsl workgroup, TILE_M rows of (tap, channel)
-  const taps = c.kh * c.kw;
-  const rowBlocks = set === "tiled" ? Math.ceil(m / rows) : pair ? Math.ceil(taps / 2) : taps * Math.ceil(c.cin / rows);
+  // rows of threads: a conv_tiled.wgsl workgroup owns TILE_M rows (tap, channel); a block or wide2 thread `rows`
+  // channels of one tap; a wide thread two units of `rows` / 2 channels
+  const taps = c.kh * c.kw, unit = rows / 2;
+  const rowBlocks = set === "tiled"
+    ? Math.ceil(m / rows)
+    : set === "wide"
+    ? Math.ceil((taps * Math.ceil(c.cin / unit)) / 2)
+    : taps * Math.ceil(c.cin / rows);
   const grid = convGrid(gpu, rowBlocks, n, splits, set);
   const bindings = { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials };
   return [
-    kernel(gpu, file, pair ? "backward_weight_pair" : `backward_weight${suffix}`, bindings, grid, convInfo(c)),
+    kernel(gpu, file, `backward_weight${suffix}`, bindings, grid, convInfo(c)),
     kernel(gpu, "reduce", "sum_splits", { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw }, grid1d(m * n), {
       label: convInfo(c).label,
     }),

@@ -408,12 +408,11 @@ fn backward_data_wide(@builtin(global_invocation_id) g: vec3u) {
 }
 
 // The wide backward weight: a thread owns 16 rows (tap, ci) of the partial x WIDE_COLS output
-// channels, as two halves of 8 channels, (tap_lo, ci_lo..) and (tap_hi, ci_hi..).
-//   backward_weight_wide: one tap, 16 channels (tap_hi = tap_lo, ci_hi = ci_lo + 8).
-//   backward_weight_pair, for Cin <= WIDE_ROWS / 2 (group 1's second conv and group 2's first at base
-//   depth 8), where one tap has too few channels to fill the block: two neighbouring taps and their
-//   first 8 channels (tap_hi = tap_lo + 1, ci_lo = ci_hi = 0). Grid x = ceil(ceil(taps / 2) / WG).
-// Either way 24 loads feed 128 FMAs per pixel; rows past a tap's channels are not stored.
+// channels, as two halves of 8 channels, (tap_lo, ci_lo..) and (tap_hi, ci_hi..), each one UNIT of 8
+// channels of its tap. The units run tap by tap (ceil(Cin / 8) per tap) and a thread takes two
+// consecutive ones, whatever their taps, so no thread pads a tap's channels to 16: Cin = 24 is 3 units
+// per tap, Cin <= 8 one unit, so two taps per thread. 24 loads feed 128 FMAs per pixel; rows past a
+// tap's channels are not stored. Grid x = ceil(ceil(taps * units per tap / 2) / WG).
 fn wide_weight_grad(g: vec3u, tap_lo: u32, ci_lo: u32, tap_hi: u32, ci_hi: u32) {
   let taps = s.kh * s.kw;
   let n = g.y * WIDE_COLS; // output channel
@@ -464,17 +463,14 @@ fn wide_weight_grad(g: vec3u, tap_lo: u32, ci_lo: u32, tap_hi: u32, ci_hi: u32) 
   }
 }
 
-@compute @workgroup_size(WG)
-fn backward_weight_wide(@builtin(global_invocation_id) g: vec3u) {
-  let blocks_per_tap = (s.cin + WIDE_ROWS - 1u) / WIDE_ROWS;
-  let tap = g.x / blocks_per_tap;
-  let ci = (g.x % blocks_per_tap) * WIDE_ROWS;
-  wide_weight_grad(g, tap, ci, tap, ci + WIDE_ROWS / 2u);
-}
+const UNIT: u32 = 8u; // WIDE_ROWS / 2 channels
 
 @compute @workgroup_size(WG)
-fn backward_weight_pair(@builtin(global_invocation_id) g: vec3u) {
-  wide_weight_grad(g, 2u * g.x, 0u, 2u * g.x + 1u, 0u);
+fn backward_weight_wide(@builtin(global_invocation_id) g: vec3u) {
+  let units_per_tap = (s.cin + UNIT - 1u) / UNIT;
+  let lo = 2u * g.x;
+  let hi = lo + 1u;
+  wide_weight_grad(g, lo / units_per_tap, (lo % units_per_tap) * UNIT, hi / units_per_tap, (hi % units_per_tap) * UNIT);
 }
 
 

@@ -238,10 +238,11 @@ Deno.test("conv: partial 64 x 64 x 16 tiles on every edge of M, N and K in all t
   await checkConv({ b: 3, h: 7, w: 6, cin: 21, cout: 67, kh: 3, kw: 3, pad: 1 }, 15);
 });
 
-Deno.test("conv: Cin 8 and 6 (wide backward weight in tap pairs, the last tap alone), Cin 12 (block)", async () => {
+Deno.test("conv: wide backward weight in units of 8 channels: Cin 8 and 6 (two taps a thread, the last tap alone), Cin 12 and 24", async () => {
   await checkConv({ b: 2, h: 15, w: 15, cin: 8, cout: 32, kh: 3, kw: 3, pad: 1 }, 19);
   await checkConv({ b: 1, h: 5, w: 4, cin: 6, cout: 13, kh: 3, kw: 3, pad: 1 }, 20);
-  await checkConv({ b: 1, h: 5, w: 4, cin: 12, cout: 9, kh: 3, kw: 3, pad: 1 }, 21);
+  await checkConv({ b: 1, h: 5, w: 4, cin: 12, cout: 9, kh: 3, kw: 3, pad: 1 }, 21); // a half-used unit per tap
+  await checkConv({ b: 2, h: 6, w: 5, cin: 24, cout: 13, kh: 3, kw: 3, pad: 1 }, 23); // 3 units a tap: threads span 2 taps
 });
 
 Deno.test("conv, f16 storage: partial tiles, the whitening 2x2 and split-K, every kernel set", async () => {
