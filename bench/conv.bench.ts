@@ -8,6 +8,7 @@ import {
   conv2dBackwardWeight,
   conv2dMaxPool,
   CONV_KERNEL_SETS,
+  type ConvKernels,
   type Dispatch,
   initGpu,
   maxPool2,
@@ -37,7 +38,10 @@ const shapes: [string, number, number, number, number, number][] = [
 // Each (conv, pass) is a group with every kernel set: "block" (4 x 4 outputs per thread straight from
 // storage, the port's first version) as the baseline, "tiled" (64 x 64 tiles in workgroup memory, the
 // GPU set) and "wide" (16 x 8, the CPU-device set).
-const sets = CONV_KERNEL_SETS;
+// BENCH_SETS=tiled,block limits the sets (bench/gpu.sh leaves out "wide", a CPU-device set whose 32 x 16 blocks
+// would spill registers on a GPU and eat the bench's time limit)
+const sets = (Deno.env.get("BENCH_SETS")?.split(",") ?? CONV_KERNEL_SETS) as ConvKernels[];
+for (const set of sets) if (!CONV_KERNEL_SETS.includes(set)) throw new Error(`BENCH_SETS: unknown set "${set}"`);
 
 /** One submit of `list` and a wait for the GPU per iteration; the best time is printed at exit. */
 function bench(name: string, group: string, baseline: boolean, list: Dispatch[], flop?: number) {

@@ -4,7 +4,7 @@
 # (see the developers' brief), run on the device, carrying .gpu/bin:
 #   source .gpu/bin/setup.sh && bash bench/gpu.sh
 # It writes under $OUT (or /tmp/gpu-out): the device, a one-epoch --profile table, every conv shape
-# at batch 1024 / base depth 64 (GFLOP/s and % of fp32 peak, all three kernel sets), the full default run with --runs 3
+# at batch 1024 / base depth 64 (GFLOP/s and % of fp32 peak, the tiled and block kernel sets), the full default run with --runs 3
 # (training times and EMA accuracies, JSON and run log), then, in the time left, the full run with
 # --precision f16 twice. Each step has its own time limit, shortest first, and all of them together
 # stay under GPU_SH_BUDGET seconds (default 570, under the device's 600 s per command), so a slow GPU
@@ -40,7 +40,7 @@ case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 
   *H100* | *H200*) export BENCH_PEAK_TFLOPS=66.9 ;;
 esac
 step profile 100 deno run -A main.ts --epochs 1 --profile --no-log --seed 1
-BENCH_BATCH=1024 BENCH_BASE_DEPTH=64 step conv-bench 100 deno bench -A bench/conv.bench.ts
+BENCH_BATCH=1024 BENCH_BASE_DEPTH=64 BENCH_SETS=tiled,block step conv-bench 100 deno bench -A bench/conv.bench.ts
 step full-run 370 deno run -A main.ts --runs 3 --seed 1 --json "$out/full.json" --log-dir "$out/runs"
 step full-run-f16 240 deno run -A main.ts --runs 2 --seed 1 --precision f16 --json "$out/full-f16.json" \
   --log-dir "$out/runs-f16"

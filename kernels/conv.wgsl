@@ -24,9 +24,9 @@
 // Bindings: 0 uniform ConvShape; 1 `a_in` (x, or dy for backward_data); 2 `b_in` (w, or dy for
 //   backward_weight); 3 `out` (y, dx or the partials); 4 `argmax` (forward_pool only): u32
 //   [B][Ho/2][Wo/2][ceil(Cout / 4)], byte j of a word for channel 4 * word + j.
-// Two sets of entry points compute the same results: forward/backward_data/backward_weight (4 x 4
-// outputs per thread, for GPUs) and the *_wide ones at the end (16 x 8, for CPU devices); main.ts
-// picks the set per device (Gpu.convKernels).
+// Three sizes of entry points compute the same results: forward/backward_data/backward_weight (4 x 4
+// outputs per thread, the "block" set), then for CPU devices the *_wide ones (16 x 8) and the *_wide2
+// ones (32 x 16, where the channels fill it); main.ts picks per device (Gpu.convKernels) and per pass.
 
 const WG: u32 = 64u; // threads per workgroup, along the rows
 const BLOCK: u32 = 4u; // rows and columns per thread (the code below is written out for 4)
