@@ -377,7 +377,7 @@ export function submit(gpu: Gpu, list: Dispatch[], after?: (enc: GPUCommandEncod
 
 /**
  * Dispatches each distinct pipeline of `list` over an empty grid, and waits. Some drivers compile a pipeline at
- * its first dispatch (lavapipe: up to ~20 s for a big conv kernel on a cold shader cache); this puts that before
+ * its first dispatch (lavapipe: ~5 s for a 32 x 16 conv kernel on a cold shader cache); this puts that before
  * any clock starts. Nothing runs, nothing is written, and the profiler does not see it.
  */
 export async function compilePipelines(gpu: Gpu, list: Dispatch[]) {
@@ -540,6 +540,12 @@ function convPick(gpu: Gpu, n: number): keyof typeof CONV_KERNELS {
   return gpu.convKernels === "wide" && fills(n, kernelConst(gpu, "conv", "WIDE2_COLS")) ? "wide2" : gpu.convKernels;
 }
 
+/** The kernel file, entry-point suffix and grid of a pass with `m` rows and `n` columns (not backward weight). */
+function convPlan(gpu: Gpu, m: number, n: number) {
+  const set = convPick(gpu, n), { file, rows, suffix } = convBlock(gpu, set);
+  return { file, suffix, grid: convGrid(gpu, Math.ceil(m / rows), n, 1, set) };
+}
+
 /** Grid of a conv kernel: each thread owns `rows` x `cols` outputs; workgroups of WG threads run along rows. */
 function convGrid(
   gpu: Gpu,
@@ -556,8 +562,7 @@ function convGrid(
 export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number): Dispatch {
   const c = convShape(x.shape, w.shape, y.shape, pad);
   const m = c.batch * c.ho * c.wo, n = c.cout;
-  const set = convPick(gpu, n), { file, rows, suffix } = convBlock(gpu, set);
-  const grid = convGrid(gpu, Math.ceil(m / rows), n, 1, set);
+  const { file, suffix, grid } = convPlan(gpu, m, n);
   const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y };
   return kernel(gpu, file, `forward${suffix}`, bindings, grid, convInfo(c));
 }
@@ -577,8 +582,7 @@ export function conv2dMaxPool(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, argmax:
   }
   if (argmax.dtype !== "u32") throw new Error("conv2dMaxPool: argmax must be a u32 tensor");
   const m = 4 * numel(pooled.slice(0, 3)), n = cout; // rows: the 4 pixels of every pool window
-  const set = convPick(gpu, n), { file, rows, suffix } = convBlock(gpu, set);
-  const grid = convGrid(gpu, Math.ceil(m / rows), n, 1, set);
+  const { file, suffix, grid } = convPlan(gpu, m, n);
   const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y, 4: argmax };
   const info = { label: convInfo(c).label, flop: (convInfo(c).flop / (c.ho * c.wo)) * 4 * pooled[1] * pooled[2] };
   return kernel(gpu, file, `forward_pool${suffix}`, bindings, grid, info);
@@ -588,8 +592,7 @@ export function conv2dMaxPool(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, argmax:
 export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, pad: number): Dispatch {
   const c = convShape(dx.shape, w.shape, dy.shape, pad);
   const m = c.batch * c.h * c.w, n = c.cin;
-  const set = convPick(gpu, n), { file, rows, suffix } = convBlock(gpu, set);
-  const grid = convGrid(gpu, Math.ceil(m / rows), n, 1, set);
+  const { file, suffix, grid } = convPlan(gpu, m, n);
   const u = convUniform(gpu, c, pad, m, n);
   return kernel(gpu, file, `backward_data${suffix}`, { 0: u, 1: dy, 2: w, 3: dx }, grid, convInfo(c));
 }

@@ -317,8 +317,7 @@ fn forward_wide_sums(first: u32, n: u32, pooled: bool) -> WideTiles {
   let rows2 = pixel_rows(first + 8u, s.ho, s.wo, pooled);
   let rows3 = pixel_rows(first + 12u, s.ho, s.wo, pooled);
   let last_col = s.n - 1u;
-  var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
-  var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
+  var t: WideTiles;
   for (var ky = 0u; ky < s.kh; ky++) {
     for (var kx = 0u; kx < s.kw; kx++) {
       let dy = i32(ky) - i32(s.pad);
@@ -332,15 +331,12 @@ fn forward_wide_sums(first: u32, n: u32, pooled: bool) -> WideTiles {
         let b0 = load_b_cols(w_row, n, last_col);
         let b1 = load_b_cols(w_row, n + 4u, last_col);
         let a0 = load_a(o0, ci); let a1 = load_a(o1, ci); let a2 = load_a(o2, ci); let a3 = load_a(o3, ci);
-        t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
-        t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);
-        t20 = tile_fma(t20, a2, b0); t21 = tile_fma(t21, a2, b1);
-        t30 = tile_fma(t30, a3, b0); t31 = tile_fma(t31, a3, b1);
+        t = wide_fma(t, a0, a1, a2, a3, b0, b1);
         w_row += s.cout;
       }
     }
   }
-  return WideTiles(t00, t01, t10, t11, t20, t21, t30, t31);
+  return t;
 }
 
 @compute @workgroup_size(WG)
@@ -370,8 +366,7 @@ fn backward_data_wide(@builtin(global_invocation_id) g: vec3u) {
   let rows2 = pixel_rows(first + 8u, s.h, s.w, false);
   let rows3 = pixel_rows(first + 12u, s.h, s.w, false);
   let last_col = s.n - 1u;
-  var t00: Tile; var t01: Tile; var t10: Tile; var t11: Tile;
-  var t20: Tile; var t21: Tile; var t30: Tile; var t31: Tile;
+  var t: WideTiles;
   for (var ky = 0u; ky < s.kh; ky++) {
     for (var kx = 0u; kx < s.kw; kx++) {
       let dy = i32(s.pad) - i32(ky);
@@ -394,17 +389,11 @@ fn backward_data_wide(@builtin(global_invocation_id) g: vec3u) {
         let b0 = vec4f(f32(b_in[c0 + co]), f32(b_in[c1 + co]), f32(b_in[c2 + co]), f32(b_in[c3 + co]));
         let b1 = vec4f(f32(b_in[c4 + co]), f32(b_in[c5 + co]), f32(b_in[c6 + co]), f32(b_in[c7 + co]));
         let a0 = load_a(o0, co); let a1 = load_a(o1, co); let a2 = load_a(o2, co); let a3 = load_a(o3, co);
-        t00 = tile_fma(t00, a0, b0); t01 = tile_fma(t01, a0, b1);
-        t10 = tile_fma(t10, a1, b0); t11 = tile_fma(t11, a1, b1);
-        t20 = tile_fma(t20, a2, b0); t21 = tile_fma(t21, a2, b1);
-        t30 = tile_fma(t30, a3, b0); t31 = tile_fma(t31, a3, b1);
+        t = wide_fma(t, a0, a1, a2, a3, b0, b1);
       }
     }
   }
-  store_tile(t00, first, s.m, n); store_tile(t01, first, s.m, n + 4u);
-  store_tile(t10, first + 4u, s.m, n); store_tile(t11, first + 4u, s.m, n + 4u);
-  store_tile(t20, first + 8u, s.m, n); store_tile(t21, first + 8u, s.m, n + 4u);
-  store_tile(t30, first + 12u, s.m, n); store_tile(t31, first + 12u, s.m, n + 4u);
+  store_wide(t, first, s.m, n);
 }
 
 // The wide backward weight: a thread owns 16 rows (tap, ci) of the partial x WIDE_COLS output
