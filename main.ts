@@ -1,11 +1,10 @@
-// main.ts: hlb-CIFAR10 (tysam-code, v0.7) ported to Deno + WebGPU. Trains a small convnet on
-// CIFAR-10 to ~94% test accuracy. This is the one file to fork: every idea lives here, every GPU
-// kernel lives in kernels/*.wgsl. Read it top to bottom:
-//   1. hyperparameters   2. GPU plumbing   3. ops (one function per kernel)   4. data
-//   5. network (init, forward, backward)  6. training (schedule, optimiser, EMA, epoch loop)
-//   7. printing and run logs              8. command line
-// Precision: f32 everywhere by default; --precision f16 stores images, activations and their gradients
-// in f16 (arithmetic, accumulation, weights and optimiser state stay f32). The original trains in fp16.
+// main.ts: hlb-CIFAR10 (tysam-code, v0.7) ported to Deno + WebGPU. Trains a small convnet on CIFAR-10 to ~94%
+// test accuracy. This is the one file to fork: the recipe comes first and reads top to bottom, every GPU kernel
+// lives in kernels/*.wgsl.  1. hyperparameters  2. network (state, init, forward, backward)  3. training (schedule,
+// EMA, augmentation draws, the epoch loop)  4. evaluation.  Below a line of #s, the machinery a fork rarely touches:
+// 5. GPU plumbing  6. ops (one function per kernel)  7. data  8. printing  9. run logs, saved weights  10. command line
+// Precision: f32 everywhere by default; --precision f16 stores images, activations and their gradients in f16
+// (arithmetic, accumulation, weights and optimiser state stay f32). The original trains in fp16.
 
 import { createHash } from "node:crypto";
 import { join } from "node:path";
@@ -49,7 +48,725 @@ export const hyp = {
 export type Hyp = typeof hyp;
 
 // =================================================================================================
-// 2. GPU plumbing: device, tensors, kernels, dispatch lists, readback
+// 2. Network: parameters, initialisation (whitening, dirac), forward and backward by hand
+//
+//   whiten (2x2 conv 3->12, frozen, + negation) -> GELU
+//   3 x ConvGroup: conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU
+//   global max pool -> linear (x 1/9) -> logits
+// =================================================================================================
+
+export const GROUPS = ["conv_group_1", "conv_group_2", "conv_group_3"];
+export const groupWidths = (baseDepth: number) => [baseDepth, 4 * baseDepth, 8 * baseDepth];
+const WHITEN_OUT = 2 * 3 * hyp.net.whitening.kernelSize ** 2; // 12 filters and their negations
+
+type ParamKind = "weight" | "bias" | "running" | "frozen";
+
+/** Every tensor of the network state, named as in the PyTorch original (conv weights here are HWIO). */
+export function stateSpec(baseDepth: number): { name: string; shape: number[]; kind: ParamKind }[] {
+  const k = hyp.net.whitening.kernelSize;
+  const spec: { name: string; shape: number[]; kind: ParamKind }[] = [
+    { name: "initial_block.whiten.weight", shape: [k, k, 3, WHITEN_OUT], kind: "frozen" },
+  ];
+  let cin = WHITEN_OUT;
+  GROUPS.forEach((g, i) => {
+    const c = groupWidths(baseDepth)[i];
+    spec.push({ name: `${g}.conv1.weight`, shape: [3, 3, cin, c], kind: "weight" });
+    spec.push({ name: `${g}.conv2.weight`, shape: [3, 3, c, c], kind: "weight" });
+    for (const norm of ["norm1", "norm2"]) {
+      spec.push({ name: `${g}.${norm}.weight`, shape: [c], kind: "frozen" }); // BN scale, fixed at 1
+      spec.push({ name: `${g}.${norm}.bias`, shape: [c], kind: "bias" });
+      spec.push({ name: `${g}.${norm}.running_mean`, shape: [c], kind: "running" });
+      spec.push({ name: `${g}.${norm}.running_var`, shape: [c], kind: "running" });
+    }
+    cin = c;
+  });
+  spec.push({ name: "linear.weight", shape: [hyp.misc.numClasses, cin], kind: "weight" });
+  return spec;
+}
+
+const STATE_ALIGN = 64; // floats: every tensor starts on a 256-byte boundary, so it can be bound alone
+
+/** Lays the tensors out by kind (weights, shifts, running stats, frozen) so each range is contiguous. */
+export function layoutState(spec: ReturnType<typeof stateSpec>): StateLayout {
+  const entries = new Map<string, { offset: number; shape: number[] }>();
+  const end: Record<string, number> = {};
+  let offset = 0;
+  for (const kind of ["weight", "bias", "running", "frozen"]) {
+    for (const t of spec.filter((s) => s.kind === kind)) {
+      entries.set(t.name, { offset, shape: t.shape });
+      offset += Math.ceil(numel(t.shape) / STATE_ALIGN) * STATE_ALIGN;
+    }
+    end[kind] = offset;
+  }
+  return { entries, nWeights: end.weight, nTrainable: end.bias, nCopy: end.running, nTotal: end.frozen };
+}
+
+export function stateViews(buffer: GPUBuffer, layout: StateLayout): Record<string, Tensor> {
+  const views: Record<string, Tensor> = {};
+  for (const [name, e] of layout.entries) views[name] = view(buffer, e.offset, e.shape);
+  return views;
+}
+
+/** Initial state on the CPU: PyTorch's default uniform init, then dirac on each group's convs. */
+export function initState(layout: StateLayout, rng: Rng, whiten: Float32Array): Float32Array<ArrayBuffer> {
+  const state = new Float32Array(layout.nTotal);
+  const at = (name: string) => {
+    const e = layout.entries.get(name)!;
+    return state.subarray(e.offset, e.offset + numel(e.shape));
+  };
+  for (const [name, e] of layout.entries) {
+    const t = at(name);
+    if (name.endsWith("conv1.weight") || name.endsWith("conv2.weight") || name === "linear.weight") {
+      const fanIn = name === "linear.weight" ? e.shape[1] : e.shape[0] * e.shape[1] * e.shape[2];
+      const bound = 1 / Math.sqrt(fanIn);
+      for (let i = 0; i < t.length; i++) t[i] = (2 * rng.next() - 1) * bound;
+    } else if (name.endsWith("norm1.weight") || name.endsWith("norm2.weight") || name.endsWith("running_var")) {
+      t.fill(1);
+    }
+  }
+  at("initial_block.whiten.weight").set(whiten);
+  for (const g of GROUPS) {
+    // conv1 += identity, then restore its previous mean and std: a near-identity start that keeps the scale
+    const w1 = at(`${g}.conv1.weight`), [, , cin, cout] = layout.entries.get(`${g}.conv1.weight`)!.shape;
+    const before = meanStd(w1);
+    for (let i = 0; i < Math.min(cin, cout); i++) w1[((1 * 3 + 1) * cin + i) * cout + i] += 1;
+    const after = meanStd(w1);
+    for (let i = 0; i < w1.length; i++) w1[i] = ((w1[i] - after.mean) / after.std) * before.std + before.mean;
+    // conv2 is exactly the identity
+    const w2 = at(`${g}.conv2.weight`);
+    w2.fill(0);
+    for (let i = 0; i < cout; i++) w2[((1 * 3 + 1) * cout + i) * cout + i] = 1;
+  }
+  return state;
+}
+
+function meanStd(x: Float32Array) {
+  let mean = 0;
+  for (const v of x) mean += v;
+  mean /= x.length;
+  let ss = 0;
+  for (const v of x) ss += (v - mean) ** 2;
+  return { mean, std: Math.sqrt(ss / (x.length - 1)) }; // unbiased, as torch.std_mean
+}
+
+/** Covariance (n - 1) of all 2x2 patches of the normalised training images, as 12-vectors (c, ky, kx). */
+export async function patchCovariance(gpu: Gpu, imgs: GpuImages, norm: ChannelStats): Promise<number[][]> {
+  const mark = gpu.allocated.length;
+  const out = tensor(gpu, [imgs.count, 90]);
+  submit(gpu, [patchMoments(gpu, imgs, norm, out)]);
+  await gpu.profiler?.collect();
+  const m = await readTensor(gpu, out);
+  freeSince(gpu, mark);
+  const sum = new Array(12).fill(0), prod = new Array(78).fill(0);
+  for (let i = 0; i < imgs.count; i++) {
+    for (let j = 0; j < 12; j++) sum[j] += m[i * 90 + j];
+    for (let j = 0; j < 78; j++) prod[j] += m[i * 90 + 12 + j];
+  }
+  const n = imgs.count * (IMAGE_SIDE - 1) ** 2;
+  const cov = Array.from({ length: 12 }, () => new Array(12).fill(0));
+  for (let i = 0, k = 0; i < 12; i++) {
+    for (let j = i; j < 12; j++, k++) cov[i][j] = cov[j][i] = (prod[k] - (sum[i] * sum[j]) / n) / (n - 1);
+  }
+  return cov;
+}
+
+/** Eigen-decomposition of a symmetric matrix by cyclic Jacobi rotations; vectors[i] goes with values[i]. */
+export function jacobiEigen(matrix: number[][]): { values: number[]; vectors: number[][] } {
+  const n = matrix.length, a = matrix.map((r) => [...r]);
+  const v: number[][] = Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => (i === j ? 1 : 0)));
+  const norm = Math.hypot(...a.flat());
+  for (let sweep = 0; sweep < 100; sweep++) {
+    let off = 0;
+    for (let p = 0; p < n; p++) for (let q = p + 1; q < n; q++) off += a[p][q] ** 2;
+    if (Math.sqrt(off) <= 1e-15 * norm) break;
+    for (let p = 0; p < n; p++) {
+      for (let q = p + 1; q < n; q++) {
+        if (a[p][q] === 0) continue;
+        const theta = (a[q][q] - a[p][p]) / (2 * a[p][q]);
+        const t = (theta >= 0 ? 1 : -1) / (Math.abs(theta) + Math.sqrt(theta * theta + 1));
+        const c = 1 / Math.sqrt(t * t + 1), s = t * c;
+        for (let k = 0; k < n; k++) [a[k][p], a[k][q]] = [c * a[k][p] - s * a[k][q], s * a[k][p] + c * a[k][q]];
+        for (let k = 0; k < n; k++) [a[p][k], a[q][k]] = [c * a[p][k] - s * a[q][k], s * a[p][k] + c * a[q][k]];
+        for (let k = 0; k < n; k++) [v[k][p], v[k][q]] = [c * v[k][p] - s * v[k][q], s * v[k][p] + c * v[k][q]];
+      }
+    }
+  }
+  return { values: a.map((r, i) => r[i]), vectors: a.map((_, i) => v.map((r) => r[i])) };
+}
+
+/** Whitening filters: eigenvector k / sqrt(eigenvalue k + eps), largest eigenvalue first. */
+export function whiteningFilters(cov: number[][], eps = hyp.net.whitening.eps): number[][] {
+  const { values, vectors } = jacobiEigen(cov);
+  const order = values.map((_, i) => i).sort((i, j) => values[j] - values[i]);
+  return order.map((i) => vectors[i].map((x) => x / Math.sqrt(values[i] + eps)));
+}
+
+/** The frozen whitening conv, HWIO [k][k][3][24]: the 12 filters, then their negations. */
+export function whiteningWeight(filters: number[][]): Float32Array {
+  const k = hyp.net.whitening.kernelSize, nf = filters.length, w = new Float32Array(k * k * 3 * 2 * nf);
+  for (let c = 0; c < 3; c++) {
+    for (let ky = 0; ky < k; ky++) {
+      for (let kx = 0; kx < k; kx++) {
+        for (let f = 0; f < nf; f++) {
+          const v = filters[f][(c * k + ky) * k + kx], at = ((ky * k + kx) * 3 + c) * 2 * nf;
+          w[at + f] = v;
+          w[at + nf + f] = -v;
+        }
+      }
+    }
+  }
+  return w;
+}
+
+/** Saved activations of one ConvGroup (inputs of every backward op), and BN statistics. */
+interface GroupActs {
+  c1?: Tensor; // conv1 output           [B][H][W][C] (only without FUSE_CONV_POOL: never stored when fused)
+  argmax1?: Tensor; // each pool window's winner, u32 [B][H/2][W/2][ceil(C/4)] (only with FUSE_CONV_POOL)
+  p1: Tensor; // maxpool output = BN1 in [B][H/2][W/2][C]
+  n1: Tensor; // BN1 output = GELU in (the same tensor as a1 when FUSE_NORM_GELU: never stored)
+  a1: Tensor; // GELU output = conv2 in
+  c2: Tensor; // conv2 output = BN2 in
+  n2: Tensor; // BN2 output = GELU in (likewise)
+  a2: Tensor; // group output
+  stats1: Tensor; // BN1 (mean, 1/std) [C][2]
+  stats2: Tensor;
+}
+
+export interface Activations {
+  x: Tensor; // input batch [B][32][32][3]
+  targets: Tensor; // soft targets [B][10]
+  w0: Tensor; // whitening conv output [B][31][31][24]
+  a0: Tensor; // after GELU
+  groups: GroupActs[];
+  feats: Tensor; // global max pool [B][C3]
+  logits: Tensor; // [B][10]
+  logitsTta: Tensor; // flip-averaged eval logits [B/2][10] (rows used: half)
+  loss: Tensor; // per-row loss [B]
+  correct: Tensor; // per-row 0/1 [B]
+  dlogits: Tensor;
+  dfeats: Tensor;
+  gradA: GPUBuffer; // two ping-pong buffers for the activation gradients of the backward pass
+  gradB: GPUBuffer;
+  dtype: DType; // of the images, activations and their gradients (--precision); features and logits are f32
+}
+
+export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtype: DType = "f32"): Activations {
+  const classes = hyp.misc.numClasses, side = IMAGE_SIDE - hyp.net.whitening.kernelSize + 1;
+  const groups: GroupActs[] = [];
+  let h = side, largest = [0]; // the shape of the largest activation gradient (a conv1 output)
+  for (const c of groupWidths(baseDepth)) {
+    const full = [batch, h, h, c], pooled = [batch, h >> 1, h >> 1, c];
+    const t = (shape: number[]) => tensor(gpu, shape, dtype);
+    const a1 = t(pooled), a2 = t(pooled);
+    groups.push({
+      c1: FUSE_CONV_POOL ? undefined : t(full),
+      argmax1: FUSE_CONV_POOL ? tensor(gpu, [...pooled.slice(0, 3), Math.ceil(c / 4)], "u32") : undefined,
+      p1: t(pooled),
+      n1: FUSE_NORM_GELU ? a1 : t(pooled),
+      a1,
+      c2: t(pooled),
+      n2: FUSE_NORM_GELU ? a2 : t(pooled),
+      a2,
+      stats1: tensor(gpu, [c, 2]),
+      stats2: tensor(gpu, [c, 2]),
+    });
+    if (numel(full) > numel(largest)) largest = full;
+    h >>= 1;
+  }
+  const c3 = groupWidths(baseDepth)[2];
+  return {
+    x: tensor(gpu, [batch, IMAGE_SIDE, IMAGE_SIDE, 3], dtype),
+    targets: tensor(gpu, [batch, classes]),
+    w0: tensor(gpu, [batch, side, side, WHITEN_OUT], dtype),
+    a0: tensor(gpu, [batch, side, side, WHITEN_OUT], dtype),
+    groups,
+    feats: tensor(gpu, [batch, c3]),
+    logits: tensor(gpu, [batch, classes]),
+    logitsTta: tensor(gpu, [batch, classes]),
+    loss: tensor(gpu, [batch]),
+    correct: tensor(gpu, [batch]),
+    dlogits: tensor(gpu, [batch, classes]),
+    dfeats: tensor(gpu, [batch, c3]),
+    gradA: tensor(gpu, largest, dtype).buffer,
+    gradB: tensor(gpu, largest, dtype).buffer,
+    dtype,
+  };
+}
+
+/** The same buffers seen with another batch size (<= the allocated one), e.g. for evaluation. */
+export function activationsWithRows(a: Activations, rows: number): Activations {
+  const r = (t: Tensor) => withRows(t, rows);
+  const groups = a.groups.map((g) =>
+    Object.fromEntries(
+      Object.entries(g).map(([k, t]) => [k, t === undefined || k.startsWith("stats") ? t : r(t)]),
+    ) as unknown as GroupActs
+  );
+  return {
+    ...a,
+    x: r(a.x),
+    targets: r(a.targets),
+    w0: r(a.w0),
+    a0: r(a.a0),
+    groups,
+    feats: r(a.feats),
+    logits: r(a.logits),
+    logitsTta: r(a.logitsTta),
+    loss: r(a.loss),
+    correct: r(a.correct),
+    dlogits: r(a.dlogits),
+    dfeats: r(a.dfeats),
+  };
+}
+
+const normParams = (P: Record<string, Tensor>, prefix: string): NormParams => ({
+  weight: P[`${prefix}.weight`],
+  bias: P[`${prefix}.bias`],
+  runningMean: P[`${prefix}.running_mean`],
+  runningVar: P[`${prefix}.running_var`],
+});
+
+/**
+ * Every batch norm of the network is followed by a GELU. Fused (true), one pass computes
+ * gelu(batchnorm(x)) and the backward recomputes the norm's output from x: two fewer dispatches and
+ * five fewer full passes over memory per norm. false: separate kernels, the norm's output stored
+ * (same results up to float rounding; tests/network.test.ts checks both).
+ */
+export let FUSE_NORM_GELU = true;
+export const setFuseNormGelu = (on: boolean) => void (FUSE_NORM_GELU = on);
+
+/**
+ * Every group's first conv is followed by a 2x2 max pool. Fused (true), the conv kernel pools its own
+ * output and records each window's winner: the full-size conv output (4x the pooled size) is never
+ * written nor read back, and the pool's backward reads 1 byte per window instead of the 4 inputs.
+ * false: conv2d, then maxPool2 (bitwise the same results; tests/network.test.ts checks both).
+ */
+export let FUSE_CONV_POOL = true;
+export const setFuseConvPool = (on: boolean) => void (FUSE_CONV_POOL = on);
+
+/** conv1 -> 2x2 max pool of group G: fused, or the stored full-size conv output pooled by its own kernel. */
+function convMaxPool(gpu: Gpu, x: Tensor, w: Tensor, G: GroupActs): Dispatch[] {
+  if (FUSE_CONV_POOL) return [conv2dMaxPool(gpu, x, w, G.p1, G.argmax1!, 1)];
+  return [conv2d(gpu, x, w, G.c1!, 1), maxPool2(gpu, G.c1!, G.p1)];
+}
+
+/** batch norm, then GELU: a = gelu(n), n = batchnorm(x) (n is not written when fused). */
+function normGelu(gpu: Gpu, x: Tensor, p: NormParams, n: Tensor, a: Tensor, stats: Tensor, training: boolean) {
+  if (FUSE_NORM_GELU) return batchNorm(gpu, x, p, a, stats, training, "gelu");
+  return [...batchNorm(gpu, x, p, n, stats, training), gelu(gpu, n, a)];
+}
+
+/** x -> logits. `training`: batch-norm uses (and updates) batch statistics. */
+export function forward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, training: boolean): Dispatch[] {
+  const ops: Dispatch[] = [
+    conv2d(gpu, A.x, P["initial_block.whiten.weight"], A.w0, 0),
+    gelu(gpu, A.w0, A.a0),
+  ];
+  let input = A.a0;
+  GROUPS.forEach((g, i) => {
+    const G = A.groups[i];
+    ops.push(
+      ...convMaxPool(gpu, input, P[`${g}.conv1.weight`], G),
+      ...normGelu(gpu, G.p1, normParams(P, `${g}.norm1`), G.n1, G.a1, G.stats1, training),
+      conv2d(gpu, G.a1, P[`${g}.conv2.weight`], G.c2, 1),
+      ...normGelu(gpu, G.c2, normParams(P, `${g}.norm2`), G.n2, G.a2, G.stats2, training),
+    );
+    input = G.a2;
+  });
+  ops.push(
+    globalMaxPool(gpu, input, A.feats),
+    linear(gpu, A.feats, P["linear.weight"], A.logits, hyp.opt.scalingFactor),
+  );
+  return ops;
+}
+
+/** dlogits -> gradients of every trainable tensor into G (same layout as the state). */
+export function backward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, G: Record<string, Tensor>): Dispatch[] {
+  const scale = hyp.opt.scalingFactor;
+  const ops: Dispatch[] = [
+    linearBackwardWeight(gpu, A.feats, A.dlogits, G["linear.weight"], scale),
+    linearBackwardData(gpu, A.dlogits, P["linear.weight"], A.dfeats, scale),
+  ];
+  // Gradients alternate between two scratch buffers: each op reads one and writes the other.
+  let cur = A.gradA, other = A.gradB;
+  const next = (shape: number[]) => {
+    [cur, other] = [other, cur];
+    return view(cur, 0, shape, A.dtype);
+  };
+  const last = A.groups[2].a2;
+  let d = view(cur, 0, last.shape, A.dtype);
+  ops.push(globalMaxPoolBackward(gpu, last, A.dfeats, d));
+  // d(norm input) from d(GELU output) `da`: fused, or through the stored norm output n
+  const normGeluBackward = (x: Tensor, n: Tensor, da: Tensor, stats: Tensor, norm: string) => {
+    const p = normParams(P, norm), [dbias, dweight] = [G[`${norm}.bias`], G[`${norm}.weight`]];
+    if (FUSE_NORM_GELU) {
+      const dx = next(x.shape);
+      ops.push(...batchNormBackward(gpu, x, da, stats, p, dx, dbias, dweight, "gelu"));
+      return dx;
+    }
+    const dn = next(n.shape);
+    ops.push(geluBackward(gpu, n, da, dn));
+    const dx = next(x.shape);
+    ops.push(...batchNormBackward(gpu, x, dn, stats, p, dx, dbias, dweight));
+    return dx;
+  };
+  for (let i = 2; i >= 0; i--) {
+    const g = GROUPS[i], S = A.groups[i], input = i > 0 ? A.groups[i - 1].a2 : A.a0;
+    d = normGeluBackward(S.c2, S.n2, d, S.stats2, `${g}.norm2`);
+    ops.push(...conv2dBackwardWeight(gpu, S.a1, d, G[`${g}.conv2.weight`], 1));
+    const da1 = next(S.a1.shape);
+    ops.push(conv2dBackwardData(gpu, d, P[`${g}.conv2.weight`], da1, 1));
+    const dp = normGeluBackward(S.p1, S.n1, da1, S.stats1, `${g}.norm1`);
+    const dc = next([...input.shape.slice(0, 3), S.p1.shape[3]]); // conv1 keeps the size (3x3, pad 1)
+    ops.push(FUSE_CONV_POOL ? maxPool2Unpool(gpu, S.argmax1!, dp, dc) : maxPool2Backward(gpu, S.c1!, dp, dc));
+    ops.push(...conv2dBackwardWeight(gpu, input, dc, G[`${g}.conv1.weight`], 1));
+    if (i > 0) {
+      // the whitening conv is frozen and the data needs no gradient: group 1 stops here
+      const din = next(input.shape);
+      ops.push(conv2dBackwardData(gpu, dc, P[`${g}.conv1.weight`], din, 1));
+      d = din;
+    }
+  }
+  return ops;
+}
+
+// =================================================================================================
+// 3. Training: learning-rate schedule, EMA, augmentation draws, the epoch loop
+// =================================================================================================
+
+/**
+ * The learning-rate schedule: PyTorch's OneCycleLR, linear, no momentum cycling. Rises from
+ * maxLr / 1e16 to maxLr at step pct_start * T - 1, then falls to finalLrRatio * maxLr at step T - 1.
+ */
+export function oneCycleLr(step: number, totalSteps: number, maxLr: number): number {
+  const o = hyp.opt, initial = maxLr / o.initialDivFactor, final = maxLr * o.finalLrRatio;
+  const peakStep = o.percentStart * totalSteps - 1, lastStep = totalSteps - 1;
+  if (step <= peakStep) return initial + (maxLr - initial) * (step / peakStep);
+  return maxLr + (final - maxLr) * ((step - peakStep) / (lastStep - peakStep));
+}
+
+/** EMA decay after optimiser step number `step` (1-based): 0.95^5 x (step / T)^3, i.e. ~0 early on. */
+export function emaDecay(step: number, totalSteps: number): number {
+  const e = hyp.misc.ema;
+  return e.decayBase ** e.everyNSteps * (step / totalSteps) ** e.decayPow;
+}
+
+/** Steps and epochs for N images: S = floor(N/B) steps per epoch, T = ceil(S E) in all. */
+export function trainingPlan(nTrain: number, batchSize: number, epochs: number) {
+  const stepsPerEpoch = Math.floor(nTrain / batchSize);
+  const totalSteps = Math.ceil(stepsPerEpoch * epochs - 1e-9);
+  return {
+    stepsPerEpoch,
+    totalSteps,
+    numEpochs: Math.ceil(epochs),
+    /** steps run in epoch e: the last epoch runs whatever is left of T */
+    stepsIn: (e: number) => Math.max(0, Math.min(stepsPerEpoch, totalSteps - e * stepsPerEpoch)),
+    /** cutmix in epochs e >= E - 6, EMA from epoch floor(E) - 10 (both from epoch 0 if negative) */
+    cutmixFrom: Math.max(0, epochs - hyp.net.cutmixEpochs),
+    emaFrom: Math.max(0, Math.floor(epochs) - hyp.misc.ema.epochs),
+  };
+}
+
+/**
+ * The epoch's random draws for the augmentation kernel: the batch order, and per image its crop
+ * offsets (0..3: offset 4 is never drawn, a quirk of the original), flip, cutmix square and partner.
+ */
+export function epochAugmentation(rng: Rng, n: number, cutmix: boolean) {
+  if (!(hyp.net.padAmount >= 0 && hyp.net.padAmount <= 2)) {
+    throw new Error(`hyp.net.padAmount must be 0, 1 or 2: the crop offsets are packed in 2 bits (data.wgsl)`);
+  }
+  const perm = rng.permutation(n), partner = cutmix ? rng.permutation(n) : perm;
+  const size = hyp.net.cutmixSize, even = size % 2 === 0 ? 1 : 0, half = Math.floor(size / 2);
+  const lowest = half - even, centres = IMAGE_SIDE - half - even - lowest; // centre in [lowest, lowest + centres)
+  const params = new Uint32Array(2 * n);
+  for (let i = 0; i < n; i++) {
+    const dy = rng.int(2 * hyp.net.padAmount), dx = rng.int(2 * hyp.net.padAmount), flip = rng.next() < 0.5 ? 1 : 0;
+    let bits = dy | (dx << 2) | (flip << 4);
+    if (cutmix && size > 0) bits |= (1 << 5) | ((lowest + rng.int(centres)) << 6) | ((lowest + rng.int(centres)) << 11);
+    params[2 * i] = bits;
+    params[2 * i + 1] = cutmix ? partner[i] : i;
+  }
+  return { perm, params };
+}
+
+export interface EpochMetrics {
+  epoch: number;
+  trainLoss: number; // mean loss of the epoch's first batch
+  trainAcc: number; // accuracy of the epoch's first batch
+  valLoss: number;
+  valAcc: number;
+  emaValAcc: number | null; // null until the EMA exists
+  totalTimeSeconds: number; // cumulative training time (steps only, no evaluation)
+}
+
+export interface RunResult {
+  seed: number;
+  emaValAcc: number | null;
+  valAcc: number;
+  trainSeconds: number;
+  epochs: EpochMetrics[];
+  weights?: Map<string, { shape: number[]; data: Float32Array }>; // the final EMA network (the net if no EMA)
+  interrupted?: { epoch: number; steps: number }; // set when `stop` ended the run early
+}
+
+export interface TrainOptions {
+  gpu: Gpu;
+  data: GpuData;
+  seed: number;
+  epochs?: number;
+  baseDepth?: number;
+  batchSize?: number;
+  precision?: DType; // storage of images, activations and their gradients (default f32); arithmetic is f32
+  onEpochStart?: (epoch: number) => void;
+  onStep?: (epoch: number, step: number, steps: number) => void; // after each step is submitted (no GPU wait)
+  onEpoch?: (m: EpochMetrics) => void;
+  returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
+  stop?: () => boolean; // asked after every step; true ends the run there (Ctrl-C)
+}
+
+// The metrics buffer, read once per epoch: (loss sum, correct count) f32 pairs for the first train
+// batch, the val set and the EMA's val set, then one u32: the first step whose loss was not finite.
+const METRIC_SLOTS = { train: 0, val: 1, ema: 2 };
+const METRICS_FLOATS = 8, NONFINITE_FLAG = 6, NO_BAD_STEP = 0xffffffff;
+
+/** The run's GPU state (parameters, gradients, momentum, EMA, activations) and its recorded programs. */
+function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rng, precision: DType) {
+  if (!data.whiten) throw new Error("buildRun: compute data.whiten first");
+  const device = gpu.device, N = data.train.count;
+  const layout = layoutState(stateSpec(baseDepth)), stateBytes = layout.nTotal * 4;
+  const state = createBuffer(gpu, stateBytes), grads = createBuffer(gpu, stateBytes);
+  const momentum = createBuffer(gpu, stateBytes), ema = createBuffer(gpu, stateBytes);
+  device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
+  const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
+  const A = makeActivations(gpu, B, baseDepth, precision);
+  const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8);
+  const metrics = createBuffer(gpu, METRICS_FLOATS * 4);
+
+  const trainForward = [
+    augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets),
+    ...forward(gpu, A, P, true),
+    crossEntropy(gpu, A.logits, A.targets, A.loss, A.correct, A.dlogits, hyp.opt.lossScaleBatch / B),
+    flagNonFinite(gpu, A.loss, metrics, NONFINITE_FLAG),
+  ];
+  const firstBatchMetrics = accumulateMetrics(gpu, A.loss, A.correct, metrics, METRIC_SLOTS.train);
+  const wd = {
+    weights: hyp.opt.weightDecayPerSample * B,
+    biases: hyp.opt.weightDecayPerSample * B * hyp.opt.biasDecayScaler,
+  };
+  const update = [...backward(gpu, A, P, G), sgdNesterov(gpu, layout, state, grads, momentum, wd)];
+  const emaStep = emaUpdate(gpu, layout, state, ema);
+
+  const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
+  const evalNet = [gather, ...evalOf(P, METRIC_SLOTS.val)];
+  const evalEma = evalOf(PE, METRIC_SLOTS.ema);
+  return {
+    layout,
+    state,
+    ema,
+    stateBytes,
+    perm,
+    augParams,
+    metrics,
+    half,
+    trainForward,
+    firstBatchMetrics,
+    update,
+    emaStep,
+    evalNet,
+    evalEma,
+  };
+}
+
+export async function train(o: TrainOptions): Promise<RunResult> {
+  const { gpu, data } = o, device = gpu.device;
+  const E = o.epochs ?? hyp.misc.trainEpochs, B = o.batchSize ?? hyp.misc.batchSize;
+  const baseDepth = o.baseDepth ?? hyp.net.baseDepth, N = data.train.count, nTest = data.test.count;
+  const plan = trainingPlan(N, B, E), T = plan.totalSteps;
+  if (plan.stepsPerEpoch < 1) {
+    throw new Error(`--batch-size ${B} is larger than the training set (${N} images): lower it`);
+  }
+  if (B < 2) throw new Error("--batch-size must be at least 2");
+  const rng = new Rng(o.seed);
+  const mark = gpu.allocated.length;
+  try {
+    data.whiten ??= whiteningWeight(whiteningFilters(await patchCovariance(gpu, data.train, data.norm)));
+
+    // ---- every buffer and recorded program, built once; WebGPU errors here become one clear line
+    const run = await withErrorScopes(
+      gpu,
+      "the network",
+      () => buildRun(gpu, data, B, baseDepth, rng, o.precision ?? "f32"),
+    );
+    const { state, ema, stateBytes, perm, augParams, metrics, half } = run;
+    const { trainForward, firstBatchMetrics, update, emaStep, evalNet, evalEma } = run;
+    await compilePipelines(gpu, [...trainForward, firstBatchMetrics, ...update, emaStep, ...evalNet, ...evalEma]);
+
+    // ---- the epoch loop: the CPU only waits at the end of each epoch's steps (for the clock) and after eval
+    const epochs: EpochMetrics[] = [];
+    let trainSeconds = 0, stepsDone = 0, emaExists = false;
+    for (let epoch = 0; epoch < plan.numEpochs; epoch++) {
+      o.onEpochStart?.(epoch);
+      const t0 = performance.now();
+      const aug = epochAugmentation(rng, N, epoch >= plan.cutmixFrom);
+      device.queue.writeBuffer(perm, 0, aug.perm as Uint32Array<ArrayBuffer>);
+      device.queue.writeBuffer(augParams, 0, aug.params as Uint32Array<ArrayBuffer>);
+      const reset = new Uint32Array(METRICS_FLOATS); // zero sums (0.0f is all zero bits) and no bad step
+      reset[NONFINITE_FLAG] = NO_BAD_STEP;
+      device.queue.writeBuffer(metrics, 0, reset);
+      for (let s = 0; s < plan.stepsIn(epoch); s++) {
+        const lrStep = stepsDone++; // the schedule is indexed by steps taken before this one
+        const emaNow = epoch >= plan.emaFrom && stepsDone % hyp.misc.ema.everyNSteps === 0;
+        setFrame(gpu, {
+          offset: s * B,
+          valid: B,
+          lrWeights: oneCycleLr(lrStep, T, hyp.opt.nonBiasLr),
+          lrBiases: oneCycleLr(lrStep, T, hyp.opt.biasLr),
+          emaDecay: emaDecay(stepsDone, T),
+          step: lrStep,
+        });
+        const list = [...trainForward, ...(s === 0 ? [firstBatchMetrics] : []), ...update];
+        if (emaNow && emaExists) list.push(emaStep);
+        // the first EMA is a plain copy of the network
+        submit(
+          gpu,
+          list,
+          emaNow && !emaExists ? (enc) => enc.copyBufferToBuffer(state, 0, ema, 0, stateBytes) : undefined,
+        );
+        await gpu.profiler?.collect();
+        o.onStep?.(epoch, s + 1, plan.stepsIn(epoch));
+        if (emaNow) emaExists = true;
+        if (o.stop?.()) {
+          await device.queue.onSubmittedWorkDone();
+          const last = epochs[epochs.length - 1];
+          const interrupted = { epoch, steps: stepsDone };
+          return {
+            seed: o.seed,
+            emaValAcc: last?.emaValAcc ?? null,
+            valAcc: last?.valAcc ?? NaN,
+            trainSeconds,
+            epochs,
+            interrupted,
+          };
+        }
+      }
+      await device.queue.onSubmittedWorkDone();
+      trainSeconds += (performance.now() - t0) / 1000;
+      checkGpu(gpu);
+
+      await evaluateTestSet(gpu, nTest, half, emaExists ? [...evalNet, ...evalEma] : evalNet);
+      const m = await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4);
+      const badStep = new Uint32Array(m.buffer)[NONFINITE_FLAG];
+      if (badStep !== NO_BAD_STEP) {
+        throw new Error(
+          `the training loss became NaN or infinite at step ${badStep} (epoch ${epoch}): ` +
+            "lower the learning rates in hyp.opt, or undo the last change",
+        );
+      }
+      const row: EpochMetrics = {
+        epoch,
+        trainLoss: m[0] / B,
+        trainAcc: m[1] / B,
+        valLoss: m[2] / nTest,
+        valAcc: m[3] / nTest,
+        emaValAcc: emaExists ? m[5] / nTest : null,
+        totalTimeSeconds: trainSeconds,
+      };
+      if (!Number.isFinite(row.trainLoss) || !Number.isFinite(row.valLoss)) {
+        throw new Error(
+          `training diverged in epoch ${epoch} (train loss ${row.trainLoss}, val loss ${row.valLoss}): ` +
+            "lower the learning rates in hyp.opt, or undo the last change",
+        );
+      }
+      epochs.push(row);
+      o.onEpoch?.(row);
+    }
+    const last = epochs[epochs.length - 1];
+    let weights;
+    if (o.returnWeights) {
+      const values = await readBuffer(gpu, emaExists ? ema : state, 0, stateBytes);
+      weights = new Map([...run.layout.entries].map(([name, e]) => [
+        name,
+        { shape: e.shape, data: values.slice(e.offset, e.offset + numel(e.shape)) },
+      ]));
+    }
+    return { seed: o.seed, emaValAcc: last.emaValAcc, valAcc: last.valAcc, trainSeconds, epochs, weights };
+  } finally {
+    freeSince(gpu, mark);
+  }
+}
+
+// =================================================================================================
+// 4. Evaluation: flip test-time augmentation over the test set
+// =================================================================================================
+
+/**
+ * Evaluation programs over the training buffers: a batch holds `half` test images and their mirrors
+ * (flip TTA); `evalOf(params, slot)` adds that network's loss and correct count to metrics[slot].
+ */
+function evalPrograms(gpu: Gpu, data: GpuData, A: Activations, metrics: GPUBuffer) {
+  const half = Math.floor(A.x.shape[0] / 2), E2 = activationsWithRows(A, 2 * half);
+  const h = (t: Tensor) => withRows(t, half), tta = h(A.logitsTta);
+  const evalOf = (params: Record<string, Tensor>, slot: number) => [
+    ...forward(gpu, E2, params, false),
+    ttaAverage(gpu, E2.logits, tta),
+    crossEntropy(gpu, tta, h(A.targets), h(A.loss), h(A.correct), h(A.dlogits), 0),
+    accumulateMetrics(gpu, h(A.loss), h(A.correct), metrics, slot),
+  ];
+  return { half, evalOf, gather: gatherEval(gpu, data.test, data.norm, E2.x, E2.targets) };
+}
+
+/** Runs `list` over the test set, `half` images (and mirrors) per submit. */
+async function evaluateTestSet(gpu: Gpu, nTest: number, half: number, list: Dispatch[]) {
+  for (let start = 0; start < nTest; start += half) {
+    setFrame(gpu, { offset: start, valid: Math.min(half, nTest - start) });
+    submit(gpu, list);
+    await gpu.profiler?.collect();
+  }
+}
+
+/** Test accuracy and loss (flip TTA) of saved weights; the network's widths come from the weights. */
+export async function evaluateWeights(
+  gpu: Gpu,
+  data: GpuData,
+  weights: Weights,
+  batchSize: number,
+  file: string,
+  precision: DType = "f32",
+) {
+  const first = weights.get("conv_group_1.conv1.weight");
+  if (!first || first.shape.length !== 4) {
+    throw new Error(`${file} has no conv_group_1.conv1.weight: not a network of ours`);
+  }
+  const layout = layoutState(stateSpec(first.shape[3])), values = new Float32Array(layout.nTotal);
+  for (const [name, e] of layout.entries) {
+    const t = weights.get(name);
+    if (!t || t.shape.join() !== e.shape.join()) {
+      throw new Error(
+        `${file} does not match the network: ${name} is [${t?.shape ?? "missing"}], expected [${e.shape}]`,
+      );
+    }
+    values.set(t.data, e.offset);
+  }
+  const mark = gpu.allocated.length;
+  try {
+    const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, METRICS_FLOATS * 4);
+    gpu.device.queue.writeBuffer(state, 0, values);
+    const A = makeActivations(gpu, batchSize, first.shape[3], precision);
+    const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
+    await evaluateTestSet(gpu, data.test.count, half, [gather, ...evalOf(stateViews(state, layout), METRIC_SLOTS.val)]);
+    const m = await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4);
+    return { valLoss: m[2] / data.test.count, valAcc: m[3] / data.test.count };
+  } finally {
+    freeSince(gpu, mark);
+  }
+}
+
+// #################################################################################################
+// Below: the machinery a fork rarely touches (GPU plumbing, one function per kernel, the dataset,
+// printing, run logs, saved weights, the command line).
+// #################################################################################################
+
+// =================================================================================================
+// 5. GPU plumbing: device, tensors, kernels, dispatch lists, readback
 // =================================================================================================
 
 /** Element type of a tensor in GPU memory. Parameters and optimiser state are always f32. */
@@ -471,8 +1188,68 @@ export function freeSince(gpu: Gpu, mark: number) {
   for (const b of gpu.allocated.splice(mark)) b.destroy();
 }
 
+/** Runs `build` inside WebGPU error scopes: out-of-memory and validation errors become one clear Error. */
+async function withErrorScopes<T>(gpu: Gpu, what: string, build: () => T): Promise<T> {
+  gpu.device.pushErrorScope("out-of-memory");
+  gpu.device.pushErrorScope("validation");
+  let result: T | undefined, thrown: unknown;
+  try {
+    result = build();
+  } catch (e) {
+    thrown = e;
+  }
+  const validation = await gpu.device.popErrorScope(), oom = await gpu.device.popErrorScope();
+  if (thrown) throw thrown;
+  if (oom) throw new Error(`out of GPU memory building ${what} (${oom.message}): lower --batch-size or --base-depth`);
+  if (validation) throw new Error(`WebGPU rejected ${what}: ${validation.message}`);
+  return result as T;
+}
+
+/** Seeded PRNG (sfc32, seeded through splitmix32): one per run, so a seed reproduces a run. */
+export class Rng {
+  private s: Uint32Array;
+  constructor(seed: number) {
+    let x = seed >>> 0;
+    const splitmix = () => {
+      x = (x + 0x9e3779b9) >>> 0;
+      let z = x;
+      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b);
+      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35);
+      return (z ^ (z >>> 16)) >>> 0;
+    };
+    this.s = Uint32Array.from([splitmix(), splitmix(), splitmix(), splitmix()]);
+    for (let i = 0; i < 12; i++) this.nextU32();
+  }
+  nextU32(): number {
+    const s = this.s, t = (((s[0] + s[1]) >>> 0) + s[3]) >>> 0;
+    s[3] = (s[3] + 1) >>> 0;
+    s[0] = s[1] ^ (s[1] >>> 9);
+    s[1] = (s[2] + (s[2] << 3)) >>> 0;
+    s[2] = ((s[2] << 21) | (s[2] >>> 11)) >>> 0;
+    s[2] = (s[2] + t) >>> 0;
+    return t;
+  }
+  /** Uniform in [0, 1). */
+  next(): number {
+    return this.nextU32() / 2 ** 32;
+  }
+  /** Uniform integer in [0, n). */
+  int(n: number): number {
+    return Math.floor(this.next() * n);
+  }
+  permutation(n: number): Uint32Array {
+    const p = new Uint32Array(n);
+    for (let i = 0; i < n; i++) p[i] = i;
+    for (let i = n - 1; i > 0; i--) {
+      const j = this.int(i + 1);
+      [p[i], p[j]] = [p[j], p[i]];
+    }
+    return p;
+  }
+}
+
 // =================================================================================================
-// 3. Ops: one function per kernel. Each returns recorded dispatches and never waits for the GPU.
+// 6. Ops: one function per kernel. Each returns recorded dispatches and never waits for the GPU.
 //    Activations are NHWC, conv weights HWIO [kh][kw][cin][cout]; shapes come from the tensors.
 // =================================================================================================
 
@@ -970,8 +1747,9 @@ export function patchMoments(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, out:
 }
 
 // =================================================================================================
-// 4. Data: find (or download) CIFAR-10, read and check it, normalise, upload once
+// 7. Data: find (or download) CIFAR-10, read and check it, normalise, upload once
 // =================================================================================================
+
 // CIFAR-10 "binary version": each .bin file is 10,000 records of 3073 bytes:
 // 1 label byte (0-9) then 1024 R, 1024 G, 1024 B bytes (32x32, row-major).
 // We keep images as raw CHW uint8 exactly as in the file (label byte dropped);
@@ -1342,739 +2120,7 @@ export function uploadDataset(gpu: Gpu, cifar: Cifar10): GpuData {
 }
 
 // =================================================================================================
-// 5. Network: parameters, initialisation (whitening, dirac), forward and backward by hand
-//
-//   whiten (2x2 conv 3->12, frozen, + negation) -> GELU
-//   3 x ConvGroup: conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU
-//   global max pool -> linear (x 1/9) -> logits
-// =================================================================================================
-
-export const GROUPS = ["conv_group_1", "conv_group_2", "conv_group_3"];
-export const groupWidths = (baseDepth: number) => [baseDepth, 4 * baseDepth, 8 * baseDepth];
-const WHITEN_OUT = 2 * 3 * hyp.net.whitening.kernelSize ** 2; // 12 filters and their negations
-
-type ParamKind = "weight" | "bias" | "running" | "frozen";
-
-/** Every tensor of the network state, named as in the PyTorch original (conv weights here are HWIO). */
-export function stateSpec(baseDepth: number): { name: string; shape: number[]; kind: ParamKind }[] {
-  const k = hyp.net.whitening.kernelSize;
-  const spec: { name: string; shape: number[]; kind: ParamKind }[] = [
-    { name: "initial_block.whiten.weight", shape: [k, k, 3, WHITEN_OUT], kind: "frozen" },
-  ];
-  let cin = WHITEN_OUT;
-  GROUPS.forEach((g, i) => {
-    const c = groupWidths(baseDepth)[i];
-    spec.push({ name: `${g}.conv1.weight`, shape: [3, 3, cin, c], kind: "weight" });
-    spec.push({ name: `${g}.conv2.weight`, shape: [3, 3, c, c], kind: "weight" });
-    for (const norm of ["norm1", "norm2"]) {
-      spec.push({ name: `${g}.${norm}.weight`, shape: [c], kind: "frozen" }); // BN scale, fixed at 1
-      spec.push({ name: `${g}.${norm}.bias`, shape: [c], kind: "bias" });
-      spec.push({ name: `${g}.${norm}.running_mean`, shape: [c], kind: "running" });
-      spec.push({ name: `${g}.${norm}.running_var`, shape: [c], kind: "running" });
-    }
-    cin = c;
-  });
-  spec.push({ name: "linear.weight", shape: [hyp.misc.numClasses, cin], kind: "weight" });
-  return spec;
-}
-
-const STATE_ALIGN = 64; // floats: every tensor starts on a 256-byte boundary, so it can be bound alone
-
-/** Lays the tensors out by kind (weights, shifts, running stats, frozen) so each range is contiguous. */
-export function layoutState(spec: ReturnType<typeof stateSpec>): StateLayout {
-  const entries = new Map<string, { offset: number; shape: number[] }>();
-  const end: Record<string, number> = {};
-  let offset = 0;
-  for (const kind of ["weight", "bias", "running", "frozen"]) {
-    for (const t of spec.filter((s) => s.kind === kind)) {
-      entries.set(t.name, { offset, shape: t.shape });
-      offset += Math.ceil(numel(t.shape) / STATE_ALIGN) * STATE_ALIGN;
-    }
-    end[kind] = offset;
-  }
-  return { entries, nWeights: end.weight, nTrainable: end.bias, nCopy: end.running, nTotal: end.frozen };
-}
-
-export function stateViews(buffer: GPUBuffer, layout: StateLayout): Record<string, Tensor> {
-  const views: Record<string, Tensor> = {};
-  for (const [name, e] of layout.entries) views[name] = view(buffer, e.offset, e.shape);
-  return views;
-}
-
-/** Initial state on the CPU: PyTorch's default uniform init, then dirac on each group's convs. */
-export function initState(layout: StateLayout, rng: Rng, whiten: Float32Array): Float32Array<ArrayBuffer> {
-  const state = new Float32Array(layout.nTotal);
-  const at = (name: string) => {
-    const e = layout.entries.get(name)!;
-    return state.subarray(e.offset, e.offset + numel(e.shape));
-  };
-  for (const [name, e] of layout.entries) {
-    const t = at(name);
-    if (name.endsWith("conv1.weight") || name.endsWith("conv2.weight") || name === "linear.weight") {
-      const fanIn = name === "linear.weight" ? e.shape[1] : e.shape[0] * e.shape[1] * e.shape[2];
-      const bound = 1 / Math.sqrt(fanIn);
-      for (let i = 0; i < t.length; i++) t[i] = (2 * rng.next() - 1) * bound;
-    } else if (name.endsWith("norm1.weight") || name.endsWith("norm2.weight") || name.endsWith("running_var")) {
-      t.fill(1);
-    }
-  }
-  at("initial_block.whiten.weight").set(whiten);
-  for (const g of GROUPS) {
-    // conv1 += identity, then restore its previous mean and std: a near-identity start that keeps the scale
-    const w1 = at(`${g}.conv1.weight`), [, , cin, cout] = layout.entries.get(`${g}.conv1.weight`)!.shape;
-    const before = meanStd(w1);
-    for (let i = 0; i < Math.min(cin, cout); i++) w1[((1 * 3 + 1) * cin + i) * cout + i] += 1;
-    const after = meanStd(w1);
-    for (let i = 0; i < w1.length; i++) w1[i] = ((w1[i] - after.mean) / after.std) * before.std + before.mean;
-    // conv2 is exactly the identity
-    const w2 = at(`${g}.conv2.weight`);
-    w2.fill(0);
-    for (let i = 0; i < cout; i++) w2[((1 * 3 + 1) * cout + i) * cout + i] = 1;
-  }
-  return state;
-}
-
-function meanStd(x: Float32Array) {
-  let mean = 0;
-  for (const v of x) mean += v;
-  mean /= x.length;
-  let ss = 0;
-  for (const v of x) ss += (v - mean) ** 2;
-  return { mean, std: Math.sqrt(ss / (x.length - 1)) }; // unbiased, as torch.std_mean
-}
-
-/** Covariance (n - 1) of all 2x2 patches of the normalised training images, as 12-vectors (c, ky, kx). */
-export async function patchCovariance(gpu: Gpu, imgs: GpuImages, norm: ChannelStats): Promise<number[][]> {
-  const mark = gpu.allocated.length;
-  const out = tensor(gpu, [imgs.count, 90]);
-  submit(gpu, [patchMoments(gpu, imgs, norm, out)]);
-  await gpu.profiler?.collect();
-  const m = await readTensor(gpu, out);
-  freeSince(gpu, mark);
-  const sum = new Array(12).fill(0), prod = new Array(78).fill(0);
-  for (let i = 0; i < imgs.count; i++) {
-    for (let j = 0; j < 12; j++) sum[j] += m[i * 90 + j];
-    for (let j = 0; j < 78; j++) prod[j] += m[i * 90 + 12 + j];
-  }
-  const n = imgs.count * (IMAGE_SIDE - 1) ** 2;
-  const cov = Array.from({ length: 12 }, () => new Array(12).fill(0));
-  for (let i = 0, k = 0; i < 12; i++) {
-    for (let j = i; j < 12; j++, k++) cov[i][j] = cov[j][i] = (prod[k] - (sum[i] * sum[j]) / n) / (n - 1);
-  }
-  return cov;
-}
-
-/** Eigen-decomposition of a symmetric matrix by cyclic Jacobi rotations; vectors[i] goes with values[i]. */
-export function jacobiEigen(matrix: number[][]): { values: number[]; vectors: number[][] } {
-  const n = matrix.length, a = matrix.map((r) => [...r]);
-  const v: number[][] = Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => (i === j ? 1 : 0)));
-  const norm = Math.hypot(...a.flat());
-  for (let sweep = 0; sweep < 100; sweep++) {
-    let off = 0;
-    for (let p = 0; p < n; p++) for (let q = p + 1; q < n; q++) off += a[p][q] ** 2;
-    if (Math.sqrt(off) <= 1e-15 * norm) break;
-    for (let p = 0; p < n; p++) {
-      for (let q = p + 1; q < n; q++) {
-        if (a[p][q] === 0) continue;
-        const theta = (a[q][q] - a[p][p]) / (2 * a[p][q]);
-        const t = (theta >= 0 ? 1 : -1) / (Math.abs(theta) + Math.sqrt(theta * theta + 1));
-        const c = 1 / Math.sqrt(t * t + 1), s = t * c;
-        for (let k = 0; k < n; k++) [a[k][p], a[k][q]] = [c * a[k][p] - s * a[k][q], s * a[k][p] + c * a[k][q]];
-        for (let k = 0; k < n; k++) [a[p][k], a[q][k]] = [c * a[p][k] - s * a[q][k], s * a[p][k] + c * a[q][k]];
-        for (let k = 0; k < n; k++) [v[k][p], v[k][q]] = [c * v[k][p] - s * v[k][q], s * v[k][p] + c * v[k][q]];
-      }
-    }
-  }
-  return { values: a.map((r, i) => r[i]), vectors: a.map((_, i) => v.map((r) => r[i])) };
-}
-
-/** Whitening filters: eigenvector k / sqrt(eigenvalue k + eps), largest eigenvalue first. */
-export function whiteningFilters(cov: number[][], eps = hyp.net.whitening.eps): number[][] {
-  const { values, vectors } = jacobiEigen(cov);
-  const order = values.map((_, i) => i).sort((i, j) => values[j] - values[i]);
-  return order.map((i) => vectors[i].map((x) => x / Math.sqrt(values[i] + eps)));
-}
-
-/** The frozen whitening conv, HWIO [k][k][3][24]: the 12 filters, then their negations. */
-export function whiteningWeight(filters: number[][]): Float32Array {
-  const k = hyp.net.whitening.kernelSize, nf = filters.length, w = new Float32Array(k * k * 3 * 2 * nf);
-  for (let c = 0; c < 3; c++) {
-    for (let ky = 0; ky < k; ky++) {
-      for (let kx = 0; kx < k; kx++) {
-        for (let f = 0; f < nf; f++) {
-          const v = filters[f][(c * k + ky) * k + kx], at = ((ky * k + kx) * 3 + c) * 2 * nf;
-          w[at + f] = v;
-          w[at + nf + f] = -v;
-        }
-      }
-    }
-  }
-  return w;
-}
-
-/** Saved activations of one ConvGroup (inputs of every backward op), and BN statistics. */
-interface GroupActs {
-  c1?: Tensor; // conv1 output           [B][H][W][C] (only without FUSE_CONV_POOL: never stored when fused)
-  argmax1?: Tensor; // each pool window's winner, u32 [B][H/2][W/2][ceil(C/4)] (only with FUSE_CONV_POOL)
-  p1: Tensor; // maxpool output = BN1 in [B][H/2][W/2][C]
-  n1: Tensor; // BN1 output = GELU in (the same tensor as a1 when FUSE_NORM_GELU: never stored)
-  a1: Tensor; // GELU output = conv2 in
-  c2: Tensor; // conv2 output = BN2 in
-  n2: Tensor; // BN2 output = GELU in (likewise)
-  a2: Tensor; // group output
-  stats1: Tensor; // BN1 (mean, 1/std) [C][2]
-  stats2: Tensor;
-}
-
-export interface Activations {
-  x: Tensor; // input batch [B][32][32][3]
-  targets: Tensor; // soft targets [B][10]
-  w0: Tensor; // whitening conv output [B][31][31][24]
-  a0: Tensor; // after GELU
-  groups: GroupActs[];
-  feats: Tensor; // global max pool [B][C3]
-  logits: Tensor; // [B][10]
-  logitsTta: Tensor; // flip-averaged eval logits [B/2][10] (rows used: half)
-  loss: Tensor; // per-row loss [B]
-  correct: Tensor; // per-row 0/1 [B]
-  dlogits: Tensor;
-  dfeats: Tensor;
-  gradA: GPUBuffer; // two ping-pong buffers for the activation gradients of the backward pass
-  gradB: GPUBuffer;
-  dtype: DType; // of the images, activations and their gradients (--precision); features and logits are f32
-}
-
-export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtype: DType = "f32"): Activations {
-  const classes = hyp.misc.numClasses, side = IMAGE_SIDE - hyp.net.whitening.kernelSize + 1;
-  const groups: GroupActs[] = [];
-  let h = side, largest = [0]; // the shape of the largest activation gradient (a conv1 output)
-  for (const c of groupWidths(baseDepth)) {
-    const full = [batch, h, h, c], pooled = [batch, h >> 1, h >> 1, c];
-    const t = (shape: number[]) => tensor(gpu, shape, dtype);
-    const a1 = t(pooled), a2 = t(pooled);
-    groups.push({
-      c1: FUSE_CONV_POOL ? undefined : t(full),
-      argmax1: FUSE_CONV_POOL ? tensor(gpu, [...pooled.slice(0, 3), Math.ceil(c / 4)], "u32") : undefined,
-      p1: t(pooled),
-      n1: FUSE_NORM_GELU ? a1 : t(pooled),
-      a1,
-      c2: t(pooled),
-      n2: FUSE_NORM_GELU ? a2 : t(pooled),
-      a2,
-      stats1: tensor(gpu, [c, 2]),
-      stats2: tensor(gpu, [c, 2]),
-    });
-    if (numel(full) > numel(largest)) largest = full;
-    h >>= 1;
-  }
-  const c3 = groupWidths(baseDepth)[2];
-  return {
-    x: tensor(gpu, [batch, IMAGE_SIDE, IMAGE_SIDE, 3], dtype),
-    targets: tensor(gpu, [batch, classes]),
-    w0: tensor(gpu, [batch, side, side, WHITEN_OUT], dtype),
-    a0: tensor(gpu, [batch, side, side, WHITEN_OUT], dtype),
-    groups,
-    feats: tensor(gpu, [batch, c3]),
-    logits: tensor(gpu, [batch, classes]),
-    logitsTta: tensor(gpu, [batch, classes]),
-    loss: tensor(gpu, [batch]),
-    correct: tensor(gpu, [batch]),
-    dlogits: tensor(gpu, [batch, classes]),
-    dfeats: tensor(gpu, [batch, c3]),
-    gradA: tensor(gpu, largest, dtype).buffer,
-    gradB: tensor(gpu, largest, dtype).buffer,
-    dtype,
-  };
-}
-
-/** The same buffers seen with another batch size (<= the allocated one), e.g. for evaluation. */
-export function activationsWithRows(a: Activations, rows: number): Activations {
-  const r = (t: Tensor) => withRows(t, rows);
-  const groups = a.groups.map((g) =>
-    Object.fromEntries(
-      Object.entries(g).map(([k, t]) => [k, t === undefined || k.startsWith("stats") ? t : r(t)]),
-    ) as unknown as GroupActs
-  );
-  return {
-    ...a,
-    x: r(a.x),
-    targets: r(a.targets),
-    w0: r(a.w0),
-    a0: r(a.a0),
-    groups,
-    feats: r(a.feats),
-    logits: r(a.logits),
-    logitsTta: r(a.logitsTta),
-    loss: r(a.loss),
-    correct: r(a.correct),
-    dlogits: r(a.dlogits),
-    dfeats: r(a.dfeats),
-  };
-}
-
-const normParams = (P: Record<string, Tensor>, prefix: string): NormParams => ({
-  weight: P[`${prefix}.weight`],
-  bias: P[`${prefix}.bias`],
-  runningMean: P[`${prefix}.running_mean`],
-  runningVar: P[`${prefix}.running_var`],
-});
-
-/**
- * Every batch norm of the network is followed by a GELU. Fused (true), one pass computes
- * gelu(batchnorm(x)) and the backward recomputes the norm's output from x: two fewer dispatches and
- * five fewer full passes over memory per norm. false: separate kernels, the norm's output stored
- * (same results up to float rounding; tests/network.test.ts checks both).
- */
-export let FUSE_NORM_GELU = true;
-export const setFuseNormGelu = (on: boolean) => void (FUSE_NORM_GELU = on);
-
-/**
- * Every group's first conv is followed by a 2x2 max pool. Fused (true), the conv kernel pools its own
- * output and records each window's winner: the full-size conv output (4x the pooled size) is never
- * written nor read back, and the pool's backward reads 1 byte per window instead of the 4 inputs.
- * false: conv2d, then maxPool2 (bitwise the same results; tests/network.test.ts checks both).
- */
-export let FUSE_CONV_POOL = true;
-export const setFuseConvPool = (on: boolean) => void (FUSE_CONV_POOL = on);
-
-/** conv1 -> 2x2 max pool of group G: fused, or the stored full-size conv output pooled by its own kernel. */
-function convMaxPool(gpu: Gpu, x: Tensor, w: Tensor, G: GroupActs): Dispatch[] {
-  if (FUSE_CONV_POOL) return [conv2dMaxPool(gpu, x, w, G.p1, G.argmax1!, 1)];
-  return [conv2d(gpu, x, w, G.c1!, 1), maxPool2(gpu, G.c1!, G.p1)];
-}
-
-/** batch norm, then GELU: a = gelu(n), n = batchnorm(x) (n is not written when fused). */
-function normGelu(gpu: Gpu, x: Tensor, p: NormParams, n: Tensor, a: Tensor, stats: Tensor, training: boolean) {
-  if (FUSE_NORM_GELU) return batchNorm(gpu, x, p, a, stats, training, "gelu");
-  return [...batchNorm(gpu, x, p, n, stats, training), gelu(gpu, n, a)];
-}
-
-/** x -> logits. `training`: batch-norm uses (and updates) batch statistics. */
-export function forward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, training: boolean): Dispatch[] {
-  const ops: Dispatch[] = [
-    conv2d(gpu, A.x, P["initial_block.whiten.weight"], A.w0, 0),
-    gelu(gpu, A.w0, A.a0),
-  ];
-  let input = A.a0;
-  GROUPS.forEach((g, i) => {
-    const G = A.groups[i];
-    ops.push(
-      ...convMaxPool(gpu, input, P[`${g}.conv1.weight`], G),
-      ...normGelu(gpu, G.p1, normParams(P, `${g}.norm1`), G.n1, G.a1, G.stats1, training),
-      conv2d(gpu, G.a1, P[`${g}.conv2.weight`], G.c2, 1),
-      ...normGelu(gpu, G.c2, normParams(P, `${g}.norm2`), G.n2, G.a2, G.stats2, training),
-    );
-    input = G.a2;
-  });
-  ops.push(
-    globalMaxPool(gpu, input, A.feats),
-    linear(gpu, A.feats, P["linear.weight"], A.logits, hyp.opt.scalingFactor),
-  );
-  return ops;
-}
-
-/** dlogits -> gradients of every trainable tensor into G (same layout as the state). */
-export function backward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, G: Record<string, Tensor>): Dispatch[] {
-  const scale = hyp.opt.scalingFactor;
-  const ops: Dispatch[] = [
-    linearBackwardWeight(gpu, A.feats, A.dlogits, G["linear.weight"], scale),
-    linearBackwardData(gpu, A.dlogits, P["linear.weight"], A.dfeats, scale),
-  ];
-  // Gradients alternate between two scratch buffers: each op reads one and writes the other.
-  let cur = A.gradA, other = A.gradB;
-  const next = (shape: number[]) => {
-    [cur, other] = [other, cur];
-    return view(cur, 0, shape, A.dtype);
-  };
-  const last = A.groups[2].a2;
-  let d = view(cur, 0, last.shape, A.dtype);
-  ops.push(globalMaxPoolBackward(gpu, last, A.dfeats, d));
-  // d(norm input) from d(GELU output) `da`: fused, or through the stored norm output n
-  const normGeluBackward = (x: Tensor, n: Tensor, da: Tensor, stats: Tensor, norm: string) => {
-    const p = normParams(P, norm), [dbias, dweight] = [G[`${norm}.bias`], G[`${norm}.weight`]];
-    if (FUSE_NORM_GELU) {
-      const dx = next(x.shape);
-      ops.push(...batchNormBackward(gpu, x, da, stats, p, dx, dbias, dweight, "gelu"));
-      return dx;
-    }
-    const dn = next(n.shape);
-    ops.push(geluBackward(gpu, n, da, dn));
-    const dx = next(x.shape);
-    ops.push(...batchNormBackward(gpu, x, dn, stats, p, dx, dbias, dweight));
-    return dx;
-  };
-  for (let i = 2; i >= 0; i--) {
-    const g = GROUPS[i], S = A.groups[i], input = i > 0 ? A.groups[i - 1].a2 : A.a0;
-    d = normGeluBackward(S.c2, S.n2, d, S.stats2, `${g}.norm2`);
-    ops.push(...conv2dBackwardWeight(gpu, S.a1, d, G[`${g}.conv2.weight`], 1));
-    const da1 = next(S.a1.shape);
-    ops.push(conv2dBackwardData(gpu, d, P[`${g}.conv2.weight`], da1, 1));
-    const dp = normGeluBackward(S.p1, S.n1, da1, S.stats1, `${g}.norm1`);
-    const dc = next([...input.shape.slice(0, 3), S.p1.shape[3]]); // conv1 keeps the size (3x3, pad 1)
-    ops.push(FUSE_CONV_POOL ? maxPool2Unpool(gpu, S.argmax1!, dp, dc) : maxPool2Backward(gpu, S.c1!, dp, dc));
-    ops.push(...conv2dBackwardWeight(gpu, input, dc, G[`${g}.conv1.weight`], 1));
-    if (i > 0) {
-      // the whitening conv is frozen and the data needs no gradient: group 1 stops here
-      const din = next(input.shape);
-      ops.push(conv2dBackwardData(gpu, dc, P[`${g}.conv1.weight`], din, 1));
-      d = din;
-    }
-  }
-  return ops;
-}
-
-// =================================================================================================
-// 6. Training: randomness, learning-rate schedule, EMA, augmentation draws, the epoch loop
-// =================================================================================================
-
-/** Seeded PRNG (sfc32, seeded through splitmix32): one per run, so a seed reproduces a run. */
-export class Rng {
-  private s: Uint32Array;
-  constructor(seed: number) {
-    let x = seed >>> 0;
-    const splitmix = () => {
-      x = (x + 0x9e3779b9) >>> 0;
-      let z = x;
-      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b);
-      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35);
-      return (z ^ (z >>> 16)) >>> 0;
-    };
-    this.s = Uint32Array.from([splitmix(), splitmix(), splitmix(), splitmix()]);
-    for (let i = 0; i < 12; i++) this.nextU32();
-  }
-  nextU32(): number {
-    const s = this.s, t = (((s[0] + s[1]) >>> 0) + s[3]) >>> 0;
-    s[3] = (s[3] + 1) >>> 0;
-    s[0] = s[1] ^ (s[1] >>> 9);
-    s[1] = (s[2] + (s[2] << 3)) >>> 0;
-    s[2] = ((s[2] << 21) | (s[2] >>> 11)) >>> 0;
-    s[2] = (s[2] + t) >>> 0;
-    return t;
-  }
-  /** Uniform in [0, 1). */
-  next(): number {
-    return this.nextU32() / 2 ** 32;
-  }
-  /** Uniform integer in [0, n). */
-  int(n: number): number {
-    return Math.floor(this.next() * n);
-  }
-  permutation(n: number): Uint32Array {
-    const p = new Uint32Array(n);
-    for (let i = 0; i < n; i++) p[i] = i;
-    for (let i = n - 1; i > 0; i--) {
-      const j = this.int(i + 1);
-      [p[i], p[j]] = [p[j], p[i]];
-    }
-    return p;
-  }
-}
-
-/**
- * The learning-rate schedule: PyTorch's OneCycleLR, linear, no momentum cycling. Rises from
- * maxLr / 1e16 to maxLr at step pct_start * T - 1, then falls to finalLrRatio * maxLr at step T - 1.
- */
-export function oneCycleLr(step: number, totalSteps: number, maxLr: number): number {
-  const o = hyp.opt, initial = maxLr / o.initialDivFactor, final = maxLr * o.finalLrRatio;
-  const peakStep = o.percentStart * totalSteps - 1, lastStep = totalSteps - 1;
-  if (step <= peakStep) return initial + (maxLr - initial) * (step / peakStep);
-  return maxLr + (final - maxLr) * ((step - peakStep) / (lastStep - peakStep));
-}
-
-/** EMA decay after optimiser step number `step` (1-based): 0.95^5 x (step / T)^3, i.e. ~0 early on. */
-export function emaDecay(step: number, totalSteps: number): number {
-  const e = hyp.misc.ema;
-  return e.decayBase ** e.everyNSteps * (step / totalSteps) ** e.decayPow;
-}
-
-/** Steps and epochs for N images: S = floor(N/B) steps per epoch, T = ceil(S E) in all. */
-export function trainingPlan(nTrain: number, batchSize: number, epochs: number) {
-  const stepsPerEpoch = Math.floor(nTrain / batchSize);
-  const totalSteps = Math.ceil(stepsPerEpoch * epochs - 1e-9);
-  return {
-    stepsPerEpoch,
-    totalSteps,
-    numEpochs: Math.ceil(epochs),
-    /** steps run in epoch e: the last epoch runs whatever is left of T */
-    stepsIn: (e: number) => Math.max(0, Math.min(stepsPerEpoch, totalSteps - e * stepsPerEpoch)),
-    /** cutmix in epochs e >= E - 6, EMA from epoch floor(E) - 10 (both from epoch 0 if negative) */
-    cutmixFrom: Math.max(0, epochs - hyp.net.cutmixEpochs),
-    emaFrom: Math.max(0, Math.floor(epochs) - hyp.misc.ema.epochs),
-  };
-}
-
-/**
- * The epoch's random draws for the augmentation kernel: the batch order, and per image its crop
- * offsets (0..3: offset 4 is never drawn, a quirk of the original), flip, cutmix square and partner.
- */
-export function epochAugmentation(rng: Rng, n: number, cutmix: boolean) {
-  if (!(hyp.net.padAmount >= 0 && hyp.net.padAmount <= 2)) {
-    throw new Error(`hyp.net.padAmount must be 0, 1 or 2: the crop offsets are packed in 2 bits (data.wgsl)`);
-  }
-  const perm = rng.permutation(n), partner = cutmix ? rng.permutation(n) : perm;
-  const size = hyp.net.cutmixSize, even = size % 2 === 0 ? 1 : 0, half = Math.floor(size / 2);
-  const lowest = half - even, centres = IMAGE_SIDE - half - even - lowest; // centre in [lowest, lowest + centres)
-  const params = new Uint32Array(2 * n);
-  for (let i = 0; i < n; i++) {
-    const dy = rng.int(2 * hyp.net.padAmount), dx = rng.int(2 * hyp.net.padAmount), flip = rng.next() < 0.5 ? 1 : 0;
-    let bits = dy | (dx << 2) | (flip << 4);
-    if (cutmix && size > 0) bits |= (1 << 5) | ((lowest + rng.int(centres)) << 6) | ((lowest + rng.int(centres)) << 11);
-    params[2 * i] = bits;
-    params[2 * i + 1] = cutmix ? partner[i] : i;
-  }
-  return { perm, params };
-}
-
-export interface EpochMetrics {
-  epoch: number;
-  trainLoss: number; // mean loss of the epoch's first batch
-  trainAcc: number; // accuracy of the epoch's first batch
-  valLoss: number;
-  valAcc: number;
-  emaValAcc: number | null; // null until the EMA exists
-  totalTimeSeconds: number; // cumulative training time (steps only, no evaluation)
-}
-
-export interface RunResult {
-  seed: number;
-  emaValAcc: number | null;
-  valAcc: number;
-  trainSeconds: number;
-  epochs: EpochMetrics[];
-  weights?: Map<string, { shape: number[]; data: Float32Array }>; // the final EMA network (the net if no EMA)
-  interrupted?: { epoch: number; steps: number }; // set when `stop` ended the run early
-}
-
-export interface TrainOptions {
-  gpu: Gpu;
-  data: GpuData;
-  seed: number;
-  epochs?: number;
-  baseDepth?: number;
-  batchSize?: number;
-  precision?: DType; // storage of images, activations and their gradients (default f32); arithmetic is f32
-  onEpochStart?: (epoch: number) => void;
-  onStep?: (epoch: number, step: number, steps: number) => void; // after each step is submitted (no GPU wait)
-  onEpoch?: (m: EpochMetrics) => void;
-  returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
-  stop?: () => boolean; // asked after every step; true ends the run there (Ctrl-C)
-}
-
-// The metrics buffer, read once per epoch: (loss sum, correct count) f32 pairs for the first train
-// batch, the val set and the EMA's val set, then one u32: the first step whose loss was not finite.
-const METRIC_SLOTS = { train: 0, val: 1, ema: 2 };
-const METRICS_FLOATS = 8, NONFINITE_FLAG = 6, NO_BAD_STEP = 0xffffffff;
-
-/** Runs `build` inside WebGPU error scopes: out-of-memory and validation errors become one clear Error. */
-async function withErrorScopes<T>(gpu: Gpu, what: string, build: () => T): Promise<T> {
-  gpu.device.pushErrorScope("out-of-memory");
-  gpu.device.pushErrorScope("validation");
-  let result: T | undefined, thrown: unknown;
-  try {
-    result = build();
-  } catch (e) {
-    thrown = e;
-  }
-  const validation = await gpu.device.popErrorScope(), oom = await gpu.device.popErrorScope();
-  if (thrown) throw thrown;
-  if (oom) throw new Error(`out of GPU memory building ${what} (${oom.message}): lower --batch-size or --base-depth`);
-  if (validation) throw new Error(`WebGPU rejected ${what}: ${validation.message}`);
-  return result as T;
-}
-
-/**
- * Evaluation programs over the training buffers: a batch holds `half` test images and their mirrors
- * (flip TTA); `evalOf(params, slot)` adds that network's loss and correct count to metrics[slot].
- */
-function evalPrograms(gpu: Gpu, data: GpuData, A: Activations, metrics: GPUBuffer) {
-  const half = Math.floor(A.x.shape[0] / 2), E2 = activationsWithRows(A, 2 * half);
-  const h = (t: Tensor) => withRows(t, half), tta = h(A.logitsTta);
-  const evalOf = (params: Record<string, Tensor>, slot: number) => [
-    ...forward(gpu, E2, params, false),
-    ttaAverage(gpu, E2.logits, tta),
-    crossEntropy(gpu, tta, h(A.targets), h(A.loss), h(A.correct), h(A.dlogits), 0),
-    accumulateMetrics(gpu, h(A.loss), h(A.correct), metrics, slot),
-  ];
-  return { half, evalOf, gather: gatherEval(gpu, data.test, data.norm, E2.x, E2.targets) };
-}
-
-/** Runs `list` over the test set, `half` images (and mirrors) per submit. */
-async function evaluateTestSet(gpu: Gpu, nTest: number, half: number, list: Dispatch[]) {
-  for (let start = 0; start < nTest; start += half) {
-    setFrame(gpu, { offset: start, valid: Math.min(half, nTest - start) });
-    submit(gpu, list);
-    await gpu.profiler?.collect();
-  }
-}
-
-/** The run's GPU state (parameters, gradients, momentum, EMA, activations) and its recorded programs. */
-function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rng, precision: DType) {
-  if (!data.whiten) throw new Error("buildRun: compute data.whiten first");
-  const device = gpu.device, N = data.train.count;
-  const layout = layoutState(stateSpec(baseDepth)), stateBytes = layout.nTotal * 4;
-  const state = createBuffer(gpu, stateBytes), grads = createBuffer(gpu, stateBytes);
-  const momentum = createBuffer(gpu, stateBytes), ema = createBuffer(gpu, stateBytes);
-  device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
-  const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
-  const A = makeActivations(gpu, B, baseDepth, precision);
-  const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8);
-  const metrics = createBuffer(gpu, METRICS_FLOATS * 4);
-
-  const trainForward = [
-    augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets),
-    ...forward(gpu, A, P, true),
-    crossEntropy(gpu, A.logits, A.targets, A.loss, A.correct, A.dlogits, hyp.opt.lossScaleBatch / B),
-    flagNonFinite(gpu, A.loss, metrics, NONFINITE_FLAG),
-  ];
-  const firstBatchMetrics = accumulateMetrics(gpu, A.loss, A.correct, metrics, METRIC_SLOTS.train);
-  const wd = {
-    weights: hyp.opt.weightDecayPerSample * B,
-    biases: hyp.opt.weightDecayPerSample * B * hyp.opt.biasDecayScaler,
-  };
-  const update = [...backward(gpu, A, P, G), sgdNesterov(gpu, layout, state, grads, momentum, wd)];
-  const emaStep = emaUpdate(gpu, layout, state, ema);
-
-  const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
-  const evalNet = [gather, ...evalOf(P, METRIC_SLOTS.val)];
-  const evalEma = evalOf(PE, METRIC_SLOTS.ema);
-  return {
-    layout,
-    state,
-    ema,
-    stateBytes,
-    perm,
-    augParams,
-    metrics,
-    half,
-    trainForward,
-    firstBatchMetrics,
-    update,
-    emaStep,
-    evalNet,
-    evalEma,
-  };
-}
-
-export async function train(o: TrainOptions): Promise<RunResult> {
-  const { gpu, data } = o, device = gpu.device;
-  const E = o.epochs ?? hyp.misc.trainEpochs, B = o.batchSize ?? hyp.misc.batchSize;
-  const baseDepth = o.baseDepth ?? hyp.net.baseDepth, N = data.train.count, nTest = data.test.count;
-  const plan = trainingPlan(N, B, E), T = plan.totalSteps;
-  if (plan.stepsPerEpoch < 1) {
-    throw new Error(`--batch-size ${B} is larger than the training set (${N} images): lower it`);
-  }
-  if (B < 2) throw new Error("--batch-size must be at least 2");
-  const rng = new Rng(o.seed);
-  const mark = gpu.allocated.length;
-  try {
-    data.whiten ??= whiteningWeight(whiteningFilters(await patchCovariance(gpu, data.train, data.norm)));
-
-    // ---- every buffer and recorded program, built once; WebGPU errors here become one clear line
-    const run = await withErrorScopes(
-      gpu,
-      "the network",
-      () => buildRun(gpu, data, B, baseDepth, rng, o.precision ?? "f32"),
-    );
-    const { state, ema, stateBytes, perm, augParams, metrics, half } = run;
-    const { trainForward, firstBatchMetrics, update, emaStep, evalNet, evalEma } = run;
-    await compilePipelines(gpu, [...trainForward, firstBatchMetrics, ...update, emaStep, ...evalNet, ...evalEma]);
-
-    // ---- the epoch loop: the CPU only waits at the end of each epoch's steps (for the clock) and after eval
-    const epochs: EpochMetrics[] = [];
-    let trainSeconds = 0, stepsDone = 0, emaExists = false;
-    for (let epoch = 0; epoch < plan.numEpochs; epoch++) {
-      o.onEpochStart?.(epoch);
-      const t0 = performance.now();
-      const aug = epochAugmentation(rng, N, epoch >= plan.cutmixFrom);
-      device.queue.writeBuffer(perm, 0, aug.perm as Uint32Array<ArrayBuffer>);
-      device.queue.writeBuffer(augParams, 0, aug.params as Uint32Array<ArrayBuffer>);
-      const reset = new Uint32Array(METRICS_FLOATS); // zero sums (0.0f is all zero bits) and no bad step
-      reset[NONFINITE_FLAG] = NO_BAD_STEP;
-      device.queue.writeBuffer(metrics, 0, reset);
-      for (let s = 0; s < plan.stepsIn(epoch); s++) {
-        const lrStep = stepsDone++; // the schedule is indexed by steps taken before this one
-        const emaNow = epoch >= plan.emaFrom && stepsDone % hyp.misc.ema.everyNSteps === 0;
-        setFrame(gpu, {
-          offset: s * B,
-          valid: B,
-          lrWeights: oneCycleLr(lrStep, T, hyp.opt.nonBiasLr),
-          lrBiases: oneCycleLr(lrStep, T, hyp.opt.biasLr),
-          emaDecay: emaDecay(stepsDone, T),
-          step: lrStep,
-        });
-        const list = [...trainForward, ...(s === 0 ? [firstBatchMetrics] : []), ...update];
-        if (emaNow && emaExists) list.push(emaStep);
-        // the first EMA is a plain copy of the network
-        submit(
-          gpu,
-          list,
-          emaNow && !emaExists ? (enc) => enc.copyBufferToBuffer(state, 0, ema, 0, stateBytes) : undefined,
-        );
-        await gpu.profiler?.collect();
-        o.onStep?.(epoch, s + 1, plan.stepsIn(epoch));
-        if (emaNow) emaExists = true;
-        if (o.stop?.()) {
-          await device.queue.onSubmittedWorkDone();
-          const last = epochs[epochs.length - 1];
-          const interrupted = { epoch, steps: stepsDone };
-          return {
-            seed: o.seed,
-            emaValAcc: last?.emaValAcc ?? null,
-            valAcc: last?.valAcc ?? NaN,
-            trainSeconds,
-            epochs,
-            interrupted,
-          };
-        }
-      }
-      await device.queue.onSubmittedWorkDone();
-      trainSeconds += (performance.now() - t0) / 1000;
-      checkGpu(gpu);
-
-      await evaluateTestSet(gpu, nTest, half, emaExists ? [...evalNet, ...evalEma] : evalNet);
-      const m = await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4);
-      const badStep = new Uint32Array(m.buffer)[NONFINITE_FLAG];
-      if (badStep !== NO_BAD_STEP) {
-        throw new Error(
-          `the training loss became NaN or infinite at step ${badStep} (epoch ${epoch}): ` +
-            "lower the learning rates in hyp.opt, or undo the last change",
-        );
-      }
-      const row: EpochMetrics = {
-        epoch,
-        trainLoss: m[0] / B,
-        trainAcc: m[1] / B,
-        valLoss: m[2] / nTest,
-        valAcc: m[3] / nTest,
-        emaValAcc: emaExists ? m[5] / nTest : null,
-        totalTimeSeconds: trainSeconds,
-      };
-      if (!Number.isFinite(row.trainLoss) || !Number.isFinite(row.valLoss)) {
-        throw new Error(
-          `training diverged in epoch ${epoch} (train loss ${row.trainLoss}, val loss ${row.valLoss}): ` +
-            "lower the learning rates in hyp.opt, or undo the last change",
-        );
-      }
-      epochs.push(row);
-      o.onEpoch?.(row);
-    }
-    const last = epochs[epochs.length - 1];
-    let weights;
-    if (o.returnWeights) {
-      const values = await readBuffer(gpu, emaExists ? ema : state, 0, stateBytes);
-      weights = new Map([...run.layout.entries].map(([name, e]) => [
-        name,
-        { shape: e.shape, data: values.slice(e.offset, e.offset + numel(e.shape)) },
-      ]));
-    }
-    return { seed: o.seed, emaValAcc: last.emaValAcc, valAcc: last.valAcc, trainSeconds, epochs, weights };
-  } finally {
-    freeSince(gpu, mark);
-  }
-}
-
-// =================================================================================================
-// 7. Printing: the hlb-CIFAR10 table, updated in place on a terminal
+// 8. Printing: the hlb-CIFAR10 table, updated in place on a terminal
 // =================================================================================================
 
 export const COLUMNS = ["epoch", "train_loss", "val_loss", "train_acc", "val_acc", "ema_val_acc", "total_time_seconds"];
@@ -2136,6 +2182,10 @@ class Table {
 export const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
 export const sampleStd = (xs: number[]) =>
   xs.length < 2 ? 0 : Math.sqrt(xs.reduce((a, x) => a + (x - mean(xs)) ** 2, 0) / (xs.length - 1));
+
+// =================================================================================================
+// 9. Run logs and saved weights
+// =================================================================================================
 
 /** Writes next to the target, then renames: an interrupted run never leaves a half-written file. */
 export const writeFileAtomic = (path: string, text: string) => writeBytesAtomic(path, new TextEncoder().encode(text));
@@ -2242,45 +2292,8 @@ export function decodeSafetensors(
   return { weights, metadata };
 }
 
-/** Test accuracy and loss (flip TTA) of saved weights; the network's widths come from the weights. */
-export async function evaluateWeights(
-  gpu: Gpu,
-  data: GpuData,
-  weights: Weights,
-  batchSize: number,
-  file: string,
-  precision: DType = "f32",
-) {
-  const first = weights.get("conv_group_1.conv1.weight");
-  if (!first || first.shape.length !== 4) {
-    throw new Error(`${file} has no conv_group_1.conv1.weight: not a network of ours`);
-  }
-  const layout = layoutState(stateSpec(first.shape[3])), values = new Float32Array(layout.nTotal);
-  for (const [name, e] of layout.entries) {
-    const t = weights.get(name);
-    if (!t || t.shape.join() !== e.shape.join()) {
-      throw new Error(
-        `${file} does not match the network: ${name} is [${t?.shape ?? "missing"}], expected [${e.shape}]`,
-      );
-    }
-    values.set(t.data, e.offset);
-  }
-  const mark = gpu.allocated.length;
-  try {
-    const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, METRICS_FLOATS * 4);
-    gpu.device.queue.writeBuffer(state, 0, values);
-    const A = makeActivations(gpu, batchSize, first.shape[3], precision);
-    const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
-    await evaluateTestSet(gpu, data.test.count, half, [gather, ...evalOf(stateViews(state, layout), METRIC_SLOTS.val)]);
-    const m = await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4);
-    return { valLoss: m[2] / data.test.count, valAcc: m[3] / data.test.count };
-  } finally {
-    freeSince(gpu, mark);
-  }
-}
-
 // =================================================================================================
-// 8. Command line
+// 10. Command line
 // =================================================================================================
 
 export interface CliOptions {
