@@ -44,8 +44,14 @@ export const hyp = {
     batchSize: 1024,
     numClasses: 10,
   },
+  // How the GPU computes the network. Fusions change no number of the recipe (conv + pool gives the same bits,
+  // norm + GELU the same up to f32 rounding; tests/network.test.ts checks both); false runs separate kernels.
+  kernels: { fuseNormGelu: true, fuseConvPool: true },
 };
 export type Hyp = typeof hyp;
+
+/** The GPU kernels' folder, next to this file. To fork a kernel idea: `cp -r kernels kernels-idea`, point this at it. */
+export const KERNEL_DIR = "./kernels/";
 
 // =================================================================================================
 // 2. Network: parameters, initialisation (whitening, dirac), forward and backward by hand
@@ -55,19 +61,21 @@ export type Hyp = typeof hyp;
 //   global max pool -> linear (x 1/9) -> logits
 // =================================================================================================
 
+export const IMAGE_SIDE = 32; // CIFAR-10 images are 32 x 32 pixels, 3 channels
 export const GROUPS = ["conv_group_1", "conv_group_2", "conv_group_3"];
 export const groupWidths = (baseDepth: number) => [baseDepth, 4 * baseDepth, 8 * baseDepth];
-const WHITEN_OUT = 2 * 3 * hyp.net.whitening.kernelSize ** 2; // 12 filters and their negations
+/** Output channels of the whitening conv: its 12 filters (3 channels x 2 x 2 patch) and their negations. */
+const whitenOut = (h: Hyp) => 2 * 3 * h.net.whitening.kernelSize ** 2;
 
 type ParamKind = "weight" | "bias" | "running" | "frozen";
 
 /** Every tensor of the network state, named as in the PyTorch original (conv weights here are HWIO). */
-export function stateSpec(baseDepth: number): { name: string; shape: number[]; kind: ParamKind }[] {
-  const k = hyp.net.whitening.kernelSize;
+export function stateSpec(baseDepth: number, h: Hyp = hyp): { name: string; shape: number[]; kind: ParamKind }[] {
+  const k = h.net.whitening.kernelSize;
   const spec: { name: string; shape: number[]; kind: ParamKind }[] = [
-    { name: "initial_block.whiten.weight", shape: [k, k, 3, WHITEN_OUT], kind: "frozen" },
+    { name: "initial_block.whiten.weight", shape: [k, k, 3, whitenOut(h)], kind: "frozen" },
   ];
-  let cin = WHITEN_OUT;
+  let cin = whitenOut(h);
   GROUPS.forEach((g, i) => {
     const c = groupWidths(baseDepth)[i];
     spec.push({ name: `${g}.conv1.weight`, shape: [3, 3, cin, c], kind: "weight" });
@@ -80,7 +88,7 @@ export function stateSpec(baseDepth: number): { name: string; shape: number[]; k
     }
     cin = c;
   });
-  spec.push({ name: "linear.weight", shape: [hyp.misc.numClasses, cin], kind: "weight" });
+  spec.push({ name: "linear.weight", shape: [h.misc.numClasses, cin], kind: "weight" });
   return spec;
 }
 
@@ -201,9 +209,9 @@ export function whiteningFilters(cov: number[][], eps = hyp.net.whitening.eps): 
   return order.map((i) => vectors[i].map((x) => x / Math.sqrt(values[i] + eps)));
 }
 
-/** The frozen whitening conv, HWIO [k][k][3][24]: the 12 filters, then their negations. */
+/** The frozen whitening conv, HWIO [k][k][3][24]: the 12 filters (each 3 x k x k), then their negations. */
 export function whiteningWeight(filters: number[][]): Float32Array {
-  const k = hyp.net.whitening.kernelSize, nf = filters.length, w = new Float32Array(k * k * 3 * 2 * nf);
+  const k = Math.round(Math.sqrt(filters[0].length / 3)), nf = filters.length, w = new Float32Array(k * k * 3 * 2 * nf);
   for (let c = 0; c < 3; c++) {
     for (let ky = 0; ky < k; ky++) {
       for (let kx = 0; kx < k; kx++) {
@@ -220,10 +228,10 @@ export function whiteningWeight(filters: number[][]): Float32Array {
 
 /** Saved activations of one ConvGroup (inputs of every backward op), and BN statistics. */
 interface GroupActs {
-  c1?: Tensor; // conv1 output           [B][H][W][C] (only without FUSE_CONV_POOL: never stored when fused)
-  argmax1?: Tensor; // each pool window's winner, u32 [B][H/2][W/2][ceil(C/4)] (only with FUSE_CONV_POOL)
+  c1?: Tensor; // conv1 output           [B][H][W][C] (only without fuseConvPool: never stored when fused)
+  argmax1?: Tensor; // each pool window's winner, u32 [B][H/2][W/2][ceil(C/4)] (only with fuseConvPool)
   p1: Tensor; // maxpool output = BN1 in [B][H/2][W/2][C]
-  n1: Tensor; // BN1 output = GELU in (the same tensor as a1 when FUSE_NORM_GELU: never stored)
+  n1: Tensor; // BN1 output = GELU in (the same tensor as a1 when fuseNormGelu: never stored)
   a1: Tensor; // GELU output = conv2 in
   c2: Tensor; // conv2 output = BN2 in
   n2: Tensor; // BN2 output = GELU in (likewise)
@@ -248,37 +256,57 @@ export interface Activations {
   gradA: GPUBuffer; // two ping-pong buffers for the activation gradients of the backward pass
   gradB: GPUBuffer;
   dtype: DType; // of the images, activations and their gradients (--precision); features and logits are f32
+  kernels: NetKernels; // what these buffers were allocated for; forward and backward follow it
 }
 
-export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtype: DType = "f32"): Activations {
-  const classes = hyp.misc.numClasses, side = IMAGE_SIDE - hyp.net.whitening.kernelSize + 1;
+/**
+ * How the network's passes run on the GPU: the conv kernel set (CONV_KERNELS) and hyp.kernels' fusions. Every
+ * choice computes the same network; the activations are allocated for one of them and carry it.
+ */
+export interface NetKernels {
+  conv: ConvKernels;
+  fuseNormGelu: boolean; // batch norm + GELU in one pass; the norm's output is recomputed, never stored
+  fuseConvPool: boolean; // each group's conv1 pools its own output; the full-size output is never stored
+}
+export const netKernels = (gpu: Gpu, h: Hyp = hyp): NetKernels => ({ conv: gpu.convKernels, ...h.kernels });
+
+export function makeActivations(
+  gpu: Gpu,
+  batch: number,
+  baseDepth: number,
+  dtype: DType = "f32",
+  kernels: NetKernels = netKernels(gpu),
+  h: Hyp = hyp,
+): Activations {
+  const classes = h.misc.numClasses, side = IMAGE_SIDE - h.net.whitening.kernelSize + 1;
+  const { fuseConvPool, fuseNormGelu } = kernels;
   const groups: GroupActs[] = [];
-  let h = side, largest = [0]; // the shape of the largest activation gradient (a conv1 output)
+  let hw = side, largest = [0]; // hw: the group's input height and width; the largest activation gradient's shape
   for (const c of groupWidths(baseDepth)) {
-    const full = [batch, h, h, c], pooled = [batch, h >> 1, h >> 1, c];
+    const full = [batch, hw, hw, c], pooled = [batch, hw >> 1, hw >> 1, c];
     const t = (shape: number[]) => tensor(gpu, shape, dtype);
     const a1 = t(pooled), a2 = t(pooled);
     groups.push({
-      c1: FUSE_CONV_POOL ? undefined : t(full),
-      argmax1: FUSE_CONV_POOL ? tensor(gpu, [...pooled.slice(0, 3), Math.ceil(c / 4)], "u32") : undefined,
+      c1: fuseConvPool ? undefined : t(full),
+      argmax1: fuseConvPool ? tensor(gpu, [...pooled.slice(0, 3), Math.ceil(c / 4)], "u32") : undefined,
       p1: t(pooled),
-      n1: FUSE_NORM_GELU ? a1 : t(pooled),
+      n1: fuseNormGelu ? a1 : t(pooled),
       a1,
       c2: t(pooled),
-      n2: FUSE_NORM_GELU ? a2 : t(pooled),
+      n2: fuseNormGelu ? a2 : t(pooled),
       a2,
       stats1: tensor(gpu, [c, 2]),
       stats2: tensor(gpu, [c, 2]),
     });
-    if (numel(full) > numel(largest)) largest = full;
-    h >>= 1;
+    if (numel(full) > numel(largest)) largest = full; // a conv1 output
+    hw >>= 1;
   }
   const c3 = groupWidths(baseDepth)[2];
   return {
     x: tensor(gpu, [batch, IMAGE_SIDE, IMAGE_SIDE, 3], dtype),
     targets: tensor(gpu, [batch, classes]),
-    w0: tensor(gpu, [batch, side, side, WHITEN_OUT], dtype),
-    a0: tensor(gpu, [batch, side, side, WHITEN_OUT], dtype),
+    w0: tensor(gpu, [batch, side, side, whitenOut(h)], dtype),
+    a0: tensor(gpu, [batch, side, side, whitenOut(h)], dtype),
     groups,
     feats: tensor(gpu, [batch, c3]),
     logits: tensor(gpu, [batch, classes]),
@@ -290,6 +318,7 @@ export function makeActivations(gpu: Gpu, batch: number, baseDepth: number, dtyp
     gradA: tensor(gpu, largest, dtype).buffer,
     gradB: tensor(gpu, largest, dtype).buffer,
     dtype,
+    kernels,
   };
 }
 
@@ -324,64 +353,70 @@ const normParams = (P: Record<string, Tensor>, prefix: string): NormParams => ({
   runningMean: P[`${prefix}.running_mean`],
   runningVar: P[`${prefix}.running_var`],
 });
-
-/**
- * Every batch norm of the network is followed by a GELU. Fused (true), one pass computes
- * gelu(batchnorm(x)) and the backward recomputes the norm's output from x: two fewer dispatches and
- * five fewer full passes over memory per norm. false: separate kernels, the norm's output stored
- * (same results up to float rounding; tests/network.test.ts checks both).
- */
-export let FUSE_NORM_GELU = true;
-export const setFuseNormGelu = (on: boolean) => void (FUSE_NORM_GELU = on);
-
-/**
- * Every group's first conv is followed by a 2x2 max pool. Fused (true), the conv kernel pools its own
- * output and records each window's winner: the full-size conv output (4x the pooled size) is never
- * written nor read back, and the pool's backward reads 1 byte per window instead of the 4 inputs.
- * false: conv2d, then maxPool2 (bitwise the same results; tests/network.test.ts checks both).
- */
-export let FUSE_CONV_POOL = true;
-export const setFuseConvPool = (on: boolean) => void (FUSE_CONV_POOL = on);
+const batchNormHyp = (h: Hyp): BatchNormHyp => ({ momentum: h.net.batchNormMomentum, eps: h.net.batchNormEps });
 
 /** conv1 -> 2x2 max pool of group G: fused, or the stored full-size conv output pooled by its own kernel. */
-function convMaxPool(gpu: Gpu, x: Tensor, w: Tensor, G: GroupActs): Dispatch[] {
-  if (FUSE_CONV_POOL) return [conv2dMaxPool(gpu, x, w, G.p1, G.argmax1!, 1)];
-  return [conv2d(gpu, x, w, G.c1!, 1), maxPool2(gpu, G.c1!, G.p1)];
+function convMaxPool(gpu: Gpu, x: Tensor, w: Tensor, G: GroupActs, k: NetKernels): Dispatch[] {
+  if (k.fuseConvPool) return [conv2dMaxPool(gpu, x, w, G.p1, G.argmax1!, 1, k.conv)];
+  return [conv2d(gpu, x, w, G.c1!, 1, k.conv), maxPool2(gpu, G.c1!, G.p1)];
 }
 
 /** batch norm, then GELU: a = gelu(n), n = batchnorm(x) (n is not written when fused). */
-function normGelu(gpu: Gpu, x: Tensor, p: NormParams, n: Tensor, a: Tensor, stats: Tensor, training: boolean) {
-  if (FUSE_NORM_GELU) return batchNorm(gpu, x, p, a, stats, training, "gelu");
-  return [...batchNorm(gpu, x, p, n, stats, training), gelu(gpu, n, a)];
+function normGelu(
+  gpu: Gpu,
+  x: Tensor,
+  p: NormParams,
+  n: Tensor,
+  a: Tensor,
+  stats: Tensor,
+  training: boolean,
+  h: Hyp,
+  k: NetKernels,
+) {
+  if (k.fuseNormGelu) return batchNorm(gpu, x, p, a, stats, training, "gelu", batchNormHyp(h));
+  return [...batchNorm(gpu, x, p, n, stats, training, undefined, batchNormHyp(h)), gelu(gpu, n, a)];
 }
 
 /** x -> logits. `training`: batch-norm uses (and updates) batch statistics. */
-export function forward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, training: boolean): Dispatch[] {
+export function forward(
+  gpu: Gpu,
+  A: Activations,
+  P: Record<string, Tensor>,
+  training: boolean,
+  h: Hyp = hyp,
+): Dispatch[] {
+  const k = A.kernels;
   const ops: Dispatch[] = [
-    conv2d(gpu, A.x, P["initial_block.whiten.weight"], A.w0, 0),
+    conv2d(gpu, A.x, P["initial_block.whiten.weight"], A.w0, 0, k.conv),
     gelu(gpu, A.w0, A.a0),
   ];
   let input = A.a0;
   GROUPS.forEach((g, i) => {
     const G = A.groups[i];
     ops.push(
-      ...convMaxPool(gpu, input, P[`${g}.conv1.weight`], G),
-      ...normGelu(gpu, G.p1, normParams(P, `${g}.norm1`), G.n1, G.a1, G.stats1, training),
-      conv2d(gpu, G.a1, P[`${g}.conv2.weight`], G.c2, 1),
-      ...normGelu(gpu, G.c2, normParams(P, `${g}.norm2`), G.n2, G.a2, G.stats2, training),
+      ...convMaxPool(gpu, input, P[`${g}.conv1.weight`], G, k),
+      ...normGelu(gpu, G.p1, normParams(P, `${g}.norm1`), G.n1, G.a1, G.stats1, training, h, k),
+      conv2d(gpu, G.a1, P[`${g}.conv2.weight`], G.c2, 1, k.conv),
+      ...normGelu(gpu, G.c2, normParams(P, `${g}.norm2`), G.n2, G.a2, G.stats2, training, h, k),
     );
     input = G.a2;
   });
   ops.push(
     globalMaxPool(gpu, input, A.feats),
-    linear(gpu, A.feats, P["linear.weight"], A.logits, hyp.opt.scalingFactor),
+    linear(gpu, A.feats, P["linear.weight"], A.logits, h.opt.scalingFactor),
   );
   return ops;
 }
 
 /** dlogits -> gradients of every trainable tensor into G (same layout as the state). */
-export function backward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, G: Record<string, Tensor>): Dispatch[] {
-  const scale = hyp.opt.scalingFactor;
+export function backward(
+  gpu: Gpu,
+  A: Activations,
+  P: Record<string, Tensor>,
+  G: Record<string, Tensor>,
+  h: Hyp = hyp,
+): Dispatch[] {
+  const k = A.kernels, scale = h.opt.scalingFactor, bn = batchNormHyp(h);
   const ops: Dispatch[] = [
     linearBackwardWeight(gpu, A.feats, A.dlogits, G["linear.weight"], scale),
     linearBackwardData(gpu, A.dlogits, P["linear.weight"], A.dfeats, scale),
@@ -398,31 +433,31 @@ export function backward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, G:
   // d(norm input) from d(GELU output) `da`: fused, or through the stored norm output n
   const normGeluBackward = (x: Tensor, n: Tensor, da: Tensor, stats: Tensor, norm: string) => {
     const p = normParams(P, norm), [dbias, dweight] = [G[`${norm}.bias`], G[`${norm}.weight`]];
-    if (FUSE_NORM_GELU) {
+    if (k.fuseNormGelu) {
       const dx = next(x.shape);
-      ops.push(...batchNormBackward(gpu, x, da, stats, p, dx, dbias, dweight, "gelu"));
+      ops.push(...batchNormBackward(gpu, x, da, stats, p, dx, dbias, dweight, "gelu", bn));
       return dx;
     }
     const dn = next(n.shape);
     ops.push(geluBackward(gpu, n, da, dn));
     const dx = next(x.shape);
-    ops.push(...batchNormBackward(gpu, x, dn, stats, p, dx, dbias, dweight));
+    ops.push(...batchNormBackward(gpu, x, dn, stats, p, dx, dbias, dweight, undefined, bn));
     return dx;
   };
   for (let i = 2; i >= 0; i--) {
     const g = GROUPS[i], S = A.groups[i], input = i > 0 ? A.groups[i - 1].a2 : A.a0;
     d = normGeluBackward(S.c2, S.n2, d, S.stats2, `${g}.norm2`);
-    ops.push(...conv2dBackwardWeight(gpu, S.a1, d, G[`${g}.conv2.weight`], 1));
+    ops.push(...conv2dBackwardWeight(gpu, S.a1, d, G[`${g}.conv2.weight`], 1, k.conv));
     const da1 = next(S.a1.shape);
-    ops.push(conv2dBackwardData(gpu, d, P[`${g}.conv2.weight`], da1, 1));
+    ops.push(conv2dBackwardData(gpu, d, P[`${g}.conv2.weight`], da1, 1, k.conv));
     const dp = normGeluBackward(S.p1, S.n1, da1, S.stats1, `${g}.norm1`);
     const dc = next([...input.shape.slice(0, 3), S.p1.shape[3]]); // conv1 keeps the size (3x3, pad 1)
-    ops.push(FUSE_CONV_POOL ? maxPool2Unpool(gpu, S.argmax1!, dp, dc) : maxPool2Backward(gpu, S.c1!, dp, dc));
-    ops.push(...conv2dBackwardWeight(gpu, input, dc, G[`${g}.conv1.weight`], 1));
+    ops.push(k.fuseConvPool ? maxPool2Unpool(gpu, S.argmax1!, dp, dc) : maxPool2Backward(gpu, S.c1!, dp, dc));
+    ops.push(...conv2dBackwardWeight(gpu, input, dc, G[`${g}.conv1.weight`], 1, k.conv));
     if (i > 0) {
       // the whitening conv is frozen and the data needs no gradient: group 1 stops here
       const din = next(input.shape);
-      ops.push(conv2dBackwardData(gpu, dc, P[`${g}.conv1.weight`], din, 1));
+      ops.push(conv2dBackwardData(gpu, dc, P[`${g}.conv1.weight`], din, 1, k.conv));
       d = din;
     }
   }
@@ -437,21 +472,20 @@ export function backward(gpu: Gpu, A: Activations, P: Record<string, Tensor>, G:
  * The learning-rate schedule: PyTorch's OneCycleLR, linear, no momentum cycling. Rises from
  * maxLr / 1e16 to maxLr at step pct_start * T - 1, then falls to finalLrRatio * maxLr at step T - 1.
  */
-export function oneCycleLr(step: number, totalSteps: number, maxLr: number): number {
-  const o = hyp.opt, initial = maxLr / o.initialDivFactor, final = maxLr * o.finalLrRatio;
+export function oneCycleLr(step: number, totalSteps: number, maxLr: number, o: Hyp["opt"] = hyp.opt): number {
+  const initial = maxLr / o.initialDivFactor, final = maxLr * o.finalLrRatio;
   const peakStep = o.percentStart * totalSteps - 1, lastStep = totalSteps - 1;
   if (step <= peakStep) return initial + (maxLr - initial) * (step / peakStep);
   return maxLr + (final - maxLr) * ((step - peakStep) / (lastStep - peakStep));
 }
 
 /** EMA decay after optimiser step number `step` (1-based): 0.95^5 x (step / T)^3, i.e. ~0 early on. */
-export function emaDecay(step: number, totalSteps: number): number {
-  const e = hyp.misc.ema;
+export function emaDecay(step: number, totalSteps: number, e: Hyp["misc"]["ema"] = hyp.misc.ema): number {
   return e.decayBase ** e.everyNSteps * (step / totalSteps) ** e.decayPow;
 }
 
 /** Steps and epochs for N images: S = floor(N/B) steps per epoch, T = ceil(S E) in all. */
-export function trainingPlan(nTrain: number, batchSize: number, epochs: number) {
+export function trainingPlan(nTrain: number, batchSize: number, epochs: number, h: Hyp = hyp) {
   const stepsPerEpoch = Math.floor(nTrain / batchSize);
   const totalSteps = Math.ceil(stepsPerEpoch * epochs - 1e-9);
   return {
@@ -461,8 +495,8 @@ export function trainingPlan(nTrain: number, batchSize: number, epochs: number) 
     /** steps run in epoch e: the last epoch runs whatever is left of T */
     stepsIn: (e: number) => Math.max(0, Math.min(stepsPerEpoch, totalSteps - e * stepsPerEpoch)),
     /** cutmix in epochs e >= E - 6, EMA from epoch floor(E) - 10 (both from epoch 0 if negative) */
-    cutmixFrom: Math.max(0, epochs - hyp.net.cutmixEpochs),
-    emaFrom: Math.max(0, Math.floor(epochs) - hyp.misc.ema.epochs),
+    cutmixFrom: Math.max(0, epochs - h.net.cutmixEpochs),
+    emaFrom: Math.max(0, Math.floor(epochs) - h.misc.ema.epochs),
   };
 }
 
@@ -470,22 +504,40 @@ export function trainingPlan(nTrain: number, batchSize: number, epochs: number) 
  * The epoch's random draws for the augmentation kernel: the batch order, and per image its crop
  * offsets (0..3: offset 4 is never drawn, a quirk of the original), flip, cutmix square and partner.
  */
-export function epochAugmentation(rng: Rng, n: number, cutmix: boolean) {
-  if (!(hyp.net.padAmount >= 0 && hyp.net.padAmount <= 2)) {
+export function epochAugmentation(rng: Rng, n: number, cutmix: boolean, aug: AugmentHyp = hyp.net) {
+  const pad = aug.padAmount, size = aug.cutmixSize;
+  if (!(pad >= 0 && pad <= 2)) {
     throw new Error(`hyp.net.padAmount must be 0, 1 or 2: the crop offsets are packed in 2 bits (data.wgsl)`);
   }
   const perm = rng.permutation(n), partner = cutmix ? rng.permutation(n) : perm;
-  const size = hyp.net.cutmixSize, even = size % 2 === 0 ? 1 : 0, half = Math.floor(size / 2);
+  const even = size % 2 === 0 ? 1 : 0, half = Math.floor(size / 2);
   const lowest = half - even, centres = IMAGE_SIDE - half - even - lowest; // centre in [lowest, lowest + centres)
   const params = new Uint32Array(2 * n);
   for (let i = 0; i < n; i++) {
-    const dy = rng.int(2 * hyp.net.padAmount), dx = rng.int(2 * hyp.net.padAmount), flip = rng.next() < 0.5 ? 1 : 0;
+    const dy = rng.int(2 * pad), dx = rng.int(2 * pad), flip = rng.next() < 0.5 ? 1 : 0;
     let bits = dy | (dx << 2) | (flip << 4);
     if (cutmix && size > 0) bits |= (1 << 5) | ((lowest + rng.int(centres)) << 6) | ((lowest + rng.int(centres)) << 11);
     params[2 * i] = bits;
     params[2 * i + 1] = cutmix ? partner[i] : i;
   }
   return { perm, params };
+}
+
+export interface TrainOptions {
+  gpu: Gpu;
+  data: GpuData;
+  seed: number;
+  epochs?: number; // default hyp.misc.trainEpochs; the next two likewise from hyp
+  baseDepth?: number;
+  batchSize?: number;
+  hyp?: Hyp; // the recipe (default: `hyp` above); an ablation passes its own
+  kernels?: Partial<NetKernels>; // how the GPU computes it (default: this device's conv set, hyp.kernels' fusions)
+  precision?: DType; // storage of images, activations and their gradients (default f32); arithmetic is f32
+  onEpochStart?: (epoch: number) => void;
+  onStep?: (epoch: number, step: number, steps: number) => void; // after each step is submitted (no GPU wait)
+  onEpoch?: (m: EpochMetrics) => void;
+  returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
+  stop?: () => boolean; // asked after every step; true ends the run there (Ctrl-C)
 }
 
 export interface EpochMetrics {
@@ -508,61 +560,144 @@ export interface RunResult {
   interrupted?: { epoch: number; steps: number }; // set when `stop` ended the run early
 }
 
-export interface TrainOptions {
-  gpu: Gpu;
-  data: GpuData;
-  seed: number;
-  epochs?: number;
-  baseDepth?: number;
-  batchSize?: number;
-  precision?: DType; // storage of images, activations and their gradients (default f32); arithmetic is f32
-  onEpochStart?: (epoch: number) => void;
-  onStep?: (epoch: number, step: number, steps: number) => void; // after each step is submitted (no GPU wait)
-  onEpoch?: (m: EpochMetrics) => void;
-  returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
-  stop?: () => boolean; // asked after every step; true ends the run there (Ctrl-C)
+/** One training run: whitening from the data, then the epochs; the table's row after each. */
+export async function train(o: TrainOptions): Promise<RunResult> {
+  const { gpu, data } = o, h = o.hyp ?? hyp;
+  const E = o.epochs ?? h.misc.trainEpochs, B = o.batchSize ?? h.misc.batchSize;
+  const baseDepth = o.baseDepth ?? h.net.baseDepth, N = data.train.count;
+  const plan = trainingPlan(N, B, E, h), T = plan.totalSteps;
+  if (plan.stepsPerEpoch < 1) {
+    throw new Error(`--batch-size ${B} is larger than the training set (${N} images): lower it`);
+  }
+  if (B < 2) throw new Error("--batch-size must be at least 2");
+  const rng = new Rng(o.seed), mark = gpu.allocated.length;
+  try {
+    // the frozen whitening conv, from the training images' 2x2 patches (computed once per dataset)
+    data.whiten ??= whiteningWeight(
+      whiteningFilters(await patchCovariance(gpu, data.train, data.norm), h.net.whitening.eps),
+    );
+    const kernels = { ...netKernels(gpu, h), ...o.kernels }, precision = o.precision ?? "f32";
+    const run = await withErrorScopes(
+      gpu,
+      "the network",
+      () => buildRun(gpu, data, B, baseDepth, rng, h, kernels, precision),
+    );
+    await compilePipelines(gpu, run.programs);
+
+    // The epoch loop. The CPU waits for the GPU only at the end of each epoch's steps (for the clock) and for the
+    // metrics after evaluating; a step is one submit of recorded programs, with this step's numbers in `frame`.
+    const epochs: EpochMetrics[] = [];
+    let trainSeconds = 0, step = 0, emaExists = false; // step: optimiser steps taken so far (the schedule's index)
+    for (let epoch = 0; epoch < plan.numEpochs; epoch++) {
+      o.onEpochStart?.(epoch);
+      const t0 = performance.now();
+      startEpoch(gpu, run, epochAugmentation(rng, N, epoch >= plan.cutmixFrom, h.net));
+      for (let s = 0; s < plan.stepsIn(epoch); s++, step++) {
+        const emaNow = epoch >= plan.emaFrom && (step + 1) % h.misc.ema.everyNSteps === 0;
+        setFrame(gpu, {
+          offset: s * B, // the batch: images perm[s B ..] of this epoch's order
+          valid: B,
+          lrWeights: oneCycleLr(step, T, h.opt.nonBiasLr, h.opt),
+          lrBiases: oneCycleLr(step, T, h.opt.biasLr, h.opt),
+          emaDecay: emaDecay(step + 1, T, h.misc.ema),
+          step,
+        });
+        // augment, forward, loss; backward, Nesterov SGD; every 5th step of the last epochs the EMA, whose first
+        // update is a plain copy of the network
+        const list = [...run.trainForward, ...(s === 0 ? [run.firstBatchMetrics] : []), ...run.update];
+        submit(
+          gpu,
+          emaNow && emaExists ? [...list, run.emaStep] : list,
+          emaNow && !emaExists ? run.copyToEma : undefined,
+        );
+        if (emaNow) emaExists = true;
+        await gpu.profiler?.collect();
+        o.onStep?.(epoch, s + 1, plan.stepsIn(epoch));
+        if (o.stop?.()) return await stoppedRun(gpu, o.seed, epochs, trainSeconds, { epoch, steps: step + 1 });
+      }
+      await gpu.device.queue.onSubmittedWorkDone(); // the clock counts the GPU's work, not its submission
+      trainSeconds += (performance.now() - t0) / 1000;
+      checkGpu(gpu);
+
+      const row = await evaluateEpoch(gpu, run, epoch, emaExists, trainSeconds);
+      epochs.push(row);
+      o.onEpoch?.(row);
+    }
+    const last = epochs[epochs.length - 1];
+    const weights = o.returnWeights ? await readWeights(gpu, run, emaExists ? run.ema : run.state) : undefined;
+    return { seed: o.seed, emaValAcc: last.emaValAcc, valAcc: last.valAcc, trainSeconds, epochs, weights };
+  } finally {
+    freeSince(gpu, mark);
+  }
 }
 
-// The metrics buffer, read once per epoch: (loss sum, correct count) f32 pairs for the first train
-// batch, the val set and the EMA's val set, then one u32: the first step whose loss was not finite.
+// The metrics buffer, read once per epoch: a (loss sum, correct count) f32 pair per slot (the epoch's first train
+// batch, the network on the test set, the EMA on the test set), then one u32: the first step whose loss was not
+// finite, flagged on the GPU so that no step waits for a readback.
 const METRIC_SLOTS = { train: 0, val: 1, ema: 2 };
 const METRICS_FLOATS = 8, NONFINITE_FLAG = 6, NO_BAD_STEP = 0xffffffff;
+/** Loss sum and correct count of one slot of the metrics read back. */
+const metricSlot = (m: Float32Array, slot: keyof typeof METRIC_SLOTS) => ({
+  loss: m[2 * METRIC_SLOTS[slot]],
+  correct: m[2 * METRIC_SLOTS[slot] + 1],
+});
 
 /** The run's GPU state (parameters, gradients, momentum, EMA, activations) and its recorded programs. */
-function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rng, precision: DType) {
+function buildRun(
+  gpu: Gpu,
+  data: GpuData,
+  B: number,
+  baseDepth: number,
+  rng: Rng,
+  h: Hyp,
+  kernels: NetKernels,
+  precision: DType,
+) {
   if (!data.whiten) throw new Error("buildRun: compute data.whiten first");
-  const device = gpu.device, N = data.train.count;
-  const layout = layoutState(stateSpec(baseDepth)), stateBytes = layout.nTotal * 4;
+  const N = data.train.count;
+  const layout = layoutState(stateSpec(baseDepth, h)), stateBytes = layout.nTotal * 4;
   const state = createBuffer(gpu, stateBytes), grads = createBuffer(gpu, stateBytes);
   const momentum = createBuffer(gpu, stateBytes), ema = createBuffer(gpu, stateBytes);
-  device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
+  gpu.device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
   const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
-  const A = makeActivations(gpu, B, baseDepth, precision);
+  const A = makeActivations(gpu, B, baseDepth, precision, kernels, h);
   const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8);
   const metrics = createBuffer(gpu, METRICS_FLOATS * 4);
 
   const trainForward = [
-    augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets),
-    ...forward(gpu, A, P, true),
-    crossEntropy(gpu, A.logits, A.targets, A.loss, A.correct, A.dlogits, hyp.opt.lossScaleBatch / B),
+    augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets, h.net),
+    ...forward(gpu, A, P, true, h),
+    crossEntropy(
+      gpu,
+      A.logits,
+      A.targets,
+      A.loss,
+      A.correct,
+      A.dlogits,
+      h.opt.lossScaleBatch / B,
+      h.opt.labelSmoothing,
+    ),
     flagNonFinite(gpu, A.loss, metrics, NONFINITE_FLAG),
   ];
   const firstBatchMetrics = accumulateMetrics(gpu, A.loss, A.correct, metrics, METRIC_SLOTS.train);
   const wd = {
-    weights: hyp.opt.weightDecayPerSample * B,
-    biases: hyp.opt.weightDecayPerSample * B * hyp.opt.biasDecayScaler,
+    weights: h.opt.weightDecayPerSample * B,
+    biases: h.opt.weightDecayPerSample * B * h.opt.biasDecayScaler,
   };
-  const update = [...backward(gpu, A, P, G), sgdNesterov(gpu, layout, state, grads, momentum, wd)];
+  const update = [...backward(gpu, A, P, G, h), sgdNesterov(gpu, layout, state, grads, momentum, wd, h.opt.momentum)];
   const emaStep = emaUpdate(gpu, layout, state, ema);
+  const copyToEma = (enc: GPUCommandEncoder) => enc.copyBufferToBuffer(state, 0, ema, 0, stateBytes);
 
-  const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
+  const { half, nTest, evalOf, gather } = evalPrograms(gpu, data, A, metrics, h);
   const evalNet = [gather, ...evalOf(P, METRIC_SLOTS.val)];
   const evalEma = evalOf(PE, METRIC_SLOTS.ema);
+  const programs = [...trainForward, firstBatchMetrics, ...update, emaStep, ...evalNet, ...evalEma];
   return {
+    B,
+    nTest,
     layout,
     state,
     ema,
-    stateBytes,
     perm,
     augParams,
     metrics,
@@ -571,147 +706,95 @@ function buildRun(gpu: Gpu, data: GpuData, B: number, baseDepth: number, rng: Rn
     firstBatchMetrics,
     update,
     emaStep,
+    copyToEma,
     evalNet,
     evalEma,
+    programs,
   };
 }
+type Run = ReturnType<typeof buildRun>;
 
-export async function train(o: TrainOptions): Promise<RunResult> {
-  const { gpu, data } = o, device = gpu.device;
-  const E = o.epochs ?? hyp.misc.trainEpochs, B = o.batchSize ?? hyp.misc.batchSize;
-  const baseDepth = o.baseDepth ?? hyp.net.baseDepth, N = data.train.count, nTest = data.test.count;
-  const plan = trainingPlan(N, B, E), T = plan.totalSteps;
-  if (plan.stepsPerEpoch < 1) {
-    throw new Error(`--batch-size ${B} is larger than the training set (${N} images): lower it`);
-  }
-  if (B < 2) throw new Error("--batch-size must be at least 2");
-  const rng = new Rng(o.seed);
-  const mark = gpu.allocated.length;
-  try {
-    data.whiten ??= whiteningWeight(whiteningFilters(await patchCovariance(gpu, data.train, data.norm)));
+/** Uploads the epoch's augmentation draws and zeroes its metrics (and marks no bad step yet). */
+function startEpoch(gpu: Gpu, run: Run, aug: ReturnType<typeof epochAugmentation>) {
+  gpu.device.queue.writeBuffer(run.perm, 0, aug.perm as Uint32Array<ArrayBuffer>);
+  gpu.device.queue.writeBuffer(run.augParams, 0, aug.params as Uint32Array<ArrayBuffer>);
+  const reset = new Uint32Array(METRICS_FLOATS); // 0.0f is all zero bits
+  reset[NONFINITE_FLAG] = NO_BAD_STEP;
+  gpu.device.queue.writeBuffer(run.metrics, 0, reset);
+}
 
-    // ---- every buffer and recorded program, built once; WebGPU errors here become one clear line
-    const run = await withErrorScopes(
-      gpu,
-      "the network",
-      () => buildRun(gpu, data, B, baseDepth, rng, o.precision ?? "f32"),
-    );
-    const { state, ema, stateBytes, perm, augParams, metrics, half } = run;
-    const { trainForward, firstBatchMetrics, update, emaStep, evalNet, evalEma } = run;
-    await compilePipelines(gpu, [...trainForward, firstBatchMetrics, ...update, emaStep, ...evalNet, ...evalEma]);
+/** The result of a run that `stop` ended after `interrupted.steps` steps: the epochs it finished. */
+async function stoppedRun(
+  gpu: Gpu,
+  seed: number,
+  epochs: EpochMetrics[],
+  trainSeconds: number,
+  interrupted: { epoch: number; steps: number },
+): Promise<RunResult> {
+  await gpu.device.queue.onSubmittedWorkDone();
+  const last = epochs[epochs.length - 1];
+  return { seed, emaValAcc: last?.emaValAcc ?? null, valAcc: last?.valAcc ?? NaN, trainSeconds, epochs, interrupted };
+}
 
-    // ---- the epoch loop: the CPU only waits at the end of each epoch's steps (for the clock) and after eval
-    const epochs: EpochMetrics[] = [];
-    let trainSeconds = 0, stepsDone = 0, emaExists = false;
-    for (let epoch = 0; epoch < plan.numEpochs; epoch++) {
-      o.onEpochStart?.(epoch);
-      const t0 = performance.now();
-      const aug = epochAugmentation(rng, N, epoch >= plan.cutmixFrom);
-      device.queue.writeBuffer(perm, 0, aug.perm as Uint32Array<ArrayBuffer>);
-      device.queue.writeBuffer(augParams, 0, aug.params as Uint32Array<ArrayBuffer>);
-      const reset = new Uint32Array(METRICS_FLOATS); // zero sums (0.0f is all zero bits) and no bad step
-      reset[NONFINITE_FLAG] = NO_BAD_STEP;
-      device.queue.writeBuffer(metrics, 0, reset);
-      for (let s = 0; s < plan.stepsIn(epoch); s++) {
-        const lrStep = stepsDone++; // the schedule is indexed by steps taken before this one
-        const emaNow = epoch >= plan.emaFrom && stepsDone % hyp.misc.ema.everyNSteps === 0;
-        setFrame(gpu, {
-          offset: s * B,
-          valid: B,
-          lrWeights: oneCycleLr(lrStep, T, hyp.opt.nonBiasLr),
-          lrBiases: oneCycleLr(lrStep, T, hyp.opt.biasLr),
-          emaDecay: emaDecay(stepsDone, T),
-          step: lrStep,
-        });
-        const list = [...trainForward, ...(s === 0 ? [firstBatchMetrics] : []), ...update];
-        if (emaNow && emaExists) list.push(emaStep);
-        // the first EMA is a plain copy of the network
-        submit(
-          gpu,
-          list,
-          emaNow && !emaExists ? (enc) => enc.copyBufferToBuffer(state, 0, ema, 0, stateBytes) : undefined,
-        );
-        await gpu.profiler?.collect();
-        o.onStep?.(epoch, s + 1, plan.stepsIn(epoch));
-        if (emaNow) emaExists = true;
-        if (o.stop?.()) {
-          await device.queue.onSubmittedWorkDone();
-          const last = epochs[epochs.length - 1];
-          const interrupted = { epoch, steps: stepsDone };
-          return {
-            seed: o.seed,
-            emaValAcc: last?.emaValAcc ?? null,
-            valAcc: last?.valAcc ?? NaN,
-            trainSeconds,
-            epochs,
-            interrupted,
-          };
-        }
-      }
-      await device.queue.onSubmittedWorkDone();
-      trainSeconds += (performance.now() - t0) / 1000;
-      checkGpu(gpu);
-
-      await evaluateTestSet(gpu, nTest, half, emaExists ? [...evalNet, ...evalEma] : evalNet);
-      const m = await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4);
-      const badStep = new Uint32Array(m.buffer)[NONFINITE_FLAG];
-      if (badStep !== NO_BAD_STEP) {
-        throw new Error(
-          `the training loss became NaN or infinite at step ${badStep} (epoch ${epoch}): ` +
-            "lower the learning rates in hyp.opt, or undo the last change",
-        );
-      }
-      const row: EpochMetrics = {
-        epoch,
-        trainLoss: m[0] / B,
-        trainAcc: m[1] / B,
-        valLoss: m[2] / nTest,
-        valAcc: m[3] / nTest,
-        emaValAcc: emaExists ? m[5] / nTest : null,
-        totalTimeSeconds: trainSeconds,
-      };
-      if (!Number.isFinite(row.trainLoss) || !Number.isFinite(row.valLoss)) {
-        throw new Error(
-          `training diverged in epoch ${epoch} (train loss ${row.trainLoss}, val loss ${row.valLoss}): ` +
-            "lower the learning rates in hyp.opt, or undo the last change",
-        );
-      }
-      epochs.push(row);
-      o.onEpoch?.(row);
-    }
-    const last = epochs[epochs.length - 1];
-    let weights;
-    if (o.returnWeights) {
-      const values = await readBuffer(gpu, emaExists ? ema : state, 0, stateBytes);
-      weights = new Map([...run.layout.entries].map(([name, e]) => [
-        name,
-        { shape: e.shape, data: values.slice(e.offset, e.offset + numel(e.shape)) },
-      ]));
-    }
-    return { seed: o.seed, emaValAcc: last.emaValAcc, valAcc: last.valAcc, trainSeconds, epochs, weights };
-  } finally {
-    freeSince(gpu, mark);
-  }
+/** The network in `buffer` (the state or the EMA), tensor by tensor, for --save. */
+async function readWeights(gpu: Gpu, run: Run, buffer: GPUBuffer): Promise<Weights> {
+  const values = await readBuffer(gpu, buffer, 0, run.layout.nTotal * 4);
+  return new Map([...run.layout.entries].map(([name, e]) => [
+    name,
+    { shape: e.shape, data: values.slice(e.offset, e.offset + numel(e.shape)) },
+  ]));
 }
 
 // =================================================================================================
 // 4. Evaluation: flip test-time augmentation over the test set
 // =================================================================================================
 
+/** The epoch's row: the network (and the EMA once it exists) evaluated on the test set, and the first batch's
+ * training loss and accuracy, all read back at once. A non-finite loss anywhere ends the run with one line. */
+async function evaluateEpoch(gpu: Gpu, run: Run, epoch: number, emaExists: boolean, trainSeconds: number) {
+  const nTest = run.nTest;
+  await evaluateTestSet(gpu, nTest, run.half, emaExists ? [...run.evalNet, ...run.evalEma] : run.evalNet);
+  const m = await readBuffer(gpu, run.metrics, 0, METRICS_FLOATS * 4);
+  const badStep = new Uint32Array(m.buffer)[NONFINITE_FLAG];
+  if (badStep !== NO_BAD_STEP) {
+    throw new Error(
+      `the training loss became NaN or infinite at step ${badStep} (epoch ${epoch}): ` +
+        "lower the learning rates in hyp.opt, or undo the last change",
+    );
+  }
+  const first = metricSlot(m, "train"), val = metricSlot(m, "val"), ema = metricSlot(m, "ema");
+  const row: EpochMetrics = {
+    epoch,
+    trainLoss: first.loss / run.B,
+    trainAcc: first.correct / run.B,
+    valLoss: val.loss / nTest,
+    valAcc: val.correct / nTest,
+    emaValAcc: emaExists ? ema.correct / nTest : null,
+    totalTimeSeconds: trainSeconds,
+  };
+  if (!Number.isFinite(row.trainLoss) || !Number.isFinite(row.valLoss)) {
+    throw new Error(
+      `training diverged in epoch ${epoch} (train loss ${row.trainLoss}, val loss ${row.valLoss}): ` +
+        "lower the learning rates in hyp.opt, or undo the last change",
+    );
+  }
+  return row;
+}
+
 /**
  * Evaluation programs over the training buffers: a batch holds `half` test images and their mirrors
  * (flip TTA); `evalOf(params, slot)` adds that network's loss and correct count to metrics[slot].
  */
-function evalPrograms(gpu: Gpu, data: GpuData, A: Activations, metrics: GPUBuffer) {
+function evalPrograms(gpu: Gpu, data: GpuData, A: Activations, metrics: GPUBuffer, h: Hyp) {
   const half = Math.floor(A.x.shape[0] / 2), E2 = activationsWithRows(A, 2 * half);
-  const h = (t: Tensor) => withRows(t, half), tta = h(A.logitsTta);
+  const r = (t: Tensor) => withRows(t, half), tta = r(A.logitsTta);
   const evalOf = (params: Record<string, Tensor>, slot: number) => [
-    ...forward(gpu, E2, params, false),
+    ...forward(gpu, E2, params, false, h),
     ttaAverage(gpu, E2.logits, tta),
-    crossEntropy(gpu, tta, h(A.targets), h(A.loss), h(A.correct), h(A.dlogits), 0),
-    accumulateMetrics(gpu, h(A.loss), h(A.correct), metrics, slot),
+    crossEntropy(gpu, tta, r(A.targets), r(A.loss), r(A.correct), r(A.dlogits), 0, h.opt.labelSmoothing),
+    accumulateMetrics(gpu, r(A.loss), r(A.correct), metrics, slot),
   ];
-  return { half, evalOf, gather: gatherEval(gpu, data.test, data.norm, E2.x, E2.targets) };
+  return { half, nTest: data.test.count, evalOf, gather: gatherEval(gpu, data.test, data.norm, E2.x, E2.targets) };
 }
 
 /** Runs `list` over the test set, `half` images (and mirrors) per submit. */
@@ -751,10 +834,10 @@ export async function evaluateWeights(
     const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, METRICS_FLOATS * 4);
     gpu.device.queue.writeBuffer(state, 0, values);
     const A = makeActivations(gpu, batchSize, first.shape[3], precision);
-    const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics);
+    const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics, hyp);
     await evaluateTestSet(gpu, data.test.count, half, [gather, ...evalOf(stateViews(state, layout), METRIC_SLOTS.val)]);
-    const m = await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4);
-    return { valLoss: m[2] / data.test.count, valAcc: m[3] / data.test.count };
+    const val = metricSlot(await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4), "val");
+    return { valLoss: val.loss / data.test.count, valAcc: val.correct / data.test.count };
   } finally {
     freeSince(gpu, mark);
   }
@@ -769,6 +852,9 @@ export async function evaluateWeights(
 // 5. GPU plumbing: device, tensors, kernels, dispatch lists, readback
 // =================================================================================================
 
+/** An error's message, for the one-line errors every failure ends in. */
+const errorText = (e: unknown) => (e instanceof Error ? e.message : String(e));
+
 /** Element type of a tensor in GPU memory. Parameters and optimiser state are always f32. */
 export type DType = "f32" | "f16";
 /** What a tensor holds: values in a DType, or u32 words (the max pools' argmax bytes). */
@@ -780,7 +866,9 @@ export interface Gpu {
   adapterName: string;
   hasF16: boolean;
   limits: { maxBinding: number; maxBuffer: number };
-  sources: Map<string, string>; // kernel file -> WGSL text
+  kernelDir: string; // the folder the kernels were read from (KERNEL_DIR), for the run log
+  sources: Map<string, string>; // kernel file -> WGSL text as compiled: the file, then common.wgsl
+  structs: Map<string, StructField[]>; // common.wgsl's uniform structs, packed by field name (packStruct)
   pipelines: Map<string, GPUComputePipeline>;
   frame: GPUBuffer; // per-submit values (batch offset, valid rows, lr, EMA decay), see setFrame
   allocated: GPUBuffer[]; // every buffer we created, so a run can free its own
@@ -814,9 +902,16 @@ const CONV_KERNELS = {
 const CPU_DEVICE = /llvmpipe|lavapipe|swiftshader|\bwarp\b/i; // software rasterisers running on the CPU
 
 const KERNEL_FILES = ["conv", "conv_tiled", "reduce", "pool", "norm", "linear", "loss", "optim", "data"];
+const KERNEL_PRELUDE = "common"; // appended to every kernel file (kernels/common.wgsl)
 const MAX_GROUPS = 65535; // per grid dimension (WebGPU's default limit)
 
-export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
+/**
+ * The device, its limits and the kernel sources. `convKernels` overrides the conv kernel set chosen from the
+ * adapter; `kernelDir` the kernel folder (default KERNEL_DIR, next to this file).
+ */
+export async function initGpu(
+  opts: { profile?: boolean; convKernels?: ConvKernels; kernelDir?: string | URL } = {},
+): Promise<Gpu> {
   const noAdapter = "no WebGPU adapter found: install or update your GPU driver (Vulkan, Metal or D3D12); " +
     "on Linux without a GPU, `apt-get install mesa-vulkan-drivers` gives a (slow) CPU device";
   if (!("gpu" in navigator)) throw new Error(noAdapter);
@@ -833,14 +928,21 @@ export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
       maxStorageBuffersPerShaderStage: Math.min(a.maxStorageBuffersPerShaderStage, 10),
     },
   });
-  const sources = new Map<string, string>();
-  for (const file of KERNEL_FILES) {
-    const res = await fetch(new URL(`./kernels/${file}.wgsl`, import.meta.url));
-    if (!res.ok) {
-      throw new Error(`cannot read kernels/${file}.wgsl (HTTP ${res.status}): is the kernels/ folder there?`);
+  const dir = new URL(opts.kernelDir ?? KERNEL_DIR, import.meta.url);
+  const read = async (file: string) => {
+    let why: string;
+    try {
+      const res = await fetch(new URL(`${file}.wgsl`, dir));
+      if (res.ok) return await res.text();
+      why = `HTTP ${res.status}`;
+    } catch (e) {
+      why = errorText(e).split(": ").pop()!; // a local file that is not there: "No such file or directory (os error 2)"
     }
-    sources.set(file, await res.text());
-  }
+    throw new Error(`cannot read ${file}.wgsl in ${dir} (${why}): is the kernels/ folder there?`);
+  };
+  const prelude = await read(KERNEL_PRELUDE), sources = new Map<string, string>();
+  for (const file of KERNEL_FILES) sources.set(file, `${await read(file)}\n${prelude}`);
+  const structs = new Map(["Frame", "ConvShape"].map((name) => [name, wgslStruct(prelude, name)]));
   const info = adapter.info;
   const adapterName = info.description || `${info.vendor} ${info.architecture} ${info.device}`.trim();
   const gpu: Gpu = {
@@ -848,12 +950,18 @@ export async function initGpu(opts: { profile?: boolean } = {}): Promise<Gpu> {
     adapterName,
     hasF16,
     limits: { maxBinding: a.maxStorageBufferBindingSize, maxBuffer: a.maxBufferSize },
+    kernelDir: dir.protocol === "file:" ? fileURLToPath(dir) : dir.href,
     sources,
+    structs,
     pipelines: new Map(),
-    frame: device.createBuffer({ size: 32, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST }),
+    frame: device.createBuffer({
+      size: structBytes(structs.get("Frame")!),
+      usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+    }),
     allocated: [],
     profiler: profile ? new Profiler(device) : undefined,
-    convKernels: CPU_DEVICE.test(`${adapterName} ${info.vendor} ${info.device}`) ? "wide" : "tiled",
+    convKernels: opts.convKernels ??
+      (CPU_DEVICE.test(`${adapterName} ${info.vendor} ${info.device}`) ? "wide" : "tiled"),
   };
   device.addEventListener("uncapturederror", (e) => {
     gpu.error ??= `WebGPU error: ${(e as GPUUncapturedErrorEvent).error.message}`;
@@ -979,7 +1087,59 @@ function uniform(gpu: Gpu, fields: Field[]): GPUBuffer {
   return buffer;
 }
 
-/** Per-submit values, shared by every kernel that binds `frame` (layout: struct Frame in the kernels). */
+/** One field of a WGSL uniform struct: its name and its 4-byte scalar type. */
+export type StructField = { name: string; type: "u32" | "i32" | "f32" };
+
+/** The fields of `struct name { ... }` in WGSL `source`, in order (4-byte scalars only). */
+export function wgslStruct(source: string, name: string): StructField[] {
+  const body = source.replace(/\/\/.*$/gm, "").match(new RegExp(`struct ${name}\\s*\\{([^}]*)\\}`))?.[1];
+  if (!body) throw new Error(`kernels/${KERNEL_PRELUDE}.wgsl has no struct ${name}`);
+  return body.split(",").map((f) => f.trim()).filter(Boolean).map((f) => {
+    const [field, type] = f.split(":").map((x) => x.trim());
+    if (type !== "u32" && type !== "i32" && type !== "f32") {
+      throw new Error(`struct ${name}.${field}: ${type} (packStruct writes u32, i32 and f32 fields only)`);
+    }
+    return { name: field, type };
+  });
+}
+
+/** A uniform struct's size: 4 bytes a field, rounded up to 16. */
+const structBytes = (fields: StructField[]) => Math.ceil(fields.length / 4) * 16;
+
+/**
+ * Packs `values` into common.wgsl's struct `name` by field name (camelCase here, snake_case there: lrWeights ->
+ * lr_weights); fields not given are 0, a value with no field is an error.
+ */
+export function packStruct(gpu: Gpu, name: string, values: Record<string, number | undefined>): ArrayBuffer {
+  const fields = gpu.structs.get(name)!, data = new DataView(new ArrayBuffer(structBytes(fields)));
+  const byName = new Map(
+    Object.entries(values).map(([k, v]) => [k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`), v]),
+  );
+  for (const key of byName.keys()) {
+    if (!fields.some((f) => f.name === key)) throw new Error(`struct ${name} (common.wgsl) has no field ${key}`);
+  }
+  fields.forEach((f, i) => {
+    const v = byName.get(f.name) ?? 0;
+    if (f.type === "f32") data.setFloat32(4 * i, v, true);
+    else if (f.type === "i32") data.setInt32(4 * i, v, true);
+    else data.setUint32(4 * i, v, true);
+  });
+  return data.buffer;
+}
+
+/** A new uniform buffer holding common.wgsl's struct `name` (see packStruct). */
+function uniformStruct(gpu: Gpu, name: string, values: Record<string, number>): GPUBuffer {
+  const bytes = packStruct(gpu, name, values);
+  const buffer = gpu.device.createBuffer({
+    size: bytes.byteLength,
+    usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+  });
+  gpu.device.queue.writeBuffer(buffer, 0, bytes);
+  gpu.allocated.push(buffer);
+  return buffer;
+}
+
+/** Per-submit values, shared by every kernel that binds `frame` (struct Frame in kernels/common.wgsl). */
 export interface Frame {
   offset?: number; // first index into the epoch's permutation (train) or the test set (eval)
   valid?: number; // rows of the batch that count in the loss and metrics
@@ -990,14 +1150,7 @@ export interface Frame {
 }
 
 export function setFrame(gpu: Gpu, f: Frame) {
-  const data = new DataView(new ArrayBuffer(32));
-  data.setUint32(0, f.offset ?? 0, true);
-  data.setUint32(4, f.valid ?? 0, true);
-  data.setFloat32(8, f.lrWeights ?? 0, true);
-  data.setFloat32(12, f.lrBiases ?? 0, true);
-  data.setFloat32(16, f.emaDecay ?? 0, true);
-  data.setUint32(20, f.step ?? 0, true);
-  gpu.device.queue.writeBuffer(gpu.frame, 0, data.buffer);
+  gpu.device.queue.writeBuffer(gpu.frame, 0, packStruct(gpu, "Frame", { ...f }));
 }
 
 /** One recorded kernel launch: built once (pipeline, bind group), replayed every step. */
@@ -1064,9 +1217,9 @@ function storageAlias(gpu: Gpu, file: string, binding: number): string | undefin
   return alias && src.includes(`alias ${alias} = f32;`) ? alias : undefined;
 }
 
-/** Grid for a 1-D kernel over `count` items; the kernel folds y back: i = g.x + g.y * nw.x * WG. */
-function grid1d(count: number, wg = 256): [number, number, number] {
-  const groups = Math.max(1, Math.ceil(count / wg));
+/** Grid for a 1-D kernel of `file` over `count` items; the kernel folds y back: i = g.x + g.y * nw.x * WG. */
+function grid1d(gpu: Gpu, file: string, count: number): [number, number, number] {
+  const groups = Math.max(1, Math.ceil(count / kernelConst(gpu, file, "WG")));
   return groups <= MAX_GROUPS ? [groups, 1, 1] : [MAX_GROUPS, Math.ceil(groups / MAX_GROUPS), 1];
 }
 
@@ -1260,20 +1413,9 @@ export function kernelConst(gpu: Gpu, file: string, name: string): number {
   return Number(m[1]);
 }
 
-/** Changes such a constant (e.g. a tile size for one kind of device); affects pipelines built afterwards. */
-export function setKernelConst(gpu: Gpu, file: string, name: string, value: number) {
-  kernelConst(gpu, file, name);
-  const src = gpu.sources.get(file)!.replace(
-    new RegExp(`const ${name}: u32 = \\d+u;`),
-    `const ${name}: u32 = ${value}u;`,
-  );
-  gpu.sources.set(file, src);
-  for (const key of [...gpu.pipelines.keys()]) if (key.startsWith(`${file}:`)) gpu.pipelines.delete(key);
-}
-
-/** The conv kernel set of this device (or `set`): file, entry-point suffix, threads per workgroup along
- * the rows, outputs per thread (rows x cols); a "tiled" workgroup is one unit of TILE_M x TILE_N outputs. */
-function convBlock(gpu: Gpu, set: keyof typeof CONV_KERNELS = gpu.convKernels) {
+/** A conv kernel set's file, entry-point suffix, threads per workgroup along the rows, outputs per thread
+ * (rows x cols); a "tiled" workgroup is one unit of TILE_M x TILE_N outputs. */
+function convBlock(gpu: Gpu, set: keyof typeof CONV_KERNELS) {
   const k = CONV_KERNELS[set];
   return {
     file: k.file,
@@ -1298,8 +1440,9 @@ function convShape(x: number[], w: number[], y: number[], pad: number) {
   return { batch, h, w: wd, cin, ho, wo, cout, kh, kw };
 }
 
+/** The ConvShape uniform (kernels/common.wgsl), packed by field name. */
 function convUniform(gpu: Gpu, c: ReturnType<typeof convShape>, pad: number, m: number, n: number, kps = 0) {
-  return uniform(gpu, [c.batch, c.h, c.w, c.cin, c.ho, c.wo, c.cout, c.kh, c.kw, pad, m, n, kps, 0, 0, 0]);
+  return uniformStruct(gpu, "ConvShape", { ...c, pad, m, n, k_per_split: kps });
 }
 
 /** Profile row name and FLOP count of a conv (the same for all three passes). */
@@ -1311,16 +1454,16 @@ const convInfo = (c: ReturnType<typeof convShape>) => ({
 /** True if `n` rows or columns fill blocks of `block` with at most a fifth of them padding. */
 const fills = (n: number, block: number) => Math.ceil(n / block) * block <= 1.25 * n;
 
-/** The kernels of a pass with `n` columns: this device's set, except that "wide" runs its 32 x 16 block where the
+/** The kernels of a pass with `n` columns: the set's own, except that "wide" runs its 32 x 16 block where the
  * columns fill it (on lavapipe 1.2-1.5x the 16 x 8 block's speed there, bench/RESULTS.md). */
-function convPick(gpu: Gpu, n: number): keyof typeof CONV_KERNELS {
-  return gpu.convKernels === "wide" && fills(n, kernelConst(gpu, "conv", "WIDE2_COLS")) ? "wide2" : gpu.convKernels;
+function convPick(gpu: Gpu, n: number, set: ConvKernels): keyof typeof CONV_KERNELS {
+  return set === "wide" && fills(n, kernelConst(gpu, "conv", "WIDE2_COLS")) ? "wide2" : set;
 }
 
 /** The kernel file, entry-point suffix and grid of a pass with `m` rows and `n` columns (not backward weight). */
-function convPlan(gpu: Gpu, m: number, n: number) {
-  const set = convPick(gpu, n), { file, rows, suffix } = convBlock(gpu, set);
-  return { file, suffix, grid: convGrid(gpu, Math.ceil(m / rows), n, 1, set) };
+function convPlan(gpu: Gpu, m: number, n: number, set: ConvKernels) {
+  const pick = convPick(gpu, n, set), { file, rows, suffix } = convBlock(gpu, pick);
+  return { file, suffix, grid: convGrid(gpu, Math.ceil(m / rows), n, 1, pick) };
 }
 
 /** Grid of a conv kernel: each thread owns `rows` x `cols` outputs; workgroups of WG threads run along rows. */
@@ -1328,18 +1471,20 @@ function convGrid(
   gpu: Gpu,
   rowBlocks: number,
   n: number,
-  splits = 1,
-  set: keyof typeof CONV_KERNELS = gpu.convKernels,
+  splits: number,
+  set: keyof typeof CONV_KERNELS,
 ): [number, number, number] {
   const { wg, cols } = convBlock(gpu, set);
   return [Math.ceil(rowBlocks / wg), Math.ceil(n / cols), splits];
 }
 
+// Every conv op takes the kernel set last (default: the device's, gpu.convKernels); all sets give the same results.
+
 /** y = conv(x, w), stride 1, zero padding `pad`. */
-export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number): Dispatch {
+export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number, set = gpu.convKernels): Dispatch {
   const c = convShape(x.shape, w.shape, y.shape, pad);
   const m = c.batch * c.ho * c.wo, n = c.cout;
-  const { file, suffix, grid } = convPlan(gpu, m, n);
+  const { file, suffix, grid } = convPlan(gpu, m, n, set);
   const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y };
   return kernel(gpu, file, `forward${suffix}`, bindings, grid, convInfo(c));
 }
@@ -1349,7 +1494,15 @@ export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number): 
  * and `argmax` (u32 [B][Ho/2][Wo/2][ceil(Cout/4)]) records which pixel of each window won, for
  * maxPool2Unpool. The full-size conv output is never written; the row and column the pool drops are not computed.
  */
-export function conv2dMaxPool(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, argmax: Tensor, pad: number): Dispatch {
+export function conv2dMaxPool(
+  gpu: Gpu,
+  x: Tensor,
+  w: Tensor,
+  y: Tensor,
+  argmax: Tensor,
+  pad: number,
+  set = gpu.convKernels,
+): Dispatch {
   const [batch, h, wd] = x.shape, [kh, kw, , cout] = w.shape;
   const full = [batch, h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1, cout];
   const c = convShape(x.shape, w.shape, full, pad);
@@ -1359,28 +1512,42 @@ export function conv2dMaxPool(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, argmax:
   }
   if (argmax.dtype !== "u32") throw new Error("conv2dMaxPool: argmax must be a u32 tensor");
   const m = 4 * numel(pooled.slice(0, 3)), n = cout; // rows: the 4 pixels of every pool window
-  const { file, suffix, grid } = convPlan(gpu, m, n);
+  const { file, suffix, grid } = convPlan(gpu, m, n, set);
   const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y, 4: argmax };
   const info = { label: convInfo(c).label, flop: (convInfo(c).flop / (c.ho * c.wo)) * 4 * pooled[1] * pooled[2] };
   return kernel(gpu, file, `forward_pool${suffix}`, bindings, grid, info);
 }
 
 /** dx = d conv / dx, given dy. */
-export function conv2dBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, pad: number): Dispatch {
+export function conv2dBackwardData(
+  gpu: Gpu,
+  dy: Tensor,
+  w: Tensor,
+  dx: Tensor,
+  pad: number,
+  set = gpu.convKernels,
+): Dispatch {
   const c = convShape(dx.shape, w.shape, dy.shape, pad);
   const m = c.batch * c.h * c.w, n = c.cin;
-  const { file, suffix, grid } = convPlan(gpu, m, n);
+  const { file, suffix, grid } = convPlan(gpu, m, n, set);
   const u = convUniform(gpu, c, pad, m, n);
   return kernel(gpu, file, `backward_data${suffix}`, { 0: u, 1: dy, 2: w, 3: dx }, grid, convInfo(c));
 }
 
 /** dw = d conv / dw, given x and dy: split-K over the pixels into partials, then a sum over the splits. */
-export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor, pad: number): Dispatch[] {
+export function conv2dBackwardWeight(
+  gpu: Gpu,
+  x: Tensor,
+  dy: Tensor,
+  dw: Tensor,
+  pad: number,
+  set = gpu.convKernels,
+): Dispatch[] {
   const c = convShape(x.shape, dw.shape, dy.shape, pad);
   const m = c.kh * c.kw * c.cin, n = c.cout, pixels = c.batch * c.ho * c.wo;
   let splits = Math.min(CONV_SPLIT_K.max, Math.ceil(pixels / CONV_SPLIT_K.target));
-  if (gpu.convKernels === "tiled") {
-    const { rows, cols } = convBlock(gpu), tiles = Math.ceil(m / rows) * Math.ceil(n / cols);
+  if (set === "tiled") {
+    const { rows, cols } = convBlock(gpu, set), tiles = Math.ceil(m / rows) * Math.ceil(n / cols);
     splits = Math.min(Math.ceil(CONV_SPLIT_K.tiledWorkgroups / tiles), Math.floor(pixels / CONV_SPLIT_K.tiledLeast));
   }
   splits = Math.max(1, splits, Math.ceil(pixels / CONV_SPLIT_K.longest));
@@ -1389,24 +1556,31 @@ export function conv2dBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor
   const partials = tensor(gpu, [splits, m, n]);
   // The wide set runs its 32 x 16 block where the input channels fill 32 rows (of one tap) and the output channels
   // 16 columns; else its 16 x 8 block, whose 16 rows are two units of 8 channels, of one tap or two.
-  const wide2 = gpu.convKernels === "wide" && fills(c.cin, kernelConst(gpu, "conv", "WIDE2_ROWS"));
-  const set = wide2 && convPick(gpu, n) === "wide2" ? "wide2" : gpu.convKernels;
-  const { file, rows, suffix } = convBlock(gpu, set);
+  const wide2 = set === "wide" && fills(c.cin, kernelConst(gpu, "conv", "WIDE2_ROWS"));
+  const pick = wide2 && convPick(gpu, n, set) === "wide2" ? "wide2" : set;
+  const { file, rows, suffix } = convBlock(gpu, pick);
   // rows of threads: a conv_tiled.wgsl workgroup owns TILE_M rows (tap, channel); a block or wide2 thread `rows`
   // channels of one tap; a wide thread two units of `rows` / 2 channels
   const taps = c.kh * c.kw, unit = rows / 2;
-  const rowBlocks = set === "tiled"
+  const rowBlocks = pick === "tiled"
     ? Math.ceil(m / rows)
-    : set === "wide"
+    : pick === "wide"
     ? Math.ceil((taps * Math.ceil(c.cin / unit)) / 2)
     : taps * Math.ceil(c.cin / rows);
-  const grid = convGrid(gpu, rowBlocks, n, splits, set);
+  const grid = convGrid(gpu, rowBlocks, n, splits, pick);
   const bindings = { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials };
   return [
     kernel(gpu, file, `backward_weight${suffix}`, bindings, grid, convInfo(c)),
-    kernel(gpu, "reduce", "sum_splits", { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw }, grid1d(m * n), {
-      label: convInfo(c).label,
-    }),
+    kernel(
+      gpu,
+      "reduce",
+      "sum_splits",
+      { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw },
+      grid1d(gpu, "reduce", m * n),
+      {
+        label: convInfo(c).label,
+      },
+    ),
   ];
 }
 
@@ -1423,13 +1597,13 @@ export function maxPool2(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
     "pool",
     "maxpool2_forward",
     { 0: poolUniform(gpu, x.shape, y.shape, numel(y.shape)), 1: x, 3: y },
-    grid1d(numel(y.shape)),
+    grid1d(gpu, "pool", numel(y.shape)),
   );
 }
 
 export function maxPool2Backward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
   const u = poolUniform(gpu, x.shape, dy.shape, numel(x.shape));
-  return kernel(gpu, "pool", "maxpool2_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(numel(x.shape)));
+  return kernel(gpu, "pool", "maxpool2_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(gpu, "pool", numel(x.shape)));
 }
 
 /** The backward of conv2dMaxPool's pool: dx (full size) = dy at each window's argmax, else 0. */
@@ -1442,28 +1616,40 @@ export function maxPool2Unpool(gpu: Gpu, argmax: Tensor, dy: Tensor, dx: Tensor)
     throw new Error(`maxPool2Unpool: dy [${dy.shape}], argmax [${argmax.shape}] -> dx [${dx.shape}]`);
   }
   const u = poolUniform(gpu, dx.shape, dy.shape, numel(dx.shape));
-  return kernel(gpu, "pool", "maxpool2_unpool", { 0: u, 2: dy, 3: dx, 4: argmax }, grid1d(numel(dx.shape)));
+  return kernel(
+    gpu,
+    "pool",
+    "maxpool2_unpool",
+    { 0: u, 2: dy, 3: dx, 4: argmax },
+    grid1d(gpu, "pool", numel(dx.shape)),
+  );
 }
 
 /** y[b][c] = max over the image of x[b][:][:][c]. */
 export function globalMaxPool(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
   const u = poolUniform(gpu, x.shape, [y.shape[0], 1, 1, y.shape[1]], numel(y.shape));
-  return kernel(gpu, "pool", "global_max_forward", { 0: u, 1: x, 3: y }, grid1d(numel(y.shape)));
+  return kernel(gpu, "pool", "global_max_forward", { 0: u, 1: x, 3: y }, grid1d(gpu, "pool", numel(y.shape)));
 }
 
 export function globalMaxPoolBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
   const u = poolUniform(gpu, x.shape, [dy.shape[0], 1, 1, dy.shape[1]], numel(x.shape));
-  return kernel(gpu, "pool", "global_max_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(numel(x.shape)));
+  return kernel(gpu, "pool", "global_max_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(gpu, "pool", numel(x.shape)));
 }
 
 /** y = gelu(x), exact (erf) GELU, elementwise. */
 export function gelu(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
-  return kernel(gpu, "norm", "gelu_forward", { 0: normSetup(gpu, x).u, 1: x, 9: y }, grid1d(numel(x.shape)));
+  return kernel(
+    gpu,
+    "norm",
+    "gelu_forward",
+    { 0: normSetup(gpu, x).u, 1: x, 9: y },
+    grid1d(gpu, "norm", numel(x.shape)),
+  );
 }
 
 export function geluBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
   const u = normSetup(gpu, x).u;
-  return kernel(gpu, "norm", "gelu_backward", { 0: u, 1: x, 2: dy, 9: dx }, grid1d(numel(x.shape)));
+  return kernel(gpu, "norm", "gelu_backward", { 0: u, 1: x, 2: dy, 9: dx }, grid1d(gpu, "norm", numel(x.shape)));
 }
 
 /** Batch-norm parameters of one layer: scale (frozen at 1), shift, running mean and variance. */
@@ -1475,24 +1661,22 @@ export interface NormParams {
 }
 
 const NORM_ROWS_PER_CHUNK = 256; // rows each thread of the statistics kernels sums
-const NORM_WG_C = 64; // must match WG_C in norm.wgsl
 
-function normSetup(gpu: Gpu, x: Tensor, withPartials = false) {
+/** The recipe's batch-norm numbers (PyTorch conventions): running = (1 - momentum) running + momentum batch. */
+export interface BatchNormHyp {
+  momentum: number;
+  eps: number;
+}
+
+/** norm.wgsl's uniform, partials and grids for x [..][C]; the GELU kernels read neither momentum nor eps. */
+function normSetup(gpu: Gpu, x: Tensor, withPartials = false, bn: BatchNormHyp = { momentum: 0, eps: 0 }) {
   const c = x.shape[x.shape.length - 1], rows = numel(x.shape) / c;
   const chunks = Math.ceil(rows / NORM_ROWS_PER_CHUNK);
-  const u = uniform(gpu, [
-    rows,
-    c,
-    NORM_ROWS_PER_CHUNK,
-    chunks,
-    f32(hyp.net.batchNormMomentum),
-    f32(hyp.net.batchNormEps),
-    numel(x.shape),
-    0,
-  ]);
+  const u = uniform(gpu, [rows, c, NORM_ROWS_PER_CHUNK, chunks, f32(bn.momentum), f32(bn.eps), numel(x.shape), 0]);
   const part = withPartials ? tensor(gpu, [chunks, c, 4]) : undefined;
-  const perChannel: [number, number, number] = [Math.ceil(c / NORM_WG_C), 1, 1];
-  const perChunk: [number, number, number] = [Math.ceil(c / NORM_WG_C), chunks, 1];
+  const channelGroups = Math.ceil(c / kernelConst(gpu, "norm", "WG_C")); // per-channel kernels: a thread per channel
+  const perChannel: [number, number, number] = [channelGroups, 1, 1];
+  const perChunk: [number, number, number] = [channelGroups, chunks, 1];
   return { u, part, perChannel, perChunk, count: numel(x.shape) };
 }
 
@@ -1509,8 +1693,9 @@ export function batchNorm(
   stats: Tensor,
   training: boolean,
   then?: "gelu",
+  bn: BatchNormHyp = { momentum: hyp.net.batchNormMomentum, eps: hyp.net.batchNormEps },
 ) {
-  const s = normSetup(gpu, x, training);
+  const s = normSetup(gpu, x, training, bn);
   const apply = kernel(gpu, "norm", then === "gelu" ? "apply_gelu" : "apply", {
     0: s.u,
     1: x,
@@ -1518,7 +1703,7 @@ export function batchNorm(
     4: p.weight,
     5: p.bias,
     9: y,
-  }, grid1d(s.count));
+  }, grid1d(gpu, "norm", s.count));
   if (!training) {
     return [
       kernel(gpu, "norm", "eval_stats", { 0: s.u, 3: stats, 6: p.runningMean, 7: p.runningVar }, s.perChannel),
@@ -1553,13 +1738,20 @@ export function batchNormBackward(
   dbias: Tensor,
   dweight: Tensor,
   then?: "gelu",
+  bn: BatchNormHyp = { momentum: hyp.net.batchNormMomentum, eps: hyp.net.batchNormEps },
 ): Dispatch[] {
-  const s = normSetup(gpu, x, true), fused = then === "gelu" ? "_gelu" : "";
+  const s = normSetup(gpu, x, true, bn), fused = then === "gelu" ? "_gelu" : "";
   const inputs = { 0: s.u, 1: x, 2: dy, 3: stats, 4: p.weight, 5: p.bias };
   return [
     kernel(gpu, "norm", `backward_partial${fused}`, { ...inputs, 8: s.part! }, s.perChunk),
     kernel(gpu, "norm", "backward_finalize", { 0: s.u, 8: s.part!, 10: dbias, 11: dweight }, s.perChannel),
-    kernel(gpu, "norm", `backward_apply${fused}`, { ...inputs, 9: dx, 10: dbias, 11: dweight }, grid1d(s.count)),
+    kernel(
+      gpu,
+      "norm",
+      `backward_apply${fused}`,
+      { ...inputs, 9: dx, 10: dbias, 11: dweight },
+      grid1d(gpu, "norm", s.count),
+    ),
   ];
 }
 
@@ -1574,18 +1766,18 @@ export function linear(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, scale: number)
     "linear",
     "forward",
     { 0: linearUniform(gpu, x.shape, w.shape, scale), 1: x, 2: w, 4: y },
-    grid1d(numel(y.shape)),
+    grid1d(gpu, "linear", numel(y.shape)),
   );
 }
 
 export function linearBackwardData(gpu: Gpu, dy: Tensor, w: Tensor, dx: Tensor, scale: number): Dispatch {
   const u = linearUniform(gpu, dx.shape, w.shape, scale);
-  return kernel(gpu, "linear", "backward_data", { 0: u, 2: w, 3: dy, 4: dx }, grid1d(numel(dx.shape)));
+  return kernel(gpu, "linear", "backward_data", { 0: u, 2: w, 3: dy, 4: dx }, grid1d(gpu, "linear", numel(dx.shape)));
 }
 
 export function linearBackwardWeight(gpu: Gpu, x: Tensor, dy: Tensor, dw: Tensor, scale: number): Dispatch {
   const u = linearUniform(gpu, x.shape, dw.shape, scale);
-  return kernel(gpu, "linear", "backward_weight", { 0: u, 1: x, 3: dy, 4: dw }, grid1d(numel(dw.shape)));
+  return kernel(gpu, "linear", "backward_weight", { 0: u, 1: x, 3: dy, 4: dw }, grid1d(gpu, "linear", numel(dw.shape)));
 }
 
 /**
@@ -1600,18 +1792,23 @@ export function crossEntropy(
   correct: Tensor,
   dlogits: Tensor,
   gradScale: number,
+  labelSmoothing = hyp.opt.labelSmoothing,
 ): Dispatch {
   const [rows, classes] = logits.shape;
-  const u = uniform(gpu, [rows, classes, f32(hyp.opt.labelSmoothing), f32(gradScale)]);
+  const u = uniform(gpu, [rows, classes, f32(labelSmoothing), f32(gradScale)]);
   const b = { 0: u, 1: gpu.frame, 2: logits, 3: targets, 4: loss, 5: correct, 6: dlogits };
-  return kernel(gpu, "loss", "cross_entropy", b, [Math.ceil(rows / 64), 1, 1]);
+  return kernel(gpu, "loss", "cross_entropy", b, [Math.ceil(rows / kernelConst(gpu, "loss", "WG")), 1, 1]);
 }
 
 /** out[b] = (logits[b] + logits[rows + b]) / 2: the flip test-time augmentation. */
 export function ttaAverage(gpu: Gpu, logits: Tensor, out: Tensor): Dispatch {
   const [rows, classes] = out.shape;
   const u = uniform(gpu, [rows, classes, 0, 0]);
-  return kernel(gpu, "loss", "tta_average", { 0: u, 2: logits, 6: out }, [Math.ceil((rows * classes) / 64), 1, 1]);
+  return kernel(gpu, "loss", "tta_average", { 0: u, 2: logits, 6: out }, [
+    Math.ceil((rows * classes) / kernelConst(gpu, "loss", "WG")),
+    1,
+    1,
+  ]);
 }
 
 /** flags[slot] = min(flags[slot], frame.step) if any loss[0..rows) is NaN or infinite (u32 view of the buffer). */
@@ -1635,7 +1832,7 @@ export interface StateLayout {
   nTotal: number; // [nCopy, nTotal): frozen batch-norm scales and whitening conv
 }
 
-/** Nesterov SGD with coupled weight decay over every trainable parameter, in one dispatch. */
+/** Nesterov SGD (momentum `mu`) with coupled weight decay over every trainable parameter, in one dispatch. */
 export function sgdNesterov(
   gpu: Gpu,
   layout: StateLayout,
@@ -1643,6 +1840,7 @@ export function sgdNesterov(
   grads: GPUBuffer,
   momentum: GPUBuffer,
   wd: { weights: number; biases: number },
+  mu = hyp.opt.momentum,
 ): Dispatch {
   const u = uniform(gpu, [
     layout.nWeights,
@@ -1651,7 +1849,7 @@ export function sgdNesterov(
     layout.nTotal,
     f32(wd.weights),
     f32(wd.biases),
-    f32(hyp.opt.momentum),
+    f32(mu),
     0,
   ]);
   return kernel(
@@ -1659,14 +1857,20 @@ export function sgdNesterov(
     "optim",
     "sgd_nesterov",
     { 0: u, 1: gpu.frame, 2: params, 3: grads, 4: momentum },
-    grid1d(layout.nTrainable),
+    grid1d(gpu, "optim", layout.nTrainable),
   );
 }
 
 /** ema = d ema + (1 - d) params over the whole state (d = frame.emaDecay), then params = ema except frozen tensors. */
 export function emaUpdate(gpu: Gpu, layout: StateLayout, params: GPUBuffer, ema: GPUBuffer): Dispatch {
   const u = uniform(gpu, [layout.nWeights, layout.nTrainable, layout.nCopy, layout.nTotal, 0, 0, 0, 0]);
-  return kernel(gpu, "optim", "ema_update", { 0: u, 1: gpu.frame, 2: params, 5: ema }, grid1d(layout.nTotal));
+  return kernel(
+    gpu,
+    "optim",
+    "ema_update",
+    { 0: u, 1: gpu.frame, 2: params, 5: ema },
+    grid1d(gpu, "optim", layout.nTotal),
+  );
 }
 
 /** A split of raw images on the GPU (see data.wgsl): u8 CHW records packed in u32, labels as u32. */
@@ -1684,18 +1888,28 @@ export interface ChannelStats {
   std: number[];
 }
 
-function dataUniform(gpu: Gpu, rows: number, imgs: GpuImages, norm: ChannelStats, cutmixSize = 0) {
-  const even = cutmixSize % 2 === 0 ? 1 : 0, half = Math.floor(cutmixSize / 2);
+/** The training augmentation's numbers (hyp.net); evaluation and the whitening statistics use neither. */
+type AugmentHyp = Pick<Hyp["net"], "cutmixSize" | "padAmount">;
+
+function dataUniform(
+  gpu: Gpu,
+  rows: number,
+  imgs: GpuImages,
+  norm: ChannelStats,
+  classes: number,
+  aug: AugmentHyp = { cutmixSize: 0, padAmount: 0 },
+) {
+  const { cutmixSize } = aug, even = cutmixSize % 2 === 0 ? 1 : 0, half = Math.floor(cutmixSize / 2);
   const inv = norm.std.map((s) => 1 / s);
   return uniform(gpu, [
     rows,
     imgs.imagesPerPart,
     imgs.count,
-    hyp.misc.numClasses,
+    classes,
     f32((cutmixSize * cutmixSize) / (IMAGE_SIDE * IMAGE_SIDE)),
     i32(-half + even),
     i32(half),
-    i32(hyp.net.padAmount),
+    i32(aug.padAmount),
     ...norm.mean.map(f32),
     f32(0),
     ...inv.map(f32),
@@ -1715,9 +1929,10 @@ export function augmentTrain(
   params: GPUBuffer,
   images: Tensor,
   targets: Tensor,
+  aug: AugmentHyp = hyp.net,
 ): Dispatch {
   const rows = images.shape[0];
-  const u = dataUniform(gpu, rows, imgs, norm, hyp.net.cutmixSize);
+  const u = dataUniform(gpu, rows, imgs, norm, targets.shape[1], aug);
   const b = {
     0: u,
     1: gpu.frame,
@@ -1729,21 +1944,27 @@ export function augmentTrain(
     7: images,
     8: targets,
   };
-  return kernel(gpu, "data", "augment_train", b, grid1d(rows * IMAGE_SIDE * IMAGE_SIDE));
+  return kernel(gpu, "data", "augment_train", b, grid1d(gpu, "data", rows * IMAGE_SIDE * IMAGE_SIDE));
 }
 
 /** Eval batch for flip TTA: rows [0, rows/2) are images frame.offset.., rows [rows/2, rows) their mirrors. */
 export function gatherEval(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, images: Tensor, targets: Tensor): Dispatch {
   const rows = images.shape[0];
-  const u = dataUniform(gpu, rows, imgs, norm);
+  const u = dataUniform(gpu, rows, imgs, norm, targets.shape[1]);
   const b = { 0: u, 1: gpu.frame, 2: imgs.part0, 3: imgs.part1, 6: imgs.labels, 7: images, 8: targets };
-  return kernel(gpu, "data", "gather_eval", b, grid1d(rows * IMAGE_SIDE * IMAGE_SIDE));
+  return kernel(gpu, "data", "gather_eval", b, grid1d(gpu, "data", rows * IMAGE_SIDE * IMAGE_SIDE));
 }
 
 /** Per image: sums and products of its normalised 2x2 patches (12-vectors) -> out [count][90]. */
 export function patchMoments(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, out: Tensor): Dispatch {
-  const u = dataUniform(gpu, 0, imgs, norm);
-  return kernel(gpu, "data", "patch_moments", { 0: u, 2: imgs.part0, 3: imgs.part1, 7: out }, grid1d(imgs.count * 90));
+  const u = dataUniform(gpu, 0, imgs, norm, 0);
+  return kernel(
+    gpu,
+    "data",
+    "patch_moments",
+    { 0: u, 2: imgs.part0, 3: imgs.part1, 7: out },
+    grid1d(gpu, "data", imgs.count * 90),
+  );
 }
 
 // =================================================================================================
@@ -2056,10 +2277,6 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
-const errorText = (e: unknown) => (e instanceof Error ? e.message : String(e));
-
-const IMAGE_SIDE = 32;
-
 export function channelStats(images: Uint8Array): ChannelStats {
   const pixels = IMAGE_SIDE * IMAGE_SIDE, n = (images.length / IMAGE_BYTES) * pixels;
   const mean: number[] = [], std: number[] = [];
@@ -2207,7 +2424,8 @@ const precisionText = (p: DType) =>
 
 /**
  * The run log: what a later comparison needs to trust a result (the exact script and kernels by
- * sha256, the script's text, hyperparameters, flags, device, Deno version, every epoch's metrics).
+ * sha256, the script's text, hyperparameters, flags, device, Deno version, every epoch's metrics). A kernel's
+ * sha256 is of its text as compiled (the file from gpu.kernelDir, then common.wgsl).
  * File name <date>-<time>-<first 8 hex of the script's sha256>.json; written atomically.
  */
 export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs: RunResult[], startedAt: Date) {
@@ -2220,7 +2438,8 @@ export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs
     startedAt: startedAt.toISOString(),
     finishedAt: new Date().toISOString(),
     script: { path: scriptPath, sha256: sha256(source), source },
-    kernels: Object.fromEntries([...gpu.sources].map(([file, text]) => [`${file}.wgsl`, sha256(text)])),
+    kernelDir: gpu.kernelDir,
+    kernels: Object.fromEntries([...gpu.sources].map(([file, text]) => [`${file}.wgsl`, sha256(text)])), // as compiled
     deno: Deno.version,
     device: gpu.adapterName,
     precision: flags.precision,
@@ -2436,9 +2655,8 @@ const defaultLogDir = () => fileURLToPath(new URL("./runs", import.meta.url));
 export async function main(argv: string[]) {
   const o = parseFlags(argv), startedAt = new Date();
   if (o.help) return console.log(HELP);
-  const gpu = await initGpu({ profile: o.profile }); // first: no point downloading 160 MB without a GPU
+  const gpu = await initGpu({ profile: o.profile, convKernels: o.convKernels }); // first: no GPU, no download
   if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
-  if (o.convKernels) gpu.convKernels = o.convKernels;
   if (o.precision === "f16" && !gpu.hasF16) {
     throw new Error(
       `--precision f16 needs the shader-f16 feature, which ${gpu.adapterName} lacks: use --precision f32`,

@@ -77,26 +77,24 @@ for (const [name, h, cin, cout, k, pad] of shapes) {
   const x = tensor(gpu, [batch, h, h, cin]), w = tensor(gpu, [k, k, cin, cout]), y = tensor(gpu, [batch, ho, ho, cout]);
   const flop = 2 * batch * ho * ho * cout * cin * k * k;
   for (const set of sets) {
-    gpu.convKernels = set; // read when the dispatches are recorded
     const passes: [string, Dispatch[]][] = [
-      ["forward", [conv2d(gpu, x, w, y, pad)]],
-      ["backward data", [conv2dBackwardData(gpu, y, w, x, pad)]],
-      ["backward weight", conv2dBackwardWeight(gpu, x, y, w, pad)],
+      ["forward", [conv2d(gpu, x, w, y, pad, set)]],
+      ["backward data", [conv2dBackwardData(gpu, y, w, x, pad, set)]],
+      ["backward weight", conv2dBackwardWeight(gpu, x, y, w, pad, set)],
     ];
     for (const [pass, list] of passes) {
       bench(`${name} ${pass} [${set}]`, `${name} ${pass}`, set === "block", list, flop);
     }
   }
   // Each group's first conv is followed by the 2x2 max pool: separate kernels (the baseline) against the conv
-  // that pools its own output (main.ts FUSE_CONV_POOL), per set; and the pool's backward against the unpool.
+  // that pools its own output (main.ts hyp.kernels.fuseConvPool), per set; and the pool's backward against the unpool.
   if (!name.endsWith("conv1")) continue;
   const pooled = [batch, ho >> 1, ho >> 1, cout], p = tensor(gpu, pooled);
   const argmax = tensor(gpu, [...pooled.slice(0, 3), Math.ceil(cout / 4)], "u32");
   for (const set of sets) {
-    gpu.convKernels = set;
     const group = `${name} + max pool forward [${set}]`;
-    bench(`${name} + max pool [${set}, separate]`, group, true, [conv2d(gpu, x, w, y, pad), maxPool2(gpu, y, p)]);
-    bench(`${name} + max pool [${set}, fused]`, group, false, [conv2dMaxPool(gpu, x, w, p, argmax, pad)]);
+    bench(`${name} + max pool [${set}, separate]`, group, true, [conv2d(gpu, x, w, y, pad, set), maxPool2(gpu, y, p)]);
+    bench(`${name} + max pool [${set}, fused]`, group, false, [conv2dMaxPool(gpu, x, w, p, argmax, pad, set)]);
   }
   const group = `${name} max pool backward`, dy = tensor(gpu, y.shape);
   bench(`${name} max pool backward [separate]`, group, true, [maxPool2Backward(gpu, y, p, dy)]);

@@ -2,10 +2,12 @@
 // the 95% interval of the difference of means. Written out here (no dependency): the Student t
 // distribution through the regularized incomplete beta function (Numerical Recipes' continued fraction).
 
-export const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
-export const variance = (xs: number[]) =>
-  xs.length < 2 ? NaN : xs.reduce((a, x) => a + (x - mean(xs)) ** 2, 0) / (xs.length - 1);
-export const std = (xs: number[]) => Math.sqrt(variance(xs));
+import { mean, sampleStd } from "../main.ts";
+
+export { mean };
+/** Sample standard deviation (n - 1); NaN below two samples, where main.ts's sampleStd prints 0. */
+export const std = (xs: number[]) => (xs.length < 2 ? NaN : sampleStd(xs));
+export const variance = (xs: number[]) => std(xs) ** 2;
 
 /** log Gamma(x) for x > 0 (Lanczos, g = 7, 9 terms: ~15 significant digits). */
 export function logGamma(x: number): number {

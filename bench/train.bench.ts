@@ -8,8 +8,6 @@ import {
   type ConvKernels,
   initGpu,
   loadCifar10,
-  setFuseConvPool,
-  setFuseNormGelu,
   train,
   uploadDataset,
 } from "../main.ts";
@@ -59,12 +57,8 @@ for (const v of variants) {
     n: 2,
     warmup: 1,
     async fn() {
-      gpu.convKernels = v.set;
-      setFuseNormGelu(v.fuseNormGelu);
-      setFuseConvPool(v.fuseConvPool);
-      const r = await train({ gpu, data, seed: 1, epochs: 1, baseDepth, batchSize: batch });
-      setFuseNormGelu(true);
-      setFuseConvPool(true);
+      const kernels = { conv: v.set, fuseNormGelu: v.fuseNormGelu, fuseConvPool: v.fuseConvPool };
+      const r = await train({ gpu, data, seed: 1, epochs: 1, baseDepth, batchSize: batch, kernels });
       imagesPerSecond[v.name] = Math.max(imagesPerSecond[v.name] ?? 0, (steps * batch) / r.trainSeconds);
     },
   });
@@ -88,7 +82,6 @@ Deno.bench({
   n: 1,
   warmup: 0,
   async fn() {
-    gpu.convKernels = defaultKernels;
     const cifar10 = await loadCifar10(reducedDir!, { trainSubset: 10000 });
     const real = uploadDataset(gpu, cifar10);
     const r = await train({ gpu, data: real, seed: 1, epochs: 2, baseDepth: 16, batchSize: 1024 });

@@ -21,8 +21,8 @@
 //                  channel to out [B][Ho/2][Wo/2][Cout] and which pixel held it (0..3, the first on ties)
 //                  to `argmax`. The full-size output is never written; the rows and columns the pool
 //                  drops are not computed. pool.wgsl's maxpool2_unpool is its backward.
-// Bindings: 0 uniform ConvShape; 1 `a_in` (x, or dy for backward_data); 2 `b_in` (w, or dy for
-//   backward_weight); 3 `out` (y, dx or the partials); 4 `argmax` (forward_pool only): u32
+// Bindings: 0 uniform ConvShape (common.wgsl); 1 `a_in` (x, or dy for backward_data); 2 `b_in` (w, or
+//   dy for backward_weight); 3 `out` (y, dx or the partials); 4 `argmax` (forward_pool only): u32
 //   [B][Ho/2][Wo/2][ceil(Cout / 4)], byte j of a word for channel 4 * word + j.
 // Three sizes of entry points compute the same results: forward/backward_data/backward_weight (4 x 4
 // outputs per thread, the "block" set), then for CPU devices the *_wide ones (16 x 8) and the *_wide2
@@ -30,13 +30,6 @@
 
 const WG: u32 = 64u; // threads per workgroup, along the rows
 const BLOCK: u32 = 4u; // rows and columns per thread (the code below is written out for 4)
-
-struct ConvShape {
-  batch: u32, h: u32, w: u32, cin: u32,
-  ho: u32, wo: u32, cout: u32, kh: u32,
-  kw: u32, pad: u32, m: u32, n: u32,
-  k_per_split: u32, _p0: u32, _p1: u32, _p2: u32,
-}
 
 // Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
 // f16: it compiles this file with `enable f16;` and that alias set to f16). Loads convert to f32 and

@@ -21,8 +21,8 @@
 // Grid: x = ceil(M / TILE_M), y = ceil(N / TILE_N), z = splits (backward_weight; else 1).
 // Bindings: 0 uniform ConvShape; 1 `a_in` (x, or dy for backward_data); 2 `b_in` (w, or dy for
 //   backward_weight); 3 `out` (y, dx or the partials); 4 `argmax` (forward_pool only, laid out as in
-//   conv.wgsl). ConvShape, the aliases and the bindings repeat
-//   conv.wgsl's on purpose (WGSL has no include; main.ts fills both files' uniforms the same way).
+//   conv.wgsl). The aliases and the bindings repeat conv.wgsl's on purpose (the host binds both files
+//   the same way); struct ConvShape is common.wgsl's, which main.ts appends to every kernel file.
 // Barriers are costly on CPU devices (lavapipe), which run conv.wgsl's *_wide kernels instead.
 
 const TILE_M: u32 = 64u;
@@ -33,13 +33,6 @@ const THREAD_N: u32 = 4u;
 const WG: u32 = 256u; // (TILE_M / THREAD_M) * (TILE_N / THREAD_N) = TILE_K * (TILE_M / 4) = TILE_K * (TILE_N / 4)
 const M4: u32 = 16u; // TILE_M / 4: vec4s per k row of the A slice
 const N4: u32 = 16u; // TILE_N / 4
-
-struct ConvShape {
-  batch: u32, h: u32, w: u32, cin: u32,
-  ho: u32, wo: u32, cout: u32, kh: u32,
-  kw: u32, pad: u32, m: u32, n: u32,
-  k_per_split: u32, _p0: u32, _p1: u32, _p2: u32,
-}
 
 // Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
 // f16: it compiles this file with `enable f16;` and that alias set to f16). Loads convert to f32 and

@@ -20,8 +20,8 @@
 //   summed from these on the CPU. (One thread per moment keeps every thread's loop short: lavapipe
 //   silently stops a shader after about 65,535 loop iterations.)
 // Layouts: images out [rows][32][32][3] (NHWC), targets [rows][classes].
-// Bindings: 0 uniform DataShape, 1 frame uniform, 2 part0, 3 part1, 4 perm, 5 params, 6 labels,
-//   7 images out (or moments), 8 targets out.
+// Bindings: 0 uniform DataShape, 1 frame uniform (struct Frame: common.wgsl), 2 part0, 3 part1, 4
+//   perm, 5 params, 6 labels, 7 images out (or moments), 8 targets out.
 
 const WG: u32 = 256u;
 const SIDE: u32 = 32u;
@@ -33,7 +33,6 @@ struct DataShape {
   mean: vec4f,
   inv_std: vec4f,
 }
-struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, step: u32, _p1: u32, _p2: u32 }
 
 // Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
 // f16: it compiles this file with `enable f16;` and that alias set to f16). Loads convert to f32 and

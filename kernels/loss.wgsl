@@ -9,13 +9,12 @@
 // tta_average, one thread per (b, k) with b < rows: out[b][k] = 0.5 * (logits[b][k] + logits[rows + b][k])
 //   (rows [rows, 2*rows) hold the mirrored images).
 // Layouts: logits, target, dlogits [rows][classes]; loss, correct [rows].
-// Bindings: 0 uniform LossShape, 1 frame uniform (valid rows), 2 logits, 3 target, 4 loss,
-//   5 correct, 6 dlogits / out.
+// Bindings: 0 uniform LossShape, 1 frame uniform (valid rows; struct Frame: common.wgsl), 2 logits, 3
+//   target, 4 loss, 5 correct, 6 dlogits / out.
 
 const WG: u32 = 64u;
 
 struct LossShape { rows: u32, classes: u32, smoothing: f32, grad_scale: f32 }
-struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, step: u32, _p1: u32, _p2: u32 }
 
 @group(0) @binding(0) var<uniform> s: LossShape;
 @group(0) @binding(1) var<uniform> frame: Frame;

@@ -8,8 +8,8 @@
 //   [n_copy, n_total)         frozen: batch-norm scales and the whitening conv
 // sgd_nesterov, i < n_trainable:  g = grad + wd * p;  m = momentum * m + g;  p -= lr * (g + momentum * m)
 // ema_update,   i < n_total:      e = d * e + (1 - d) * p;  and if i < n_copy: p = e  (copy back)
-// Bindings: 0 uniform OptimShape, 1 frame uniform (lr per group, ema decay), 2 params (read_write),
-//   3 grads, 4 momentum buffer, 5 ema. Grid: 1-D over the range, 2-D if large.
+// Bindings: 0 uniform OptimShape, 1 frame uniform (lr per group, ema decay; common.wgsl), 2 params
+//   (read_write), 3 grads, 4 momentum buffer, 5 ema. Grid: 1-D over the range, 2-D if large.
 
 const WG: u32 = 256u;
 
@@ -17,7 +17,6 @@ struct OptimShape {
   n_weights: u32, n_trainable: u32, n_copy: u32, n_total: u32,
   wd_weights: f32, wd_biases: f32, momentum: f32, _p0: u32,
 }
-struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, step: u32, _p1: u32, _p2: u32 }
 
 @group(0) @binding(0) var<uniform> s: OptimShape;
 @group(0) @binding(1) var<uniform> frame: Frame;

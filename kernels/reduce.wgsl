@@ -7,12 +7,12 @@
 //   Bindings: 0 uniform ReduceShape, 3 loss, 4 correct, 5 metrics (read_write).
 // flag_nonfinite: one workgroup; if any loss[0..rows) is NaN or infinite, flags[slot] =
 //   min(flags[slot], frame.step): the first bad step, found without reading anything back.
-//   Bindings: 0 uniform ReduceShape, 3 loss, 6 flags (the metrics buffer as atomics), 7 frame.
+//   Bindings: 0 uniform ReduceShape, 3 loss, 6 flags (the metrics buffer as atomics), 7 frame
+//   (struct Frame: common.wgsl).
 
 const WG: u32 = 256u;
 
 struct ReduceShape { len: u32, splits: u32, rows: u32, slot: u32 }
-struct Frame { offset: u32, valid: u32, lr_weights: f32, lr_biases: f32, ema_decay: f32, step: u32, _p1: u32, _p2: u32 }
 
 @group(0) @binding(0) var<uniform> s: ReduceShape;
 @group(0) @binding(1) var<storage, read> part: array<f32>;

@@ -11,12 +11,11 @@ import {
   initState,
   layoutState,
   makeActivations,
+  netKernels,
   readBuffer,
   readTensor,
   Rng,
   setFrame,
-  setFuseConvPool,
-  setFuseNormGelu,
   stateSpec,
   stateViews,
   submit,
@@ -29,15 +28,19 @@ const gpu = await initGpu();
  * each tensor.
  */
 async function checkNetworkGradients(fuseNormGelu: boolean, fuseConvPool = true, fd = true) {
-  setFuseNormGelu(fuseNormGelu); // read when the activations and programs are built
-  setFuseConvPool(fuseConvPool);
   const B = 4, baseDepth = 2, rng = new Rng(3);
   const layout = layoutState(stateSpec(baseDepth));
   const whiten = new Float32Array(2 * 2 * 3 * 24).map(() => rng.next() - 0.5);
   const init = initState(layout, rng, whiten);
   for (let i = 0; i < layout.nTrainable; i++) init[i] += 0.3 * (rng.next() - 0.5); // leave the exact dirac start
   const state = createBuffer(gpu, layout.nTotal * 4), grads = createBuffer(gpu, layout.nTotal * 4);
-  const P = stateViews(state, layout), G = stateViews(grads, layout), A = makeActivations(gpu, B, baseDepth);
+  const P = stateViews(state, layout),
+    G = stateViews(grads, layout),
+    A = makeActivations(gpu, B, baseDepth, "f32", {
+      ...netKernels(gpu),
+      fuseNormGelu,
+      fuseConvPool,
+    });
   gpu.device.queue.writeBuffer(A.x.buffer, 0, new Float32Array(B * 32 * 32 * 3).map(() => 2 * rng.next() - 1));
   const targets = new Float32Array(B * 10);
   for (let b = 0; b < B; b++) [targets[b * 10 + (3 * b) % 10], targets[b * 10 + (7 * b + 1) % 10]] = [0.7, 0.3];
@@ -54,8 +57,6 @@ async function checkNetworkGradients(fuseNormGelu: boolean, fuseConvPool = true,
   submit(gpu, [...fwd, ...backward(gpu, A, P, G)]);
   const g = await readBuffer(gpu, grads, 0, layout.nTotal * 4);
   const loss = await readTensor(gpu, A.loss);
-  setFuseNormGelu(true);
-  setFuseConvPool(true);
   if (!fd) return { g: g.slice(0, layout.nTrainable), loss };
   const eps = 2e-3;
   let checked = 0;

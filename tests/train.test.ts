@@ -108,3 +108,23 @@ Deno.test("a network too big for the GPU's limits is refused with one line namin
     /^Error: a \[256,31,31,160\] tensor needs 150 MiB but this GPU binds at most \d+ MiB: lower --batch-size$/,
   );
 });
+
+Deno.test("train({ hyp }) runs that recipe down to the kernels, and leaves the module's hyp alone", async () => {
+  const opts = { gpu, data, seed: 3, epochs: 1, baseDepth: 4, batchSize: 64 };
+  const strip = (r: Awaited<ReturnType<typeof train>>) => r.epochs.map(({ totalTimeSeconds: _, ...m }) => m);
+  const base = await train(opts);
+  // a number read by a kernel (loss.wgsl's label smoothing): epoch 0's train loss is the first batch's, before any
+  // update, so it differs by the smoothing alone
+  const noSmoothing = await train({ ...opts, hyp: { ...hyp, opt: { ...hyp.opt, labelSmoothing: 0 } } });
+  assert.notEqual(noSmoothing.epochs[0].trainLoss, base.epochs[0].trainLoss);
+  // the conv + max pool fusion switched off through the recipe: the same bits, epoch by epoch
+  const separate = await train({ ...opts, hyp: { ...hyp, kernels: { ...hyp.kernels, fuseConvPool: false } } });
+  assert.deepEqual(strip(separate), strip(base));
+  await assert.rejects(
+    () => train({ ...opts, hyp: { ...hyp, opt: { ...hyp.opt, nonBiasLr: 1e8, biasLr: 1e8 } } }),
+    /^Error: the training loss became NaN or infinite at step \d+ \(epoch 0\)/,
+  );
+  assert.equal(hyp.opt.labelSmoothing, 0.2);
+  assert.equal(hyp.opt.nonBiasLr, 1.525 / 512);
+  assert.deepEqual(hyp.kernels, { fuseNormGelu: true, fuseConvPool: true });
+});
