@@ -7,7 +7,7 @@
 // (arithmetic, accumulation, weights and optimiser state stay f32). The original trains in fp16.
 
 import { createHash } from "node:crypto";
-import { join } from "node:path";
+import { dirname, isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 
@@ -484,14 +484,18 @@ export function emaDecay(step: number, totalSteps: number, e: Hyp["misc"]["ema"]
   return e.decayBase ** e.everyNSteps * (step / totalSteps) ** e.decayPow;
 }
 
-/** Steps and epochs for N images: S = floor(N/B) steps per epoch, T = ceil(S E) in all. */
+/**
+ * Steps and epochs for N images: S = floor(N/B) steps per epoch, T = ceil(S E) in all (E a hair over a whole
+ * number, 1.0000000001, is that number: float noise adds no step), and as many epochs as those steps fill, so
+ * that no epoch runs zero steps.
+ */
 export function trainingPlan(nTrain: number, batchSize: number, epochs: number, h: Hyp = hyp) {
   const stepsPerEpoch = Math.floor(nTrain / batchSize);
   const totalSteps = Math.ceil(stepsPerEpoch * epochs - 1e-9);
   return {
     stepsPerEpoch,
     totalSteps,
-    numEpochs: Math.ceil(epochs),
+    numEpochs: stepsPerEpoch > 0 ? Math.ceil(totalSteps / stepsPerEpoch) : 0,
     /** steps run in epoch e: the last epoch runs whatever is left of T */
     stepsIn: (e: number) => Math.max(0, Math.min(stepsPerEpoch, totalSteps - e * stepsPerEpoch)),
     /** cutmix in epochs e >= E - 6, EMA from epoch floor(E) - 10 (both from epoch 0 if negative) */
@@ -535,9 +539,9 @@ export interface TrainOptions {
   precision?: DType; // storage of images, activations and their gradients (default f32); arithmetic is f32
   onEpochStart?: (epoch: number) => void;
   onStep?: (epoch: number, step: number, steps: number) => void; // after each step is submitted (no GPU wait)
-  onEpoch?: (m: EpochMetrics) => void;
+  onEpoch?: (m: EpochMetrics) => void | Promise<void>; // awaited: a run log can be written before the next epoch
   returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
-  stop?: () => boolean; // asked after every step; true ends the run there (Ctrl-C)
+  stop?: () => boolean; // asked after every step (the event loop runs in between); true ends the run there
 }
 
 export interface EpochMetrics {
@@ -547,6 +551,7 @@ export interface EpochMetrics {
   valLoss: number;
   valAcc: number;
   emaValAcc: number | null; // null until the EMA exists
+  emaValLoss: number | null;
   totalTimeSeconds: number; // cumulative training time (steps only, no evaluation)
 }
 
@@ -613,15 +618,16 @@ export async function train(o: TrainOptions): Promise<RunResult> {
         if (emaNow) emaExists = true;
         await gpu.profiler?.collect();
         o.onStep?.(epoch, s + 1, plan.stepsIn(epoch));
+        await nextTask(); // lets a Ctrl-C (or a page's Stop button) be heard between steps; no GPU wait
         if (o.stop?.()) return await stoppedRun(gpu, o.seed, epochs, trainSeconds, { epoch, steps: step + 1 });
       }
       await gpu.device.queue.onSubmittedWorkDone(); // the clock counts the GPU's work, not its submission
       trainSeconds += (performance.now() - t0) / 1000;
       checkGpu(gpu);
 
-      const row = await evaluateEpoch(gpu, run, epoch, emaExists, trainSeconds);
+      const row = await evaluateEpoch(gpu, run, epoch, emaExists, trainSeconds, precision);
       epochs.push(row);
-      o.onEpoch?.(row);
+      await o.onEpoch?.(row);
     }
     const last = epochs[epochs.length - 1];
     const weights = o.returnWeights ? await readWeights(gpu, run, emaExists ? run.ema : run.state) : undefined;
@@ -749,17 +755,35 @@ async function readWeights(gpu: Gpu, run: Run, buffer: GPUBuffer): Promise<Weigh
 // 4. Evaluation: flip test-time augmentation over the test set
 // =================================================================================================
 
+/** The training loss became NaN or infinite in `epoch`; `step` is the first such step when the GPU flagged one. */
+export class TrainingDiverged extends Error {
+  constructor(message: string, readonly epoch: number, readonly step?: number) {
+    super(message);
+  }
+}
+
 /** The epoch's row: the network (and the EMA once it exists) evaluated on the test set, and the first batch's
  * training loss and accuracy, all read back at once. A non-finite loss anywhere ends the run with one line. */
-async function evaluateEpoch(gpu: Gpu, run: Run, epoch: number, emaExists: boolean, trainSeconds: number) {
+async function evaluateEpoch(
+  gpu: Gpu,
+  run: Run,
+  epoch: number,
+  emaExists: boolean,
+  trainSeconds: number,
+  precision: DType,
+) {
   const nTest = run.nTest;
   await evaluateTestSet(gpu, nTest, run.half, emaExists ? [...run.evalNet, ...run.evalEma] : run.evalNet);
   const m = await readBuffer(gpu, run.metrics, 0, METRICS_FLOATS * 4);
   const badStep = new Uint32Array(m.buffer)[NONFINITE_FLAG];
+  // f16 overflows (at 65504) where f32 does not: that is the first thing to rule out
+  const fix = "lower the learning rates in hyp.opt, or undo the last change" +
+    (precision === "f16" ? "; with --precision f16, try --precision f32 first (f16 overflows where f32 does not)" : "");
   if (badStep !== NO_BAD_STEP) {
-    throw new Error(
-      `the training loss became NaN or infinite at step ${badStep} (epoch ${epoch}): ` +
-        "lower the learning rates in hyp.opt, or undo the last change",
+    throw new TrainingDiverged(
+      `the training loss became NaN or infinite at step ${badStep} (epoch ${epoch}): ${fix}`,
+      epoch,
+      badStep,
     );
   }
   const first = metricSlot(m, "train"), val = metricSlot(m, "val"), ema = metricSlot(m, "ema");
@@ -770,13 +794,12 @@ async function evaluateEpoch(gpu: Gpu, run: Run, epoch: number, emaExists: boole
     valLoss: val.loss / nTest,
     valAcc: val.correct / nTest,
     emaValAcc: emaExists ? ema.correct / nTest : null,
+    emaValLoss: emaExists ? ema.loss / nTest : null,
     totalTimeSeconds: trainSeconds,
   };
   if (!Number.isFinite(row.trainLoss) || !Number.isFinite(row.valLoss)) {
-    throw new Error(
-      `training diverged in epoch ${epoch} (train loss ${row.trainLoss}, val loss ${row.valLoss}): ` +
-        "lower the learning rates in hyp.opt, or undo the last change",
-    );
+    const losses = `train loss ${row.trainLoss}, val loss ${row.valLoss}`;
+    throw new TrainingDiverged(`training diverged in epoch ${epoch} (${losses}): ${fix}`, epoch);
   }
   return row;
 }
@@ -785,7 +808,7 @@ async function evaluateEpoch(gpu: Gpu, run: Run, epoch: number, emaExists: boole
  * Evaluation programs over the training buffers: a batch holds `half` test images and their mirrors
  * (flip TTA); `evalOf(params, slot)` adds that network's loss and correct count to metrics[slot].
  */
-function evalPrograms(gpu: Gpu, data: GpuData, A: Activations, metrics: GPUBuffer, h: Hyp) {
+function evalPrograms(gpu: Gpu, data: Pick<GpuData, "test" | "norm">, A: Activations, metrics: GPUBuffer, h: Hyp) {
   const half = Math.floor(A.x.shape[0] / 2), E2 = activationsWithRows(A, 2 * half);
   const r = (t: Tensor) => withRows(t, half), tta = r(A.logitsTta);
   const evalOf = (params: Record<string, Tensor>, slot: number) => [
@@ -809,31 +832,33 @@ async function evaluateTestSet(gpu: Gpu, nTest: number, half: number, list: Disp
 /** Test accuracy and loss (flip TTA) of saved weights; the network's widths come from the weights. */
 export async function evaluateWeights(
   gpu: Gpu,
-  data: GpuData,
+  data: Pick<GpuData, "test" | "norm">,
   weights: Weights,
   batchSize: number,
   file: string,
   precision: DType = "f32",
 ) {
-  const first = weights.get("conv_group_1.conv1.weight");
+  const first = weights.get("conv_group_1.conv1.weight"), depth = first?.shape[3] ?? 0;
   if (!first || first.shape.length !== 4) {
     throw new Error(`${file} has no conv_group_1.conv1.weight: not a network of ours`);
   }
-  const layout = layoutState(stateSpec(first.shape[3])), values = new Float32Array(layout.nTotal);
-  for (const [name, e] of layout.entries) {
+  if (!(depth >= 1 && depth <= 1024)) throw new Error(`${file} claims base depth ${depth}: not a network of ours`);
+  const layout = layoutState(stateSpec(depth));
+  for (const [name, e] of layout.entries) { // every shape is checked before anything is allocated
     const t = weights.get(name);
     if (!t || t.shape.join() !== e.shape.join()) {
       throw new Error(
         `${file} does not match the network: ${name} is [${t?.shape ?? "missing"}], expected [${e.shape}]`,
       );
     }
-    values.set(t.data, e.offset);
   }
+  const values = new Float32Array(layout.nTotal);
+  for (const [name, e] of layout.entries) values.set(weights.get(name)!.data, e.offset);
   const mark = gpu.allocated.length;
   try {
     const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, METRICS_FLOATS * 4);
     gpu.device.queue.writeBuffer(state, 0, values);
-    const A = makeActivations(gpu, batchSize, first.shape[3], precision);
+    const A = makeActivations(gpu, batchSize, depth, precision);
     const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics, hyp);
     await evaluateTestSet(gpu, data.test.count, half, [gather, ...evalOf(stateViews(state, layout), METRIC_SLOTS.val)]);
     const val = metricSlot(await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4), "val");
@@ -854,6 +879,21 @@ export async function evaluateWeights(
 
 /** An error's message, for the one-line errors every failure ends in. */
 const errorText = (e: unknown) => (e instanceof Error ? e.message : String(e));
+
+/**
+ * Resolves after the event loop has run once more (signal listeners, a worker's messages), without waiting for the
+ * GPU: one message through a MessageChannel, ~6 us on lavapipe's host, where setTimeout(0) is clamped to ~2 ms.
+ */
+export function nextTask(): Promise<void> {
+  const { port1, port2 } = new MessageChannel();
+  return new Promise((resolve) => {
+    port1.onmessage = () => {
+      port1.close();
+      resolve();
+    };
+    port2.postMessage(null);
+  });
+}
 
 /** Element type of a tensor in GPU memory. Parameters and optimiser state are always f32. */
 export type DType = "f32" | "f16";
@@ -987,11 +1027,13 @@ export function checkGpu(gpu: Gpu) {
   if (gpu.error) throw new Error(gpu.error);
 }
 
+/** A storage buffer; every one of ours is bound whole somewhere, so it must fit one binding as well as one buffer. */
 export function createBuffer(gpu: Gpu, bytes: number, usage = 0): GPUBuffer {
-  if (bytes > gpu.limits.maxBuffer) {
+  const limit = Math.min(gpu.limits.maxBuffer, gpu.limits.maxBinding);
+  if (bytes > limit) {
     throw new Error(
       `a ${(bytes / 2 ** 20).toFixed(0)} MiB buffer exceeds this GPU's limit of ` +
-        `${(gpu.limits.maxBuffer / 2 ** 20).toFixed(0)} MiB: lower --batch-size or --base-depth`,
+        `${(limit / 2 ** 20).toFixed(0)} MiB: lower --batch-size or --base-depth`,
     );
   }
   const buffer = gpu.device.createBuffer({
@@ -1991,7 +2033,6 @@ export const FILE_BYTES = 30_730_000;
 const IMAGE_BYTES = RECORD_BYTES - 1; // 3 * 32 * 32
 const RECORDS_PER_FILE = FILE_BYTES / RECORD_BYTES; // 10,000
 const DATA_FOLDER = "cifar-10-batches-bin";
-const FIX_DATA = "delete the folder to re-download it, or point --data at a valid cifar-10-batches-bin folder";
 const USE_DATA = "pass --data DIR pointing at an existing cifar-10-batches-bin folder";
 
 export interface Cifar10 {
@@ -2001,35 +2042,33 @@ export interface Cifar10 {
   testLabels: Uint8Array;
 }
 
+/** Who named the dataset folder: each error line tells that one how to fix it. */
+export type DataSource = "--data" | "CIFAR10_DIR" | "cache";
+const fixData = (source: DataSource) =>
+  source === "cache"
+    ? `delete the folder to re-download it, or ${USE_DATA}`
+    : source === "CIFAR10_DIR"
+    ? "point CIFAR10_DIR at a valid cifar-10-batches-bin folder, or unset it to download CIFAR-10"
+    : "point --data at a valid cifar-10-batches-bin folder, or leave --data out to download it";
+
 export async function loadCifar10(
   dir: string,
-  opts: { trainSubset?: number; testSubset?: number } = {},
+  opts: { trainSubset?: number; testSubset?: number; source?: DataSource } = {},
 ): Promise<Cifar10> {
+  const source = opts.source ?? "--data", named = source === "CIFAR10_DIR" ? `CIFAR10_DIR=${dir}` : dir;
   let info: Deno.FileInfo;
   try {
     info = await Deno.stat(dir);
   } catch {
     throw new Error(
-      `CIFAR-10 folder ${dir} does not exist: pass --data DIR pointing at a cifar-10-batches-bin folder, or leave --data out to download it`,
+      source === "CIFAR10_DIR"
+        ? `${named} does not exist: ${fixData(source)}`
+        : `CIFAR-10 folder ${dir} does not exist: pass --data DIR pointing at a cifar-10-batches-bin folder, or leave --data out to download it`,
     );
   }
-  if (!info.isDirectory) {
-    throw new Error(
-      `${dir} is not a folder: pass --data DIR pointing at a cifar-10-batches-bin folder`,
-    );
-  }
-  const train = await readRecords(
-    dir,
-    CIFAR10_TRAIN_FILES,
-    opts.trainSubset,
-    "trainSubset",
-  );
-  const test = await readRecords(
-    dir,
-    [CIFAR10_TEST_FILE],
-    opts.testSubset,
-    "testSubset",
-  );
+  if (!info.isDirectory) throw new Error(`${named} is not a folder: ${fixData(source)}`);
+  const train = await readRecords(dir, CIFAR10_TRAIN_FILES, opts.trainSubset, "trainSubset", source);
+  const test = await readRecords(dir, [CIFAR10_TEST_FILE], opts.testSubset, "testSubset", source);
   return {
     trainImages: train.images,
     trainLabels: train.labels,
@@ -2039,12 +2078,7 @@ export async function loadCifar10(
 }
 
 // Reads the first n records of `files` (in order), opening only the files it needs.
-async function readRecords(
-  dir: string,
-  files: string[],
-  n: number | undefined,
-  what: string,
-) {
+async function readRecords(dir: string, files: string[], n: number | undefined, what: string, source: DataSource) {
   const max = files.length * RECORDS_PER_FILE;
   n ??= max;
   if (!Number.isInteger(n) || n < 0 || n > max) {
@@ -2052,14 +2086,11 @@ async function readRecords(
   }
   const images = new Uint8Array(n * IMAGE_BYTES), labels = new Uint8Array(n);
   for (let f = 0, i = 0; i < n; f++) {
-    const bytes = await readCifarFile(join(dir, files[f]));
+    const bytes = await readCifarFile(join(dir, files[f]), source);
     const count = Math.min(RECORDS_PER_FILE, n - i);
     for (let r = 0; r < count; r++, i++) {
       labels[i] = bytes[r * RECORD_BYTES];
-      images.set(
-        bytes.subarray(r * RECORD_BYTES + 1, (r + 1) * RECORD_BYTES),
-        i * IMAGE_BYTES,
-      );
+      images.set(bytes.subarray(r * RECORD_BYTES + 1, (r + 1) * RECORD_BYTES), i * IMAGE_BYTES);
     }
   }
   return { images, labels };
@@ -2067,29 +2098,29 @@ async function readRecords(
 
 // Reads one .bin file and checks its size and every label, so that a corrupt or
 // wrong file fails loudly here instead of silently training on garbage.
-async function readCifarFile(path: string): Promise<Uint8Array> {
+async function readCifarFile(path: string, source: DataSource): Promise<Uint8Array> {
+  const fix = fixData(source);
   let bytes: Uint8Array;
   try {
+    // a FIFO or device would be read forever (or block): only a regular file is read
+    if (!(await Deno.stat(path)).isFile) {
+      throw new Error(`CIFAR-10 file ${path} is not a regular file (a folder, FIFO or device): ${fix}`);
+    }
     bytes = await Deno.readFile(path);
   } catch (e) {
-    if (e instanceof Deno.errors.NotFound) {
-      throw new Error(`CIFAR-10 file ${path} is missing: ${FIX_DATA}`);
-    }
-    throw new Error(
-      `could not read CIFAR-10 file ${path} (${errorText(e)}): ${FIX_DATA}`,
-    );
+    if (e instanceof Deno.errors.NotFound) throw new Error(`CIFAR-10 file ${path} is missing: ${fix}`);
+    if (errorText(e).startsWith("CIFAR-10 file")) throw e;
+    throw new Error(`could not read CIFAR-10 file ${path} (${errorText(e)}): ${fix}`);
   }
   if (bytes.length !== FILE_BYTES) {
     throw new Error(
-      `CIFAR-10 file ${path} has ${bytes.length} bytes, expected ${FILE_BYTES} (truncated, or not the binary version): ${FIX_DATA}`,
+      `CIFAR-10 file ${path} has ${bytes.length} bytes, expected ${FILE_BYTES} (truncated, or not the binary version): ${fix}`,
     );
   }
   for (let r = 0; r < RECORDS_PER_FILE; r++) {
     const label = bytes[r * RECORD_BYTES];
     if (label > 9) {
-      throw new Error(
-        `CIFAR-10 file ${path} record ${r} has label ${label}, expected 0-9 (corrupt file): ${FIX_DATA}`,
-      );
+      throw new Error(`CIFAR-10 file ${path} record ${r} has label ${label}, expected 0-9 (corrupt file): ${fix}`);
     }
   }
   return bytes;
@@ -2145,126 +2176,156 @@ export function untar(bytes: Uint8Array): { name: string; data: Uint8Array }[] {
   }
 }
 
+/** Download limits: a server silent for `stallMs` fails the download, and so does a body over `maxBytes`. */
+export const DOWNLOAD_LIMITS = { stallMs: 30_000, maxBytes: 200_000_000 }; // the official tarball: 170,498,071 bytes
+const TMP_PREFIXES = [`.${DATA_FOLDER}.tmp-`, ".cifar-10-binary.tar.gz.tmp-"]; // then <pid>-<random>
+
 export async function resolveCifar10Dir(opts: {
   dir?: string;
   cacheDir: string;
   url?: string;
   md5?: string;
   log?: (s: string) => void;
+  limits?: typeof DOWNLOAD_LIMITS;
 }): Promise<string> {
   if (opts.dir) return opts.dir; // validated by loadCifar10
-  const { cacheDir, url = CIFAR10_URL, md5 = CIFAR10_MD5 } = opts;
-  const log = opts.log ??
-    ((s: string) => Deno.stdout.writeSync(new TextEncoder().encode(s)));
+  const { cacheDir, url = CIFAR10_URL, md5 = CIFAR10_MD5, limits = DOWNLOAD_LIMITS } = opts;
+  const log = opts.log ?? ((s: string) => Deno.stdout.writeSync(new TextEncoder().encode(s)));
   const finalDir = join(cacheDir, DATA_FOLDER);
   if (await exists(finalDir)) return finalDir;
-
-  // Download, check and unpack everything in memory first, so a failure leaves nothing on disk.
-  const tarGz = await download(url, log);
-  const got = createHash("md5").update(tarGz).digest("hex");
-  if (got !== md5) {
-    throw new Error(
-      `downloaded file has md5 ${got}, expected ${md5}: the download is corrupt or ${url} serves a different file; retry, or ${USE_DATA}`,
-    );
-  }
-  let files: { name: string; data: Uint8Array }[];
+  const created = !(await exists(cacheDir));
   try {
-    const tar = await new Response(
-      new Blob([tarGz]).stream().pipeThrough(new DecompressionStream("gzip")),
-    ).bytes();
-    files = untar(tar);
+    await Deno.mkdir(cacheDir, { recursive: true });
   } catch (e) {
-    const why = errorText(e);
-    throw new Error(
-      `could not unpack ${url} (${why}): retry the download, or ${USE_DATA}`,
-    );
+    throw new Error(`could not create ${cacheDir} (${errorText(e)}): check its permissions, or ${USE_DATA}`);
   }
-  // Keep only the files directly inside cifar-10-batches-bin/ (this also rules out "../" tricks).
-  const wanted = new Map<string, Uint8Array>();
-  for (const { name, data } of files) {
-    const m = name.replace(/^\.\//, "").match(
-      /^cifar-10-batches-bin\/([^/]+)$/,
-    );
-    if (m && m[1] !== "." && m[1] !== "..") wanted.set(m[1], data);
-  }
-  for (const file of [...CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE]) {
-    const size = wanted.get(file)?.length;
-    if (size !== FILE_BYTES) {
-      const has = size === undefined ? "lacks" : `has a ${size}-byte`;
+  await removeAbandonedTemps(cacheDir);
+
+  // The tarball streams to a temporary file (never whole in memory), checked, then unpacked into a temporary folder
+  // that is renamed into place: a failure or a kill at any point leaves no cifar-10-batches-bin that looks valid.
+  const unique = `${Deno.pid}-${crypto.getRandomValues(new Uint32Array(1))[0].toString(16)}`;
+  const tarGz = join(cacheDir, `${TMP_PREFIXES[1]}${unique}`), tmp = join(cacheDir, `${TMP_PREFIXES[0]}${unique}`);
+  try {
+    const got = await download(url, tarGz, log, limits);
+    if (got !== md5) {
       throw new Error(
-        `archive from ${url} ${has} ${DATA_FOLDER}/${file} (expected ${FILE_BYTES} bytes): ${USE_DATA}`,
+        `downloaded file has md5 ${got}, expected ${md5}: the download is corrupt or ${url} serves a different file; retry, or ${USE_DATA}`,
       );
     }
-  }
-
-  // Write into a temp folder and rename it into place, so a crash mid-write never
-  // leaves a half-written cifar-10-batches-bin that looks valid next time.
-  await Deno.mkdir(cacheDir, { recursive: true });
-  const tmp = await Deno.makeTempDir({
-    dir: cacheDir,
-    prefix: `.${DATA_FOLDER}.tmp-`,
-  });
-  try {
-    for (const [file, data] of wanted) {
-      await Deno.writeFile(join(tmp, file), data);
+    let files: { name: string; data: Uint8Array }[];
+    try {
+      const file = await Deno.open(tarGz);
+      files = untar(await new Response(file.readable.pipeThrough(new DecompressionStream("gzip"))).bytes());
+    } catch (e) {
+      throw new Error(`could not unpack ${url} (${errorText(e)}): retry the download, or ${USE_DATA}`);
     }
-    await Deno.rename(tmp, finalDir);
-  } catch (e) {
-    await Deno.remove(tmp, { recursive: true }).catch(() => {});
-    if (await exists(finalDir)) return finalDir; // another process finished the same download first
-    const why = errorText(e);
-    throw new Error(
-      `could not write CIFAR-10 into ${cacheDir} (${why}): check disk space and permissions, or ${USE_DATA}`,
-    );
-  }
-  return finalDir;
-}
-
-// Streams `url` into memory, printing progress; content-length may be missing.
-async function download(
-  url: string,
-  log: (s: string) => void,
-): Promise<Uint8Array<ArrayBuffer>> {
-  const fail = (reason: string) =>
-    new Error(
-      `could not download CIFAR-10 from ${url} (${reason}): check your network, or ${USE_DATA}`,
-    );
-  const label = `\rdownloading ${url.split("/").pop()}: `;
-  const mb = (n: number) => (n / 1e6).toFixed(1);
-  const chunks: Uint8Array[] = [];
-  let got = 0, lastLog = 0;
-  let res: Response;
-  try {
-    res = await fetch(url);
-  } catch (e) {
-    throw fail(errorText(e));
-  }
-  if (res.status !== 200 || !res.body) {
-    await res.body?.cancel();
-    throw fail(`HTTP ${res.status} ${res.statusText}`.trim());
-  }
-  const total = Number(res.headers.get("content-length")) || 0;
-  try {
-    for await (const chunk of res.body) {
-      chunks.push(chunk);
-      got += chunk.length;
-      if (Date.now() - lastLog > 250) {
-        lastLog = Date.now();
-        log(label + (total ? `${mb(got)} / ${mb(total)} MB` : `${mb(got)} MB`));
+    // Keep only the files directly inside cifar-10-batches-bin/ (this also rules out "../" tricks).
+    const wanted = new Map<string, Uint8Array>();
+    for (const { name, data } of files) {
+      const m = name.replace(/^\.\//, "").match(/^cifar-10-batches-bin\/([^/]+)$/);
+      if (m && m[1] !== "." && m[1] !== "..") wanted.set(m[1], data);
+    }
+    for (const file of [...CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE]) {
+      const size = wanted.get(file)?.length;
+      if (size !== FILE_BYTES) {
+        const has = size === undefined ? "lacks" : `has a ${size}-byte`;
+        throw new Error(
+          `archive from ${url} ${has} ${DATA_FOLDER}/${file} (expected ${FILE_BYTES} bytes): ${USE_DATA}`,
+        );
       }
     }
+    try {
+      await Deno.mkdir(tmp, { mode: 0o777 }); // the umask applies: an ordinary folder, as `mkdir` makes
+      for (const [file, data] of wanted) await Deno.writeFile(join(tmp, file), data);
+      await Deno.rename(tmp, finalDir);
+    } catch (e) {
+      if (await exists(finalDir)) return finalDir; // another process finished the same download first
+      throw new Error(
+        `${writeFailure(cacheDir, e).replace(/: [^:]*$/, "")}: check disk space and permissions, or ${USE_DATA}`,
+      );
+    }
+    return finalDir;
+  } finally {
+    await Deno.remove(tarGz).catch(() => {});
+    await Deno.remove(tmp, { recursive: true }).catch(() => {});
+    if (created) await Deno.remove(cacheDir).catch(() => {}); // only if still empty: a failed first download
+  }
+}
+
+/**
+ * Removes the temporary files and folders of downloads and unpacks that a killed process left in `cacheDir`:
+ * those of a process no longer running (on Linux, where /proc tells), else those untouched for an hour.
+ */
+async function removeAbandonedTemps(cacheDir: string) {
+  for await (const e of Deno.readDir(cacheDir)) {
+    const prefix = TMP_PREFIXES.find((p) => e.name.startsWith(p));
+    if (!prefix) continue;
+    const path = join(cacheDir, e.name), pid = Number(e.name.slice(prefix.length).split("-")[0]);
+    const running = Deno.build.os === "linux" ? pid === Deno.pid || (await exists(`/proc/${pid}`)) : undefined;
+    const old = Date.now() - ((await Deno.stat(path)).mtime?.getTime() ?? 0) > 3_600_000;
+    if (running === false || old) await Deno.remove(path, { recursive: true }).catch(() => {});
+  }
+}
+
+/**
+ * Streams `url` into a new file `path`, printing progress, and returns the md5 of what it wrote. A server that
+ * sends nothing for `limits.stallMs` (before the headers or mid-body), or more than `limits.maxBytes`, fails it
+ * with one line, which starts on a line of its own.
+ */
+async function download(
+  url: string,
+  path: string,
+  log: (s: string) => void,
+  limits: typeof DOWNLOAD_LIMITS,
+): Promise<string> {
+  const fail = (reason: string) =>
+    new Error(`could not download CIFAR-10 from ${url} (${reason}): check your network, or ${USE_DATA}`);
+  const label = `\rdownloading ${url.split("/").pop()}: `;
+  const mb = (n: number) => (n / 1e6).toFixed(1);
+  const stalled = new AbortController();
+  let timer: ReturnType<typeof setTimeout> | undefined, got = 0, lastLog = 0, total = 0;
+  const awake = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => stalled.abort(), limits.stallMs);
+  };
+  const progress = (end = "") => log(label + (total ? `${mb(got)} / ${mb(total)} MB` : `${mb(got)} MB`) + end);
+  const hash = createHash("md5");
+  let file: Deno.FsFile | undefined;
+  try {
+    awake();
+    const res = await fetch(url, { signal: stalled.signal });
+    if (res.status !== 200 || !res.body) {
+      await res.body?.cancel();
+      throw fail(`HTTP ${res.status} ${res.statusText}`.trim());
+    }
+    total = Number(res.headers.get("content-length")) || 0;
+    if (total > limits.maxBytes) {
+      throw fail(`the server announces ${total} bytes, more than the ${limits.maxBytes} expected`);
+    }
+    file = await Deno.open(path, { write: true, createNew: true });
+    for await (const chunk of res.body) {
+      awake();
+      got += chunk.length;
+      if (got > limits.maxBytes) throw fail(`more than ${limits.maxBytes} bytes: not the CIFAR-10 tarball`);
+      hash.update(chunk);
+      for (let at = 0; at < chunk.length;) at += await file.write(chunk.subarray(at));
+      if (Date.now() - lastLog > 250) {
+        lastLog = Date.now();
+        progress();
+      }
+    }
+    if (total && got !== total) throw fail(`connection closed after ${got} of ${total} bytes`);
+    progress("\n");
+    return hash.digest("hex");
   } catch (e) {
-    throw fail(errorText(e));
+    if (lastLog) log("\n"); // the error line must not be glued to the progress line
+    if (stalled.signal.aborted) throw fail(`no data for ${limits.stallMs / 1000} s`);
+    if (errorText(e).startsWith("could not download")) throw e;
+    throw /No space left|os error 28/.test(errorText(e)) ? new Error(writeFailure(path, e)) : fail(errorText(e));
+  } finally {
+    clearTimeout(timer);
+    file?.close();
   }
-  log(label + (total ? `${mb(got)} / ${mb(total)} MB\n` : `${mb(got)} MB\n`));
-  if (total && got !== total) {
-    throw fail(`connection closed after ${got} of ${total} bytes`);
-  }
-  const out = new Uint8Array(got);
-  for (let i = 0, at = 0; i < chunks.length; at += chunks[i++].length) {
-    out.set(chunks[i], at);
-  }
-  return out;
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -2407,14 +2468,87 @@ export const sampleStd = (xs: number[]) =>
 /** Writes next to the target, then renames: an interrupted run never leaves a half-written file. */
 export const writeFileAtomic = (path: string, text: string) => writeBytesAtomic(path, new TextEncoder().encode(text));
 
+/**
+ * Writes `bytes` to `path` through a temporary file beside the target and a rename, so that an interrupted run never
+ * leaves a half-written file. A symlink is written through (the file it points to is replaced); a folder, device or
+ * FIFO is refused with one line, never replaced by a file.
+ */
 export async function writeBytesAtomic(path: string, bytes: Uint8Array) {
-  const tmp = `${path}.tmp-${Deno.pid}`;
+  const target = await fileTarget(path);
+  const tmp = `${target}.tmp-${Deno.pid}-${crypto.getRandomValues(new Uint32Array(1))[0].toString(16)}`;
   try {
     await Deno.writeFile(tmp, bytes);
-    await Deno.rename(tmp, path);
+    await Deno.rename(tmp, target);
   } catch (e) {
     await Deno.remove(tmp).catch(() => {});
-    throw new Error(`could not write ${path} (${errorText(e)}): check the folder exists and is writable`);
+    throw new Error(writeFailure(path, e));
+  }
+}
+
+/** The line for a failed write: disk full says so; anything else names the folder to check. */
+export function writeFailure(path: string, e: unknown): string {
+  const why = errorText(e);
+  if (/No space left on device|os error 28|ENOSPC/i.test(why)) return `disk full writing ${path}: free some space`;
+  return `could not write ${path} (${why}): check the folder exists and is writable`;
+}
+
+/**
+ * Where a write to `path` lands: `path` itself, or the file its symlinks lead to (which need not exist yet). A
+ * folder, device, FIFO or socket there is refused with one line.
+ */
+export async function fileTarget(path: string): Promise<string> {
+  let target = path;
+  for (let hops = 0; hops < 40; hops++) {
+    let info: Deno.FileInfo;
+    try {
+      info = await Deno.lstat(target);
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound) return target; // a new file (or a dangling link's target)
+      throw new Error(`cannot use ${path} (${errorText(e)}): check the path`);
+    }
+    if (info.isSymlink) {
+      const link = await Deno.readLink(target);
+      target = isAbsolute(link) ? link : join(dirname(target), link);
+      continue;
+    }
+    if (info.isDirectory) throw new Error(`${path} is a folder: name a file in it instead`);
+    if (!info.isFile) throw new Error(`${path} is not a regular file (a device, FIFO or socket): name a file`);
+    return target;
+  }
+  throw new Error(`${path} is a loop of symlinks: name a file`);
+}
+
+/**
+ * Checks before training that `path` can be written (its folder exists and takes a new file, it is no folder,
+ * device or FIFO), so that hours of training never end in an output that cannot be saved. `flag` names it.
+ */
+export async function checkWritableFile(flag: string, path: string) {
+  let target: string;
+  try {
+    target = await fileTarget(path);
+  } catch (e) {
+    throw new Error(`${flag} ${errorText(e)}`);
+  }
+  await checkWritableFolder(flag, dirname(target), `${flag} ${path}: its folder`);
+}
+
+/**
+ * Checks that `dir` takes a new file, by writing and removing one (in it, or in the folders it would be created
+ * in: whatever this creates, it removes again).
+ */
+export async function checkWritableFolder(flag: string, dir: string, what = `${flag} ${dir}`) {
+  let missing: string | undefined; // the outermost folder of `dir` that does not exist yet
+  for (let d = resolve(dir); !(await exists(d)); d = dirname(d)) missing = d;
+  try {
+    await Deno.mkdir(dir, { recursive: true });
+    await Deno.remove(await Deno.makeTempFile({ dir, prefix: ".write-check-" }));
+  } catch (e) {
+    const why = e instanceof Deno.errors.AlreadyExists || e instanceof Deno.errors.NotADirectory
+      ? "not a folder"
+      : errorText(e);
+    throw new Error(`${what} cannot be written (${why}): name another, or fix its permissions`);
+  } finally {
+    if (missing) await Deno.remove(missing, { recursive: true }).catch(() => {});
   }
 }
 
@@ -2422,21 +2556,43 @@ export async function writeBytesAtomic(path: string, bytes: Uint8Array) {
 const precisionText = (p: DType) =>
   p === "f16" ? "f16 activations and gradients, f32 arithmetic and weights" : "f32 everywhere";
 
+/** How a run ended: "running" while it trains (the log is rewritten after every epoch and every run). */
+export type RunStatus = "running" | "completed" | "interrupted" | "diverged" | "failed";
+
+/** The run in progress (status "running"), or the one that ended the log early ("diverged", "failed"). */
+export interface PartialRun {
+  run: number; // 1-based
+  seed: number;
+  epochs: EpochMetrics[]; // the rows it printed so far
+  error?: string; // why it ended
+  epoch?: number; // diverged: in which epoch, and the first step whose loss was not finite (if the GPU flagged it)
+  step?: number;
+}
+
+const sha256 = (text: string) => createHash("sha256").update(text).digest("hex");
+
 /**
  * The run log: what a later comparison needs to trust a result (the exact script and kernels by
  * sha256, the script's text, hyperparameters, flags, device, Deno version, every epoch's metrics). A kernel's
  * sha256 is of its text as compiled (the file from gpu.kernelDir, then common.wgsl).
- * File name <date>-<time>-<first 8 hex of the script's sha256>.json; written atomically.
+ * Without `at.path` it creates a new file <date>-<time>-<first 8 hex of the script's sha256>[-k].json in `dir`,
+ * exclusively (two runs started in the same second get two files); with it, it rewrites that file atomically.
  */
-export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs: RunResult[], startedAt: Date) {
-  const status = runs.some((r) => r.interrupted) ? "interrupted" : "completed";
-  const sha256 = (text: string) => createHash("sha256").update(text).digest("hex");
+export async function writeRunLog(
+  dir: string,
+  gpu: Gpu,
+  flags: CliOptions,
+  runs: RunResult[],
+  startedAt: Date,
+  at: { path?: string; status?: RunStatus; partial?: PartialRun } = {},
+) {
+  const status = at.status ?? (runs.some((r) => r.interrupted) ? "interrupted" : "completed");
   const scriptPath = fileURLToPath(import.meta.url), source = await Deno.readTextFile(scriptPath);
   const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
   const log = {
     status,
     startedAt: startedAt.toISOString(),
-    finishedAt: new Date().toISOString(),
+    finishedAt: status === "running" ? null : new Date().toISOString(),
     script: { path: scriptPath, sha256: sha256(source), source },
     kernelDir: gpu.kernelDir,
     kernels: Object.fromEntries([...gpu.sources].map(([file, text]) => [`${file}.wgsl`, sha256(text)])), // as compiled
@@ -2444,25 +2600,72 @@ export async function writeRunLog(dir: string, gpu: Gpu, flags: CliOptions, runs
     device: gpu.adapterName,
     precision: flags.precision,
     convKernels: gpu.convKernels,
-    flags: { ...flags, help: undefined },
+    flags: { ...flags, help: undefined, explicit: undefined },
     hyp,
     runs: runs.map(({ weights: _, ...r }) => r),
+    partial: at.partial ?? null,
     meanEmaValAcc: accs.length ? mean(accs) : null,
     stdEmaValAcc: accs.length ? sampleStd(accs) : null,
   };
-  const stamp = startedAt.toISOString().replace(/[-:]/g, "").replace("T", "-").slice(0, 15); // 20261127-184216
+  const text = JSON.stringify(log, null, 1) + "\n";
+  if (at.path) {
+    await writeFileAtomic(at.path, text);
+    return at.path;
+  }
   await Deno.mkdir(dir, { recursive: true }).catch((e) => {
     throw new Error(`could not create the log folder ${dir} (${errorText(e)}): pass --log-dir DIR or --no-log`);
   });
-  let path = join(dir, `${stamp}-${log.script.sha256.slice(0, 8)}.json`);
-  if (await exists(path)) path = path.replace(/\.json$/, `-${Deno.pid}.json`);
-  await writeFileAtomic(path, JSON.stringify(log, null, 1) + "\n");
-  return path;
+  const stamp = startedAt.toISOString().replace(/[-:]/g, "").replace("T", "-").slice(0, 15); // 20261127-184216
+  for (let k = 1;; k++) {
+    const path = join(dir, `${stamp}-${log.script.sha256.slice(0, 8)}${k > 1 ? `-${k}` : ""}.json`);
+    try {
+      (await Deno.open(path, { write: true, createNew: true })).close(); // ours alone from here on
+    } catch (e) {
+      if (e instanceof Deno.errors.AlreadyExists) continue;
+      throw new Error(writeFailure(path, e));
+    }
+    await writeFileAtomic(path, text);
+    return path;
+  }
 }
 
 // ---- saved weights: the safetensors format (8-byte little-endian header length, JSON header, raw data)
 
 type Weights = Map<string, { shape: number[]; data: Float32Array }>;
+
+/**
+ * What a saved network carries besides its tensors (safetensors metadata, strings), so that --eval needs nothing
+ * else: the normalisation statistics of the images it trained on, its base depth, the recipe it came from, and the
+ * batch size and precision of the run's own evaluation (the defaults of --eval, which then prints the same figures).
+ */
+export const SAVED_FORMAT = "hlb-cifar10-webgpu";
+export const RECIPE_VERSION = "hlb-CIFAR10 v0.7";
+export interface SavedMetadata {
+  format: string;
+  layout: string;
+  recipe: string;
+  baseDepth: string;
+  norm: string; // JSON ChannelStats
+  evalBatchSize: string;
+  precision: string;
+}
+
+export function savedMetadata(
+  norm: ChannelStats,
+  baseDepth: number,
+  batchSize: number,
+  precision: DType,
+): SavedMetadata {
+  return {
+    format: SAVED_FORMAT,
+    layout: "conv weights HWIO [kh][kw][cin][cout], linear [out][in]",
+    recipe: RECIPE_VERSION,
+    baseDepth: String(baseDepth),
+    norm: JSON.stringify(norm),
+    evalBatchSize: String(batchSize),
+    precision,
+  };
+}
 
 export function encodeSafetensors(weights: Weights, metadata: Record<string, string>): Uint8Array {
   const header: Record<string, unknown> = { __metadata__: metadata };
@@ -2484,6 +2687,7 @@ export function encodeSafetensors(weights: Weights, metadata: Record<string, str
   return out;
 }
 
+/** Reads a safetensors file of F32 tensors; anything malformed (or a NaN or infinite weight) is one line. */
 export function decodeSafetensors(
   bytes: Uint8Array,
   file: string,
@@ -2492,23 +2696,36 @@ export function decodeSafetensors(
   if (bytes.length < 8) throw bad("shorter than its 8-byte header length");
   const n = Number(new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(0, true));
   if (8 + n > bytes.length) throw bad(`header of ${n} bytes but the file has ${bytes.length}`);
-  let header: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+  let header: unknown;
   try {
     header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + n)));
   } catch {
     throw bad("header is not JSON");
   }
-  const { __metadata__: metadata = {}, ...tensors } = header as Record<string, never>;
+  if (typeof header !== "object" || header === null || Array.isArray(header)) throw bad("header is not a JSON object");
+  const { __metadata__: metadata = {}, ...tensors } = header as Record<string, unknown>;
+  if (typeof metadata !== "object" || metadata === null) throw bad("__metadata__ is not an object");
   const data = bytes.subarray(8 + n), weights: Weights = new Map();
-  for (
-    const [name, t] of Object.entries(tensors) as [string, { dtype: string; shape: number[]; data_offsets: number[] }][]
-  ) {
-    const [begin, end] = t.data_offsets ?? [];
+  for (const [name, entry] of Object.entries(tensors)) {
+    const t = entry as { dtype?: unknown; shape?: unknown; data_offsets?: unknown } | null;
+    if (typeof t !== "object" || t === null) throw bad(`${name} is not a tensor entry`);
     if (t.dtype !== "F32") throw bad(`${name} has dtype ${t.dtype}, only F32 is read`);
-    if (!(begin >= 0 && end <= data.length && end - begin === numel(t.shape) * 4)) throw bad(`${name} is truncated`);
-    weights.set(name, { shape: t.shape, data: new Float32Array(data.slice(begin, end).buffer) });
+    const shape = t.shape, offsets = t.data_offsets;
+    if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+      throw bad(`${name} has shape ${JSON.stringify(shape)}, not a list of sizes`);
+    }
+    if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every(Number.isSafeInteger)) {
+      throw bad(`${name} has data_offsets ${JSON.stringify(offsets)}, not two byte offsets`);
+    }
+    const [begin, end] = offsets as number[];
+    if (!(begin >= 0 && end <= data.length && end - begin === numel(shape) * 4)) throw bad(`${name} is truncated`);
+    if (begin % 4 !== 0) throw bad(`${name} starts at byte ${begin}, not on a 4-byte boundary`);
+    const values = new Float32Array(data.slice(begin, end).buffer);
+    const at = values.findIndex((v) => !Number.isFinite(v));
+    if (at >= 0) throw bad(`${name}[${at}] is ${values[at]}`);
+    weights.set(name, { shape, data: values });
   }
-  return { weights, metadata };
+  return { weights, metadata: metadata as Record<string, string> };
 }
 
 // =================================================================================================
@@ -2533,6 +2750,7 @@ export interface CliOptions {
   eval?: string;
   convKernels?: ConvKernels; // default: chosen from the adapter (initGpu)
   precision: DType;
+  explicit: string[]; // the flags given on the command line (--eval's defaults come from the file otherwise)
 }
 
 const FLAG_RANGES = {
@@ -2602,6 +2820,10 @@ export function parseFlags(argv: string[]): CliOptions {
     if (code === "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL") {
       throw new Error(`unexpected argument ${flag || msg}: flags start with --, see --help`);
     }
+    if (msg.includes("does not take an argument")) {
+      const name = msg.match(/--[\w-]+/)?.[0] ?? flag;
+      throw new Error(`${name} takes no value: write ${name} alone, see --help`);
+    }
     if (msg.includes("ambiguous")) {
       throw new Error(`${flag} needs a value (for a negative one write ${flag}=-N): see --help`);
     }
@@ -2613,7 +2835,9 @@ export function parseFlags(argv: string[]): CliOptions {
     if (raw === undefined) return undefined;
     const r = FLAG_RANGES[name], x = Number(raw);
     const kind = r.integer ? "an integer" : "a number";
-    if (raw === "" || !Number.isFinite(x) || (r.integer && !Number.isInteger(x)) || x < r.min || x > r.max) {
+    // decimal only: Number() would also take " 2 ", "0x10" and "1_0"
+    const decimal = typeof raw === "string" && /^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i.test(raw);
+    if (!decimal || !Number.isFinite(x) || (r.integer && !Number.isInteger(x)) || x < r.min || x > r.max) {
       throw new Error(`--${name} must be ${kind} from ${r.min} to ${r.max}, got "${raw}"`);
     }
     return x;
@@ -2628,6 +2852,13 @@ export function parseFlags(argv: string[]): CliOptions {
   const convKernels = v["conv-kernels"] as string | undefined;
   if (convKernels !== undefined && !CONV_KERNEL_SETS.includes(convKernels as ConvKernels)) {
     throw new Error(`--conv-kernels must be one of ${CONV_KERNEL_SETS.join(", ")}, got "${convKernels}"`);
+  }
+  const explicit = Object.keys(v).filter((k) => v[k] !== undefined);
+  const trainingOnly = explicit.filter((k) => EVAL_IGNORES.includes(k));
+  if (v.eval !== undefined && trainingOnly.length) {
+    throw new Error(
+      `--eval evaluates saved weights without training: --${trainingOnly[0]} does not apply, leave it out`,
+    );
   }
   return {
     help: Boolean(v.help),
@@ -2647,157 +2878,308 @@ export function parseFlags(argv: string[]): CliOptions {
     trainSubset: num("train-subset"),
     testSubset: num("test-subset"),
     seed: num("seed") ?? crypto.getRandomValues(new Uint32Array(1))[0],
+    explicit,
   };
 }
+
+/** Flags of training that --eval would ignore: it refuses them rather than leave a user believing they applied. */
+const EVAL_IGNORES = ["runs", "epochs", "base-depth", "train-subset", "seed", "save", "log-dir", "no-log", "profile"];
 
 const defaultLogDir = () => fileURLToPath(new URL("./runs", import.meta.url));
 
 export async function main(argv: string[]) {
   const o = parseFlags(argv), startedAt = new Date();
   if (o.help) return console.log(HELP);
+  if (o.eval) return await evalMain(o);
+  // Every output is checked before anything long starts: hours of training never end in a file that cannot be written.
+  if (o.json) await checkWritableFile("--json", o.json);
+  if (o.save) await checkWritableFile("--save", o.save);
+  const logDir = o.logDir ?? defaultLogDir();
+  if (!o.noLog) await checkWritableFolder("--log-dir", logDir);
   const gpu = await initGpu({ profile: o.profile, convKernels: o.convKernels }); // first: no GPU, no download
   if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
-  if (o.precision === "f16" && !gpu.hasF16) {
-    throw new Error(
-      `--precision f16 needs the shader-f16 feature, which ${gpu.adapterName} lacks: use --precision f32`,
-    );
-  }
-  const dir = await resolveCifar10Dir({
-    dir: o.data ?? (Deno.env.get("CIFAR10_DIR") || undefined),
-    cacheDir: fileURLToPath(new URL("./data", import.meta.url)),
-    url: Deno.env.get("CIFAR10_URL") || undefined, // a mirror of the official tarball (same md5)
-  });
-  const cifar = await loadCifar10(dir, { trainSubset: o.trainSubset, testSubset: o.testSubset });
+  checkPrecision(gpu, o.precision);
+  const { dir, source } = await datasetDir(o);
+  const cifar = await loadCifar10(dir, { trainSubset: o.trainSubset, testSubset: o.testSubset, source });
   if (o.batchSize > cifar.trainLabels.length) {
     throw new Error(
       `--batch-size ${o.batchSize} is larger than the training set (${cifar.trainLabels.length} images): lower it`,
     );
   }
   const data = uploadDataset(gpu, cifar);
-  if (o.eval) {
-    let bytes: Uint8Array;
-    try {
-      bytes = await Deno.readFile(o.eval);
-    } catch (e) {
-      throw new Error(`cannot read --eval ${o.eval} (${errorText(e)}): check the path`);
-    }
-    const { weights } = decodeSafetensors(bytes, o.eval);
-    const r = await evaluateWeights(gpu, data, weights, o.batchSize, o.eval, o.precision);
-    console.log(
-      `${o.eval}: test accuracy ${(100 * r.valAcc).toFixed(2)}% | test loss ${
-        r.valLoss.toFixed(4)
-      } | ${data.test.count} images, flip TTA`,
-    );
-    return releaseGpu(gpu);
-  }
   console.log(
     `device: ${gpu.adapterName} | precision: ${
       precisionText(o.precision)
     } | conv kernels: ${gpu.convKernels} | train ${data.train.count} / test ${data.test.count} images | ` +
       `batch ${o.batchSize} | epochs ${o.epochs} | base depth ${o.baseDepth}`,
   );
-  // Ctrl-C: finish the current step, write the run log as interrupted, exit 130; a second Ctrl-C quits at once
-  let stopRequested = false;
-  const onInterrupt = () => {
-    if (stopRequested) Deno.exit(130);
-    stopRequested = true;
-    console.log("\nCtrl-C: stopping after the current step (press again to quit at once)");
+
+  // The outputs, each written on its own: one that fails never keeps the others from being written. The run log is
+  // created now and rewritten after every epoch and every run, so whatever ends the process keeps what was measured.
+  const runs: RunResult[] = [], failed: string[] = [];
+  let logPath: string | undefined, logError: string | undefined, partial: PartialRun | undefined;
+  const writeLog = async (status: RunStatus) => {
+    if (o.noLog) return;
+    try {
+      logPath = await writeRunLog(logDir, gpu, o, runs, startedAt, { path: logPath, status, partial });
+      logError = undefined;
+    } catch (e) {
+      logError = errorText(e);
+    }
   };
-  Deno.addSignalListener("SIGINT", onInterrupt);
-  const runs: RunResult[] = [];
+  const output = async (write: () => Promise<void>) => {
+    try {
+      await write();
+    } catch (e) {
+      failed.push(errorText(e));
+    }
+  };
+  await writeLog("running");
+
+  const stop = listenForStop();
+  let status: RunStatus = "completed", thrown: unknown;
   for (let r = 0; r < o.runs; r++) {
     const seed = (o.seed + r) >>> 0, table = new Table();
     console.log(`\nrun ${r + 1}/${o.runs}, seed ${seed}`);
     table.header();
-    const result = await train({
-      gpu,
-      data,
-      seed,
-      epochs: o.epochs,
-      baseDepth: o.baseDepth,
-      batchSize: o.batchSize,
-      precision: o.precision,
-      onEpochStart: (e) => table.epochStart(e),
-      onStep: (e, k, n) => table.step(e, k, n),
-      onEpoch: (m) => table.row(m),
-      returnWeights: Boolean(o.save) && r === o.runs - 1,
-      stop: () => stopRequested,
-    });
-    table.end();
-    if (result.interrupted) {
-      runs.push(result);
-      const where = `epoch ${result.interrupted.epoch}, after ${result.interrupted.steps} steps`;
-      const log = o.noLog
-        ? "no run log (--no-log)"
-        : `run log: ${await writeRunLog(o.logDir ?? defaultLogDir(), gpu, o, runs, startedAt)}`;
-      console.error(`interrupted in run ${r + 1}, ${where}; ${log}`);
-      Deno.exit(130);
+    partial = { run: r + 1, seed, epochs: [] };
+    let result: RunResult;
+    try {
+      result = await train({
+        gpu,
+        data,
+        seed,
+        epochs: o.epochs,
+        baseDepth: o.baseDepth,
+        batchSize: o.batchSize,
+        precision: o.precision,
+        onEpochStart: (e) => table.epochStart(e),
+        onStep: (e, k, n) => table.step(e, k, n),
+        onEpoch: async (m) => {
+          table.row(m);
+          partial!.epochs.push(m);
+          await writeLog("running");
+        },
+        returnWeights: Boolean(o.save) && r === o.runs - 1,
+        stop: () => stop.requested,
+      });
+    } catch (e) {
+      table.end();
+      status = e instanceof TrainingDiverged ? "diverged" : "failed";
+      partial.error = errorText(e);
+      if (e instanceof TrainingDiverged) [partial.epoch, partial.step] = [e.epoch, e.step];
+      thrown = e;
+      break;
     }
-    const ema = result.emaValAcc === null ? "n/a (the EMA never started)" : `${(100 * result.emaValAcc).toFixed(2)}%`;
-    console.log(
-      `final EMA val accuracy: ${ema} | val accuracy: ${(100 * result.valAcc).toFixed(2)}% | train time ${
-        result.trainSeconds.toFixed(2)
-      } s`,
-    );
+    table.end();
+    partial = undefined;
     runs.push(result);
+    if (result.interrupted) {
+      status = "interrupted";
+      break;
+    }
+    printRunResult(result);
+    await writeLog("running");
+    if (o.json) await output(() => writeResultsJson(o.json!, gpu, o, runs, "running"));
   }
+  stop.remove();
+
+  if (o.runs > 1 && status === "completed") printSummary(runs);
+  const saved = status === "completed" ? runs[runs.length - 1].weights : undefined;
+  if (o.save && saved) {
+    await output(async () => {
+      const meta = savedMetadata(data.norm, o.baseDepth, o.batchSize, o.precision);
+      await writeBytesAtomic(o.save!, encodeSafetensors(saved, { ...meta }));
+      console.log(`weights written to ${o.save}`);
+    });
+  }
+  await writeLog(status);
+  if (logError) failed.push(logError);
+  if (o.json) {
+    await output(async () => {
+      await writeResultsJson(o.json!, gpu, o, runs, status);
+      console.log(`results written to ${o.json}`);
+    });
+  }
+  if (gpu.profiler) console.log(`\nper-kernel GPU time, all runs (--profile)\n${gpu.profiler.report()}`);
+  const log = o.noLog ? "no run log (--no-log)" : logPath && !logError ? `run log: ${logPath}` : "no run log";
+  for (const line of failed) console.error(`error: ${line}`);
+  releaseGpu(gpu);
+  if (status === "interrupted") {
+    const { epoch, steps } = runs[runs.length - 1].interrupted!;
+    console.error(`interrupted in run ${runs.length}, epoch ${epoch}, after ${steps} steps; ${log}`);
+    Deno.exit(130);
+  }
+  if (thrown) {
+    console.error(log === "no run log (--no-log)" ? log : `${log} (status ${status}, what ran before is kept)`);
+    throw thrown;
+  }
+  if (logPath && !logError) console.log(`run log: ${logPath}`);
+  if (failed.length) Deno.exit(1);
+}
+
+/**
+ * Ctrl-C or SIGTERM: the run stops after the current step, writes its outputs (the run log marked interrupted) and
+ * exits with code 130; a second signal quits at once, with the same code.
+ */
+function listenForStop() {
+  const state = { requested: false, remove: () => {} };
+  const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
+  const listeners = signals.map((signal) => {
+    const on = () => {
+      if (state.requested) Deno.exit(130);
+      state.requested = true;
+      const name = signal === "SIGINT" ? "Ctrl-C" : signal;
+      console.log(`\n${name}: stopping after the current step (press Ctrl-C again to quit at once)`);
+    };
+    Deno.addSignalListener(signal, on);
+    return () => Deno.removeSignalListener(signal, on);
+  });
+  state.remove = () => listeners.forEach((remove) => remove());
+  return state;
+}
+
+function checkPrecision(gpu: Gpu, precision: DType) {
+  if (precision === "f16" && !gpu.hasF16) {
+    throw new Error(
+      `--precision f16 needs the shader-f16 feature, which ${gpu.adapterName} lacks: use --precision f32`,
+    );
+  }
+}
+
+/** The dataset folder, and which of --data, $CIFAR10_DIR or the managed cache named it (for the error lines). */
+async function datasetDir(o: CliOptions) {
+  const env = Deno.env.get("CIFAR10_DIR") || undefined;
+  const source: DataSource = o.data ? "--data" : env ? "CIFAR10_DIR" : "cache";
+  const dir = await resolveCifar10Dir({
+    dir: o.data ?? env,
+    cacheDir: fileURLToPath(new URL("./data", import.meta.url)),
+    url: Deno.env.get("CIFAR10_URL") || undefined, // a mirror of the official tarball (same md5)
+  });
+  return { dir, source };
+}
+
+function printRunResult(result: RunResult) {
+  const ema = result.emaValAcc === null ? "n/a (the EMA never started)" : `${(100 * result.emaValAcc).toFixed(2)}%`;
+  console.log(
+    `final EMA val accuracy: ${ema} | val accuracy: ${(100 * result.valAcc).toFixed(2)}% | train time ${
+      result.trainSeconds.toFixed(2)
+    } s`,
+  );
+}
+
+function printSummary(runs: RunResult[]) {
   const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
-  const summary = {
+  console.log("\nrun  seed        ema_val_acc  train_seconds");
+  runs.forEach((r, i) =>
+    console.log(
+      `${String(i + 1).padStart(3)}  ${String(r.seed).padEnd(10)}  ${
+        r.emaValAcc === null ? "    n/a" : (100 * r.emaValAcc).toFixed(2) + "%"
+      }       ${r.trainSeconds.toFixed(2)}`,
+    )
+  );
+  const times = runs.map((r) => r.trainSeconds);
+  if (accs.length) {
+    console.log(
+      `mean EMA val accuracy over ${accs.length} runs: ${(100 * mean(accs)).toFixed(2)}% ± ${
+        (100 * sampleStd(accs)).toFixed(2)
+      }% (std) | ` +
+        `train time ${mean(times).toFixed(2)} ± ${sampleStd(times).toFixed(2)} s`,
+    );
+  }
+}
+
+/** --json: the runs finished so far (all of them once `status` is final) and their mean and std. */
+async function writeResultsJson(path: string, gpu: Gpu, o: CliOptions, runs: RunResult[], status: RunStatus) {
+  const done = runs.filter((r) => !r.interrupted);
+  const accs = done.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
+  const out = {
+    status,
+    device: gpu.adapterName,
+    precision: o.precision,
+    convKernels: gpu.convKernels,
+    flags: { ...o, help: undefined, profile: undefined, explicit: undefined },
+    runs: done.map((r) => ({
+      seed: r.seed,
+      emaValAcc: r.emaValAcc,
+      valAcc: r.valAcc,
+      trainSeconds: r.trainSeconds,
+      epochs: r.epochs,
+    })),
     meanEmaValAcc: accs.length ? mean(accs) : null,
     stdEmaValAcc: accs.length ? sampleStd(accs) : null,
   };
-  if (o.runs > 1) {
-    console.log("\nrun  seed        ema_val_acc  train_seconds");
-    runs.forEach((r, i) =>
-      console.log(
-        `${String(i + 1).padStart(3)}  ${String(r.seed).padEnd(10)}  ${
-          r.emaValAcc === null ? "    n/a" : (100 * r.emaValAcc).toFixed(2) + "%"
-        }       ${r.trainSeconds.toFixed(2)}`,
-      )
-    );
-    const times = runs.map((r) => r.trainSeconds);
-    if (accs.length) {
-      console.log(
-        `mean EMA val accuracy over ${accs.length} runs: ${(100 * mean(accs)).toFixed(2)}% ± ${
-          (100 * sampleStd(accs)).toFixed(2)
-        }% (std) | ` +
-          `train time ${mean(times).toFixed(2)} ± ${sampleStd(times).toFixed(2)} s`,
-      );
-    }
-  }
-  const saved = runs[runs.length - 1].weights;
-  if (o.save && saved) {
-    const metadata = {
-      format: "hlb-cifar10-webgpu",
-      layout: "conv weights HWIO [kh][kw][cin][cout], linear [out][in]",
-    };
-    await writeBytesAtomic(o.save, encodeSafetensors(saved, metadata));
-    console.log(`weights written to ${o.save}`);
-  }
-  if (!o.noLog) {
-    console.log(`run log: ${await writeRunLog(o.logDir ?? defaultLogDir(), gpu, o, runs, startedAt)}`);
-  }
-  if (gpu.profiler) console.log(`\nper-kernel GPU time, all runs (--profile)\n${gpu.profiler.report()}`);
+  await writeFileAtomic(path, JSON.stringify(out, null, 2) + "\n");
+}
+
+/** --eval: the saved network's test accuracy and loss, with the statistics and batch size it was saved with. */
+async function evalMain(o: CliOptions) {
+  const file = o.eval!;
+  if (o.json) await checkWritableFile("--json", o.json);
+  const saved = await readSavedNetwork(file); // before the GPU and the dataset: a bad file costs no download
+  const gpu = await initGpu({ convKernels: o.convKernels });
+  const batchSize = o.explicit.includes("batch-size") ? o.batchSize : saved.evalBatchSize;
+  const precision = o.explicit.includes("precision") ? o.precision : saved.precision;
+  checkPrecision(gpu, precision);
+  const { dir, source } = await datasetDir(o);
+  const cifar = await loadCifar10(dir, { trainSubset: 0, testSubset: o.testSubset, source });
+  const test = uploadImages(gpu, cifar.testImages, cifar.testLabels);
+  const r = await evaluateWeights(gpu, { test, norm: saved.norm }, saved.weights, batchSize, file, precision);
+  console.log(
+    `${file}: test accuracy ${(100 * r.valAcc).toFixed(2)}% | test loss ${r.valLoss.toFixed(4)} | ` +
+      `${test.count} images, flip TTA`,
+  );
   if (o.json) {
     const out = {
+      eval: file,
       device: gpu.adapterName,
-      precision: o.precision,
+      precision,
       convKernels: gpu.convKernels,
-      flags: { ...o, help: undefined, profile: undefined },
-      runs: runs.map((r) => ({
-        seed: r.seed,
-        emaValAcc: r.emaValAcc,
-        valAcc: r.valAcc,
-        trainSeconds: r.trainSeconds,
-        epochs: r.epochs,
-      })),
-      ...summary,
+      batchSize,
+      testImages: test.count,
+      valAcc: r.valAcc,
+      valLoss: r.valLoss,
     };
     await writeFileAtomic(o.json, JSON.stringify(out, null, 2) + "\n");
     console.log(`results written to ${o.json}`);
   }
-  Deno.removeSignalListener("SIGINT", onInterrupt);
   releaseGpu(gpu);
+}
+
+/** A file written by --save, checked whole (tensors, values and metadata) before anything else runs. */
+export async function readSavedNetwork(file: string) {
+  let bytes: Uint8Array;
+  try {
+    bytes = await Deno.readFile(file);
+  } catch (e) {
+    throw new Error(`cannot read --eval ${file} (${errorText(e)}): check the path`);
+  }
+  const { weights, metadata } = decodeSafetensors(bytes, file);
+  const bad = (why: string) => new Error(`${file} ${why}: save the network again with --save`);
+  if (metadata.format !== SAVED_FORMAT) throw bad(`is not a network saved by main.ts (format ${metadata.format})`);
+  let norm: ChannelStats;
+  try {
+    norm = JSON.parse(metadata.norm);
+  } catch {
+    throw bad("has no normalisation statistics (saved by an older main.ts)");
+  }
+  const stat = (xs: unknown, positive: boolean) =>
+    Array.isArray(xs) && xs.length === 3 && xs.every((x) => Number.isFinite(x) && (!positive || x > 0));
+  if (!stat(norm?.mean, false) || !stat(norm?.std, true)) {
+    throw bad(`has bad normalisation statistics ${metadata.norm}`);
+  }
+  const baseDepth = Number(metadata.baseDepth), evalBatchSize = Number(metadata.evalBatchSize);
+  const width = weights.get("conv_group_1.conv1.weight")?.shape[3];
+  if (!Number.isInteger(baseDepth) || baseDepth !== width) {
+    throw bad(`says base depth ${metadata.baseDepth} but conv_group_1.conv1.weight is ${width} wide`);
+  }
+  if (!Number.isInteger(evalBatchSize) || evalBatchSize < 2) {
+    throw bad(`has a bad batch size ${metadata.evalBatchSize}`);
+  }
+  if (metadata.precision !== "f32" && metadata.precision !== "f16") {
+    throw bad(`has a bad precision ${metadata.precision}`);
+  }
+  return { weights, norm, baseDepth, evalBatchSize, precision: metadata.precision as DType, recipe: metadata.recipe };
 }
 
 if (import.meta.main) {

@@ -136,7 +136,7 @@ Deno.test("loadCifar10 rejects missing folder, bad size and bad labels naming th
   try {
     const file = join(dir, "data_batch_1.bin");
     await Deno.writeFile(file, new Uint8Array(FILE_BYTES - 1));
-    await assert.rejects(loadCifar10(dir, { trainSubset: 1 }), (e: Error) => {
+    await assert.rejects(loadCifar10(dir, { trainSubset: 1, source: "cache" }), (e: Error) => {
       assert.match(
         e.message,
         /data_batch_1\.bin has 30729999 bytes, expected 30730000/,
@@ -145,6 +145,16 @@ Deno.test("loadCifar10 rejects missing folder, bad size and bad labels naming th
       assert.doesNotMatch(e.message, /\n/);
       return true;
     });
+    // only the managed cache is to be deleted: a folder the user named is the user's
+    await assert.rejects(loadCifar10(dir, { trainSubset: 1 }), (e: Error) => {
+      assert.match(e.message, /expected 30730000 .*: point --data at a valid cifar-10-batches-bin folder/);
+      assert.doesNotMatch(e.message, /delete/);
+      return true;
+    });
+    await assert.rejects(
+      loadCifar10(dir, { trainSubset: 1, source: "CIFAR10_DIR" }),
+      /: point CIFAR10_DIR at a valid cifar-10-batches-bin folder, or unset it to download CIFAR-10$/,
+    );
     const bytes = fixtureFile(0);
     bytes[1234 * RECORD_BYTES] = 10;
     await Deno.writeFile(file, bytes);

@@ -1042,6 +1042,18 @@ Deno.test("trainingPlan(50000, 1024, 12.1): 48 steps/epoch, 581 steps, 13 epochs
   assert.equal(total, 581);
 });
 
+Deno.test("trainingPlan: no epoch runs zero steps, whatever float noise the epoch count carries", () => {
+  for (const [n, b, e] of [[512, 64, 1.0000000001], [512, 64, 2.0000000001], [512, 64, 0.9999999999], [512, 64, 3]]) {
+    const p = trainingPlan(n, b, e);
+    assert.equal(p.totalSteps, Math.round(8 * e), `${e} epochs of 8 steps`);
+    assert.equal(p.numEpochs, Math.round(e), `${e} epochs`);
+    for (let k = 0; k < p.numEpochs; k++) assert.ok(p.stepsIn(k) > 0, `epoch ${k} of ${e} has no step`);
+  }
+  // a real fraction still gets its partial last epoch: 4.1 epochs of 39 steps are 160 steps in 5 epochs
+  const p = trainingPlan(10000, 256, 4.1);
+  assert.deepEqual([p.totalSteps, p.numEpochs, p.stepsIn(4)], [160, 5, 4]);
+});
+
 Deno.test("Rng: deterministic per seed, uniform ranges, permutations are permutations", () => {
   const seq = (seed: number) => {
     const r = new Rng(seed);
