@@ -7,7 +7,7 @@
 // (arithmetic, accumulation, weights and optimiser state stay f32). The original trains in fp16.
 
 import { createHash } from "node:crypto";
-import { dirname, isAbsolute, join, resolve } from "node:path";
+import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 
@@ -2529,16 +2529,17 @@ export async function checkWritableFile(flag: string, path: string) {
   } catch (e) {
     throw new Error(`${flag} ${errorText(e)}`);
   }
-  await checkWritableFolder(flag, dirname(target), `${flag} ${path}: its folder`);
+  await checkWritableFolder(flag, dirname(target), `${flag} ${path}: its folder`, false);
 }
 
 /**
- * Checks that `dir` takes a new file, by writing and removing one (in it, or in the folders it would be created
- * in: whatever this creates, it removes again).
+ * Checks that `dir` takes a new file, by writing and removing one. With `create` a missing `dir` is fine if it can be
+ * created (whatever this creates, it removes again); without, it must exist.
  */
-export async function checkWritableFolder(flag: string, dir: string, what = `${flag} ${dir}`) {
+export async function checkWritableFolder(flag: string, dir: string, what = `${flag} ${dir}`, create = true) {
   let missing: string | undefined; // the outermost folder of `dir` that does not exist yet
   for (let d = resolve(dir); !(await exists(d)); d = dirname(d)) missing = d;
+  if (missing && !create) throw new Error(`${what} ${dirname(resolve(missing))}/${basename(missing)} does not exist`);
   try {
     await Deno.mkdir(dir, { recursive: true });
     await Deno.remove(await Deno.makeTempFile({ dir, prefix: ".write-check-" }));
@@ -2916,7 +2917,7 @@ export async function main(argv: string[]) {
 
   // The outputs, each written on its own: one that fails never keeps the others from being written. The run log is
   // created now and rewritten after every epoch and every run, so whatever ends the process keeps what was measured.
-  const runs: RunResult[] = [], failed: string[] = [];
+  const runs: RunResult[] = [], failed = new Set<string>();
   let logPath: string | undefined, logError: string | undefined, partial: PartialRun | undefined;
   const writeLog = async (status: RunStatus) => {
     if (o.noLog) return;
@@ -2931,7 +2932,7 @@ export async function main(argv: string[]) {
     try {
       await write();
     } catch (e) {
-      failed.push(errorText(e));
+      failed.add(errorText(e));
     }
   };
   await writeLog("running");
@@ -2940,9 +2941,10 @@ export async function main(argv: string[]) {
   let status: RunStatus = "completed", thrown: unknown;
   for (let r = 0; r < o.runs; r++) {
     const seed = (o.seed + r) >>> 0, table = new Table();
+    partial = { run: r + 1, seed, epochs: [] };
+    await writeLog("running");
     console.log(`\nrun ${r + 1}/${o.runs}, seed ${seed}`);
     table.header();
-    partial = { run: r + 1, seed, epochs: [] };
     let result: RunResult;
     try {
       result = await train({
@@ -2994,7 +2996,7 @@ export async function main(argv: string[]) {
     });
   }
   await writeLog(status);
-  if (logError) failed.push(logError);
+  if (logError) failed.add(logError);
   if (o.json) {
     await output(async () => {
       await writeResultsJson(o.json!, gpu, o, runs, status);
@@ -3007,7 +3009,9 @@ export async function main(argv: string[]) {
   releaseGpu(gpu);
   if (status === "interrupted") {
     const { epoch, steps } = runs[runs.length - 1].interrupted!;
-    console.error(`interrupted in run ${runs.length}, epoch ${epoch}, after ${steps} steps; ${log}`);
+    console.error(
+      `interrupted in run ${runs.length}, epoch ${epoch}, after ${steps} step${steps === 1 ? "" : "s"}; ${log}`,
+    );
     Deno.exit(130);
   }
   if (thrown) {
@@ -3015,7 +3019,7 @@ export async function main(argv: string[]) {
     throw thrown;
   }
   if (logPath && !logError) console.log(`run log: ${logPath}`);
-  if (failed.length) Deno.exit(1);
+  if (failed.size) Deno.exit(1);
 }
 
 /**
@@ -3169,8 +3173,11 @@ export async function readSavedNetwork(file: string) {
     throw bad(`has bad normalisation statistics ${metadata.norm}`);
   }
   const baseDepth = Number(metadata.baseDepth), evalBatchSize = Number(metadata.evalBatchSize);
-  const width = weights.get("conv_group_1.conv1.weight")?.shape[3];
-  if (!Number.isInteger(baseDepth) || baseDepth !== width) {
+  const width = weights.get("conv_group_1.conv1.weight")?.shape[3], depths = FLAG_RANGES["base-depth"];
+  if (!(Number.isInteger(baseDepth) && baseDepth >= depths.min && baseDepth <= depths.max)) {
+    throw bad(`claims base depth ${metadata.baseDepth}, outside ${depths.min}..${depths.max}`);
+  }
+  if (baseDepth !== width) {
     throw bad(`says base depth ${metadata.baseDepth} but conv_group_1.conv1.weight is ${width} wide`);
   }
   if (!Number.isInteger(evalBatchSize) || evalBatchSize < 2) {

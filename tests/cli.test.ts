@@ -3,32 +3,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { parseFlags } from "../main.ts";
-import { writeFixtureDataset } from "./util.ts";
-
-const ROOT = new URL("..", import.meta.url).pathname;
-
-/** The environment of a child main.ts: ours, without CIFAR10_DIR (each test names its data), plus `extra`. */
-function childEnv(extra: Record<string, string> = {}) {
-  const env = { ...Deno.env.toObject(), ...extra };
-  delete env.CIFAR10_DIR;
-  return env;
-}
-
-async function runMain(args: string[], opts: { cwd?: string; env?: Record<string, string>; script?: string } = {}) {
-  const env = childEnv(opts.env);
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", opts.script ?? join(ROOT, "main.ts"), ...args],
-    cwd: opts.cwd ?? ROOT,
-    env,
-    clearEnv: true,
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const text = (b: Uint8Array) => new TextDecoder().decode(b);
-  // Vulkan loaders may warn about XDG_RUNTIME_DIR on machines without a session: not ours
-  const stderr = text(out.stderr).split("\n").filter((l) => l && !l.includes("XDG_RUNTIME_DIR")).join("\n");
-  return { code: out.code, stdout: text(out.stdout), stderr };
-}
+import { childEnv, ROOT, runMain, writeFixtureDataset } from "./util.ts";
 
 Deno.test("flags: defaults follow hyp, values parse", () => {
   const d = parseFlags([]);

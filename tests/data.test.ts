@@ -395,3 +395,106 @@ Deno.test("resolveCifar10Dir returns an explicit dir unchanged without network",
     "relative/dir",
   );
 });
+
+// ---- bounded downloads: a silent server, a stalled body, an endless body; what a killed run left behind
+
+/** A server whose handler may wait for the client to give up (`req.signal`), so that shutdown never hangs. */
+async function withStallingServer(
+  handler: (req: Request) => Response | Promise<Response>,
+  fn: (base: string, cacheDir: string) => Promise<void>,
+) {
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, handler);
+  const cacheDir = await Deno.makeTempDir();
+  try {
+    await fn(`http://127.0.0.1:${server.addr.port}`, cacheDir);
+  } finally {
+    await server.shutdown();
+    await Deno.remove(cacheDir, { recursive: true });
+  }
+}
+
+const untilAborted = (req: Request) => new Promise<never>((_, reject) => req.signal.addEventListener("abort", reject));
+
+Deno.test("downloads: a server that never answers, or stalls mid-body, fails with one line after the stall limit", async () => {
+  const limits = { stallMs: 400, maxBytes: 200_000_000 };
+  await withStallingServer(async (req) => {
+    const path = new URL(req.url).pathname;
+    if (path === "/silent.tar.gz") return await untilAborted(req); // no headers, ever
+    // 3 bytes, then nothing: the body stalls
+    const body = new ReadableStream({
+      start(c) {
+        c.enqueue(new Uint8Array(3));
+        req.signal.addEventListener("abort", () => c.close());
+      },
+    });
+    return new Response(body, { headers: { "content-length": "1000" } });
+  }, async (base, cacheDir) => {
+    for (const name of ["silent", "stalled"]) {
+      const logs: string[] = [], started = performance.now();
+      await assert.rejects(
+        resolveCifar10Dir({ cacheDir, url: `${base}/${name}.tar.gz`, log: (s) => logs.push(s), limits }),
+        new RegExp(`^Error: could not download CIFAR-10 from .*${name}\\.tar\\.gz \\(no data for 0\\.4 s\\): check`),
+      );
+      assert.ok(performance.now() - started < 5000, `${name}: gave up in time`);
+      assert.deepEqual(await listDir(cacheDir), [], `${name}: nothing left behind`);
+      // the progress line (if any) is ended before the error line
+      if (logs.length) assert.equal(logs.at(-1), "\n", `${name}: ${JSON.stringify(logs)}`);
+    }
+  });
+});
+
+Deno.test("downloads: a body larger than the cap is cut off, streamed (not held in memory), nothing left", async () => {
+  const limits = { stallMs: 5000, maxBytes: 1_000_000 };
+  let sent = 0;
+  await withStallingServer((req) => {
+    const chunk = new Uint8Array(64 * 1024);
+    const body = new ReadableStream({ // endless, no content-length
+      pull(c) {
+        if (req.signal.aborted) return c.close();
+        sent += chunk.length;
+        c.enqueue(chunk);
+      },
+    });
+    return new Response(body);
+  }, async (base, cacheDir) => {
+    await assert.rejects(
+      resolveCifar10Dir({ cacheDir, url: `${base}/endless.tar.gz`, log: () => {}, limits }),
+      /\(more than 1000000 bytes: not the CIFAR-10 tarball\)/,
+    );
+    assert.ok(sent < 20_000_000, `stopped reading after ${sent} bytes`);
+    assert.deepEqual(await listDir(cacheDir), []);
+  });
+});
+
+Deno.test("downloads: a killed unpack's temp folder is removed by the next run; the cache folder is ordinary", async () => {
+  const tgz = await fixtureTarGz();
+  await withServer(() => new Response(tgz), async (base, cacheDir) => {
+    // left by a process that no longer runs (pid 2^22 + 1 is above Linux's pid limit), and by a live one (ours)
+    const dead = join(cacheDir, ".cifar-10-batches-bin.tmp-4194305-abc");
+    const live = join(cacheDir, `.cifar-10-batches-bin.tmp-${Deno.pid}-def`);
+    await Deno.mkdir(dead);
+    await Deno.writeTextFile(join(dead, "data_batch_1.bin"), "half");
+    await Deno.mkdir(live);
+    const dir = await resolveCifar10Dir({ cacheDir, url: `${base}/c.tar.gz`, md5: md5(tgz), log: () => {} });
+    assert.deepEqual(await listDir(cacheDir), [
+      ".cifar-10-batches-bin.tmp-" + `${Deno.pid}-def`,
+      "cifar-10-batches-bin",
+    ]);
+    const ordinary = join(cacheDir, "ordinary");
+    await Deno.mkdir(ordinary);
+    assert.equal((await Deno.stat(dir)).mode! & 0o777, (await Deno.stat(ordinary)).mode! & 0o777);
+  });
+});
+
+Deno.test("loadCifar10 refuses a FIFO in the data folder instead of reading it forever", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    assert.equal((await new Deno.Command("mkfifo", { args: [join(dir, "data_batch_1.bin")] }).output()).code, 0);
+    await assert.rejects(
+      loadCifar10(dir, { trainSubset: 1 }),
+      /data_batch_1\.bin is not a regular file \(a folder, FIFO or device\): point --data at a valid/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -1,4 +1,5 @@
-// Shared test helpers: a seeded PRNG and a closeness assertion. Nothing here reuses main.ts math.
+// Shared test helpers: a seeded PRNG, a closeness assertion, a fixture dataset and main.ts run as a child process.
+// Nothing here reuses main.ts math.
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { FILE_BYTES, RECORD_BYTES } from "../main.ts";
@@ -64,4 +65,33 @@ export async function writeFixtureDataset(dir: string) {
   }
   await Deno.writeFile(join(data, "test_batch.bin"), bytes);
   return data;
+}
+
+export const ROOT = new URL("..", import.meta.url).pathname;
+
+/** The environment of a child main.ts: ours, without CIFAR10_DIR (each test names its data), plus `extra`. */
+export function childEnv(extra: Record<string, string> = {}) {
+  const env = Deno.env.toObject();
+  delete env.CIFAR10_DIR;
+  return { ...env, ...extra };
+}
+
+/** Runs main.ts (or a fork of it) as a user would, in a child process; stderr without Vulkan loader noise. */
+export async function runMain(
+  args: string[],
+  opts: { cwd?: string; env?: Record<string, string>; script?: string } = {},
+) {
+  const env = childEnv(opts.env);
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", opts.script ?? join(ROOT, "main.ts"), ...args],
+    cwd: opts.cwd ?? ROOT,
+    env,
+    clearEnv: true,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = (b: Uint8Array) => new TextDecoder().decode(b);
+  // Vulkan loaders may warn about XDG_RUNTIME_DIR on machines without a session: not ours
+  const stderr = text(out.stderr).split("\n").filter((l) => l && !l.includes("XDG_RUNTIME_DIR")).join("\n");
+  return { code: out.code, stdout: text(out.stdout), stderr };
 }
