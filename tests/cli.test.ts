@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { parseFlags } from "../main.ts";
-import { childEnv, ROOT, runMain, writeFixtureDataset } from "./util.ts";
+import { childEnv, ROOT, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
 
 Deno.test("flags: defaults follow hyp, values parse", () => {
   const d = parseFlags([]);
@@ -223,35 +223,13 @@ Deno.test("main: Ctrl-C stops after the current step, writes the run log as inte
   const dir = await Deno.makeTempDir();
   try {
     const data = await writeFixtureDataset(dir);
-    const env = childEnv();
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", join(ROOT, "main.ts"), "--data", data, "--train-subset", "640", "--test-subset", "64"]
-        .concat(["--base-depth", "4", "--batch-size", "64", "--epochs", "30", "--log-dir", join(dir, "logs")]),
-      env,
-      clearEnv: true,
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    // wait for the first epoch's row, then interrupt
-    let seen = "";
-    const decoder = new TextDecoder();
-    const reader = child.stdout.getReader();
-    while (!/\|\s+0\s+\|/.test(seen)) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      seen += decoder.decode(value);
-    }
-    child.kill("SIGINT");
-    const pump = (async () => {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        seen += decoder.decode(value);
-      }
-    })();
-    const [status, stderr] = await Promise.all([child.status, new Response(child.stderr).text(), pump]);
-    assert.equal(status.code, 130, stderr);
-    assert.match(seen, /Ctrl-C: stopping after the current step/);
+    const run = spawnMain(["--data", data, "--train-subset", "640", "--test-subset", "64"]
+      .concat(["--base-depth", "4", "--batch-size", "64", "--epochs", "30", "--log-dir", join(dir, "logs")]));
+    await run.until(/\|\s+0\s+\|/); // the first epoch's row, then interrupt
+    run.child.kill("SIGINT");
+    const { code, stdout, stderr } = await run.finish();
+    assert.equal(code, 130, stderr);
+    assert.match(stdout, /Ctrl-C: stopping after the current step/);
     assert.match(stderr, /interrupted in run 1, epoch \d+, after \d+ steps; run log: /);
     const logs = [];
     for await (const e of Deno.readDir(join(dir, "logs"))) logs.push(e.name);

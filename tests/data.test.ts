@@ -231,7 +231,7 @@ const md5 = (b: Uint8Array) => createHash("md5").update(b).digest("hex");
 
 // Runs `fn` against a loopback server and an empty cache folder, always cleaning both up.
 async function withServer(
-  handler: (req: Request) => Response,
+  handler: (req: Request) => Response | Promise<Response>, // may wait for the client to give up (req.signal)
   fn: (base: string, cacheDir: string) => Promise<void>,
 ) {
   const server = Deno.serve(
@@ -398,26 +398,11 @@ Deno.test("resolveCifar10Dir returns an explicit dir unchanged without network",
 
 // ---- bounded downloads: a silent server, a stalled body, an endless body; what a killed run left behind
 
-/** A server whose handler may wait for the client to give up (`req.signal`), so that shutdown never hangs. */
-async function withStallingServer(
-  handler: (req: Request) => Response | Promise<Response>,
-  fn: (base: string, cacheDir: string) => Promise<void>,
-) {
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, handler);
-  const cacheDir = await Deno.makeTempDir();
-  try {
-    await fn(`http://127.0.0.1:${server.addr.port}`, cacheDir);
-  } finally {
-    await server.shutdown();
-    await Deno.remove(cacheDir, { recursive: true });
-  }
-}
-
 const untilAborted = (req: Request) => new Promise<never>((_, reject) => req.signal.addEventListener("abort", reject));
 
 Deno.test("downloads: a server that never answers, or stalls mid-body, fails with one line after the stall limit", async () => {
   const limits = { stallMs: 400, maxBytes: 200_000_000 };
-  await withStallingServer(async (req) => {
+  await withServer(async (req) => {
     const path = new URL(req.url).pathname;
     if (path === "/silent.tar.gz") return await untilAborted(req); // no headers, ever
     // 3 bytes, then nothing: the body stalls
@@ -446,7 +431,7 @@ Deno.test("downloads: a server that never answers, or stalls mid-body, fails wit
 Deno.test("downloads: a body larger than the cap is cut off, streamed (not held in memory), nothing left", async () => {
   const limits = { stallMs: 5000, maxBytes: 1_000_000 };
   let sent = 0;
-  await withStallingServer((req) => {
+  await withServer((req) => {
     const chunk = new Uint8Array(64 * 1024);
     const body = new ReadableStream({ // endless, no content-length
       pull(c) {

@@ -16,7 +16,7 @@ import {
   writeFailure,
   writeRunLog,
 } from "../main.ts";
-import { childEnv, ROOT, runMain, writeFixtureDataset } from "./util.ts";
+import { ROOT, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
 
 /** Runs `fn` with a fresh temp folder holding the fixture dataset (at `data`), removed afterwards. */
 async function withFixture(fn: (dir: string, data: string) => Promise<void>) {
@@ -40,38 +40,6 @@ async function fork(dir: string, edit: (source: string) => string) {
   const path = join(dir, "fork.ts");
   await Deno.writeTextFile(path, edited);
   return path;
-}
-
-/** main.ts as a child whose stdout is read as it comes: `until(pattern)` waits for it, `finish()` for the exit. */
-function spawnMain(args: string[]) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", join(ROOT, "main.ts"), ...args],
-    env: childEnv(),
-    clearEnv: true,
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const reader = child.stdout.getReader(), decoder = new TextDecoder();
-  let stdout = "";
-  const until = async (pattern: RegExp) => {
-    while (!pattern.test(stdout)) {
-      const { value, done } = await reader.read();
-      if (done) throw new Error(`main.ts ended before printing ${pattern}:\n${stdout}`);
-      stdout += decoder.decode(value);
-    }
-  };
-  const finish = async () => {
-    const pump = (async () => {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) return;
-        stdout += decoder.decode(value);
-      }
-    })();
-    const [status, stderr] = await Promise.all([child.status, new Response(child.stderr).text(), pump]);
-    return { code: status.code, stdout, stderr };
-  };
-  return { child, until, finish };
 }
 
 async function onlyLog(dir: string) {

@@ -95,3 +95,35 @@ export async function runMain(
   const stderr = text(out.stderr).split("\n").filter((l) => l && !l.includes("XDG_RUNTIME_DIR")).join("\n");
   return { code: out.code, stdout: text(out.stdout), stderr };
 }
+
+/** main.ts as a child whose stdout is read as it comes: `until(pattern)` waits for it, `finish()` for the exit. */
+export function spawnMain(args: string[]) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", join(ROOT, "main.ts"), ...args],
+    env: childEnv(),
+    clearEnv: true,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const reader = child.stdout.getReader(), decoder = new TextDecoder();
+  let stdout = "";
+  const until = async (pattern: RegExp) => {
+    while (!pattern.test(stdout)) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`main.ts ended before printing ${pattern}:\n${stdout}`);
+      stdout += decoder.decode(value);
+    }
+  };
+  const finish = async () => {
+    const pump = (async () => {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        stdout += decoder.decode(value);
+      }
+    })();
+    const [status, stderr] = await Promise.all([child.status, new Response(child.stderr).text(), pump]);
+    return { code: status.code, stdout, stderr };
+  };
+  return { child, until, finish };
+}
