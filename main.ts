@@ -178,30 +178,6 @@ export async function patchCovariance(gpu: Gpu, imgs: GpuImages, norm: ChannelSt
   return cov;
 }
 
-/** Eigen-decomposition of a symmetric matrix by cyclic Jacobi rotations; vectors[i] goes with values[i]. */
-export function jacobiEigen(matrix: number[][]): { values: number[]; vectors: number[][] } {
-  const n = matrix.length, a = matrix.map((r) => [...r]);
-  const v: number[][] = Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => (i === j ? 1 : 0)));
-  const norm = Math.hypot(...a.flat());
-  for (let sweep = 0; sweep < 100; sweep++) {
-    let off = 0;
-    for (let p = 0; p < n; p++) for (let q = p + 1; q < n; q++) off += a[p][q] ** 2;
-    if (Math.sqrt(off) <= 1e-15 * norm) break;
-    for (let p = 0; p < n; p++) {
-      for (let q = p + 1; q < n; q++) {
-        if (a[p][q] === 0) continue;
-        const theta = (a[q][q] - a[p][p]) / (2 * a[p][q]);
-        const t = (theta >= 0 ? 1 : -1) / (Math.abs(theta) + Math.sqrt(theta * theta + 1));
-        const c = 1 / Math.sqrt(t * t + 1), s = t * c;
-        for (let k = 0; k < n; k++) [a[k][p], a[k][q]] = [c * a[k][p] - s * a[k][q], s * a[k][p] + c * a[k][q]];
-        for (let k = 0; k < n; k++) [a[p][k], a[q][k]] = [c * a[p][k] - s * a[q][k], s * a[p][k] + c * a[q][k]];
-        for (let k = 0; k < n; k++) [v[k][p], v[k][q]] = [c * v[k][p] - s * v[k][q], s * v[k][p] + c * v[k][q]];
-      }
-    }
-  }
-  return { values: a.map((r, i) => r[i]), vectors: a.map((_, i) => v.map((r) => r[i])) };
-}
-
 /** Whitening filters: eigenvector k / sqrt(eigenvalue k + eps), largest eigenvalue first. */
 export function whiteningFilters(cov: number[][], eps = hyp.net.whitening.eps): number[][] {
   const { values, vectors } = jacobiEigen(cov);
@@ -226,39 +202,6 @@ export function whiteningWeight(filters: number[][]): Float32Array {
   return w;
 }
 
-/** Saved activations of one ConvGroup (inputs of every backward op), and BN statistics. */
-interface GroupActs {
-  c1?: Tensor; // conv1 output           [B][H][W][C] (only without fuseConvPool: never stored when fused)
-  argmax1?: Tensor; // each pool window's winner, u32 [B][H/2][W/2][ceil(C/4)] (only with fuseConvPool)
-  p1: Tensor; // maxpool output = BN1 in [B][H/2][W/2][C]
-  n1: Tensor; // BN1 output = GELU in (the same tensor as a1 when fuseNormGelu: never stored)
-  a1: Tensor; // GELU output = conv2 in
-  c2: Tensor; // conv2 output = BN2 in
-  n2: Tensor; // BN2 output = GELU in (likewise)
-  a2: Tensor; // group output
-  stats1: Tensor; // BN1 (mean, 1/std) [C][2]
-  stats2: Tensor;
-}
-
-export interface Activations {
-  x: Tensor; // input batch [B][32][32][3]
-  targets: Tensor; // soft targets [B][10]
-  w0: Tensor; // whitening conv output [B][31][31][24]
-  a0: Tensor; // after GELU
-  groups: GroupActs[];
-  feats: Tensor; // global max pool [B][C3]
-  logits: Tensor; // [B][10]
-  logitsTta: Tensor; // flip-averaged eval logits [B/2][10] (rows used: half)
-  loss: Tensor; // per-row loss [B]
-  correct: Tensor; // per-row 0/1 [B]
-  dlogits: Tensor;
-  dfeats: Tensor;
-  gradA: GPUBuffer; // two ping-pong buffers for the activation gradients of the backward pass
-  gradB: GPUBuffer;
-  dtype: DType; // of the images, activations and their gradients (--precision); features and logits are f32
-  kernels: NetKernels; // what these buffers were allocated for; forward and backward follow it
-}
-
 /**
  * How the network's passes run on the GPU: the conv kernel set (CONV_KERNELS) and hyp.kernels' fusions. Every
  * choice computes the same network; the activations are allocated for one of them and carry it.
@@ -269,83 +212,6 @@ export interface NetKernels {
   fuseConvPool: boolean; // each group's conv1 pools its own output; the full-size output is never stored
 }
 export const netKernels = (gpu: Gpu, h: Hyp = hyp): NetKernels => ({ conv: gpu.convKernels, ...h.kernels });
-
-export function makeActivations(
-  gpu: Gpu,
-  batch: number,
-  baseDepth: number,
-  dtype: DType = "f32",
-  kernels: NetKernels = netKernels(gpu),
-  h: Hyp = hyp,
-): Activations {
-  const classes = h.misc.numClasses, side = IMAGE_SIDE - h.net.whitening.kernelSize + 1;
-  const { fuseConvPool, fuseNormGelu } = kernels;
-  const groups: GroupActs[] = [];
-  let hw = side, largest = [0]; // hw: the group's input height and width; the largest activation gradient's shape
-  for (const c of groupWidths(baseDepth)) {
-    const full = [batch, hw, hw, c], pooled = [batch, hw >> 1, hw >> 1, c];
-    const t = (shape: number[]) => tensor(gpu, shape, dtype);
-    const a1 = t(pooled), a2 = t(pooled);
-    groups.push({
-      c1: fuseConvPool ? undefined : t(full),
-      argmax1: fuseConvPool ? tensor(gpu, [...pooled.slice(0, 3), Math.ceil(c / 4)], "u32") : undefined,
-      p1: t(pooled),
-      n1: fuseNormGelu ? a1 : t(pooled),
-      a1,
-      c2: t(pooled),
-      n2: fuseNormGelu ? a2 : t(pooled),
-      a2,
-      stats1: tensor(gpu, [c, 2]),
-      stats2: tensor(gpu, [c, 2]),
-    });
-    if (numel(full) > numel(largest)) largest = full; // a conv1 output
-    hw >>= 1;
-  }
-  const c3 = groupWidths(baseDepth)[2];
-  return {
-    x: tensor(gpu, [batch, IMAGE_SIDE, IMAGE_SIDE, 3], dtype),
-    targets: tensor(gpu, [batch, classes]),
-    w0: tensor(gpu, [batch, side, side, whitenOut(h)], dtype),
-    a0: tensor(gpu, [batch, side, side, whitenOut(h)], dtype),
-    groups,
-    feats: tensor(gpu, [batch, c3]),
-    logits: tensor(gpu, [batch, classes]),
-    logitsTta: tensor(gpu, [batch, classes]),
-    loss: tensor(gpu, [batch]),
-    correct: tensor(gpu, [batch]),
-    dlogits: tensor(gpu, [batch, classes]),
-    dfeats: tensor(gpu, [batch, c3]),
-    gradA: tensor(gpu, largest, dtype).buffer,
-    gradB: tensor(gpu, largest, dtype).buffer,
-    dtype,
-    kernels,
-  };
-}
-
-/** The same buffers seen with another batch size (<= the allocated one), e.g. for evaluation. */
-export function activationsWithRows(a: Activations, rows: number): Activations {
-  const r = (t: Tensor) => withRows(t, rows);
-  const groups = a.groups.map((g) =>
-    Object.fromEntries(
-      Object.entries(g).map(([k, t]) => [k, t === undefined || k.startsWith("stats") ? t : r(t)]),
-    ) as unknown as GroupActs
-  );
-  return {
-    ...a,
-    x: r(a.x),
-    targets: r(a.targets),
-    w0: r(a.w0),
-    a0: r(a.a0),
-    groups,
-    feats: r(a.feats),
-    logits: r(a.logits),
-    logitsTta: r(a.logitsTta),
-    loss: r(a.loss),
-    correct: r(a.correct),
-    dlogits: r(a.dlogits),
-    dfeats: r(a.dfeats),
-  };
-}
 
 const normParams = (P: Record<string, Tensor>, prefix: string): NormParams => ({
   weight: P[`${prefix}.weight`],
@@ -1381,6 +1247,144 @@ export class Profiler {
 /** Frees every buffer allocated since `mark = gpu.allocated.length`. */
 export function freeSince(gpu: Gpu, mark: number) {
   for (const b of gpu.allocated.splice(mark)) b.destroy();
+}
+
+// ---- the network's activation buffers: one set per batch size, reused by every step
+
+/** Saved activations of one ConvGroup (inputs of every backward op), and BN statistics. */
+interface GroupActs {
+  c1?: Tensor; // conv1 output           [B][H][W][C] (only without fuseConvPool: never stored when fused)
+  argmax1?: Tensor; // each pool window's winner, u32 [B][H/2][W/2][ceil(C/4)] (only with fuseConvPool)
+  p1: Tensor; // maxpool output = BN1 in [B][H/2][W/2][C]
+  n1: Tensor; // BN1 output = GELU in (the same tensor as a1 when fuseNormGelu: never stored)
+  a1: Tensor; // GELU output = conv2 in
+  c2: Tensor; // conv2 output = BN2 in
+  n2: Tensor; // BN2 output = GELU in (likewise)
+  a2: Tensor; // group output
+  stats1: Tensor; // BN1 (mean, 1/std) [C][2]
+  stats2: Tensor;
+}
+
+export interface Activations {
+  x: Tensor; // input batch [B][32][32][3]
+  targets: Tensor; // soft targets [B][10]
+  w0: Tensor; // whitening conv output [B][31][31][24]
+  a0: Tensor; // after GELU
+  groups: GroupActs[];
+  feats: Tensor; // global max pool [B][C3]
+  logits: Tensor; // [B][10]
+  logitsTta: Tensor; // flip-averaged eval logits [B/2][10] (rows used: half)
+  loss: Tensor; // per-row loss [B]
+  correct: Tensor; // per-row 0/1 [B]
+  dlogits: Tensor;
+  dfeats: Tensor;
+  gradA: GPUBuffer; // two ping-pong buffers for the activation gradients of the backward pass
+  gradB: GPUBuffer;
+  dtype: DType; // of the images, activations and their gradients (--precision); features and logits are f32
+  kernels: NetKernels; // what these buffers were allocated for; forward and backward follow it
+}
+
+export function makeActivations(
+  gpu: Gpu,
+  batch: number,
+  baseDepth: number,
+  dtype: DType = "f32",
+  kernels: NetKernels = netKernels(gpu),
+  h: Hyp = hyp,
+): Activations {
+  const classes = h.misc.numClasses, side = IMAGE_SIDE - h.net.whitening.kernelSize + 1;
+  const { fuseConvPool, fuseNormGelu } = kernels;
+  const groups: GroupActs[] = [];
+  let hw = side, largest = [0]; // hw: the group's input height and width; the largest activation gradient's shape
+  for (const c of groupWidths(baseDepth)) {
+    const full = [batch, hw, hw, c], pooled = [batch, hw >> 1, hw >> 1, c];
+    const t = (shape: number[]) => tensor(gpu, shape, dtype);
+    const a1 = t(pooled), a2 = t(pooled);
+    groups.push({
+      c1: fuseConvPool ? undefined : t(full),
+      argmax1: fuseConvPool ? tensor(gpu, [...pooled.slice(0, 3), Math.ceil(c / 4)], "u32") : undefined,
+      p1: t(pooled),
+      n1: fuseNormGelu ? a1 : t(pooled),
+      a1,
+      c2: t(pooled),
+      n2: fuseNormGelu ? a2 : t(pooled),
+      a2,
+      stats1: tensor(gpu, [c, 2]),
+      stats2: tensor(gpu, [c, 2]),
+    });
+    if (numel(full) > numel(largest)) largest = full; // a conv1 output
+    hw >>= 1;
+  }
+  const c3 = groupWidths(baseDepth)[2];
+  return {
+    x: tensor(gpu, [batch, IMAGE_SIDE, IMAGE_SIDE, 3], dtype),
+    targets: tensor(gpu, [batch, classes]),
+    w0: tensor(gpu, [batch, side, side, whitenOut(h)], dtype),
+    a0: tensor(gpu, [batch, side, side, whitenOut(h)], dtype),
+    groups,
+    feats: tensor(gpu, [batch, c3]),
+    logits: tensor(gpu, [batch, classes]),
+    logitsTta: tensor(gpu, [batch, classes]),
+    loss: tensor(gpu, [batch]),
+    correct: tensor(gpu, [batch]),
+    dlogits: tensor(gpu, [batch, classes]),
+    dfeats: tensor(gpu, [batch, c3]),
+    gradA: tensor(gpu, largest, dtype).buffer,
+    gradB: tensor(gpu, largest, dtype).buffer,
+    dtype,
+    kernels,
+  };
+}
+
+/** The same buffers seen with another batch size (<= the allocated one), e.g. for evaluation. */
+export function activationsWithRows(a: Activations, rows: number): Activations {
+  const r = (t: Tensor) => withRows(t, rows);
+  const groups = a.groups.map((g) =>
+    Object.fromEntries(
+      Object.entries(g).map(([k, t]) => [k, t === undefined || k.startsWith("stats") ? t : r(t)]),
+    ) as unknown as GroupActs
+  );
+  return {
+    ...a,
+    x: r(a.x),
+    targets: r(a.targets),
+    w0: r(a.w0),
+    a0: r(a.a0),
+    groups,
+    feats: r(a.feats),
+    logits: r(a.logits),
+    logitsTta: r(a.logitsTta),
+    loss: r(a.loss),
+    correct: r(a.correct),
+    dlogits: r(a.dlogits),
+    dfeats: r(a.dfeats),
+  };
+}
+
+// ---- small numerics: the eigendecomposition behind the whitening init (torch.linalg.eigh in the original)
+
+/** Eigen-decomposition of a symmetric matrix by cyclic Jacobi rotations; vectors[i] goes with values[i]. */
+export function jacobiEigen(matrix: number[][]): { values: number[]; vectors: number[][] } {
+  const n = matrix.length, a = matrix.map((r) => [...r]);
+  const v: number[][] = Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => (i === j ? 1 : 0)));
+  const norm = Math.hypot(...a.flat());
+  for (let sweep = 0; sweep < 100; sweep++) {
+    let off = 0;
+    for (let p = 0; p < n; p++) for (let q = p + 1; q < n; q++) off += a[p][q] ** 2;
+    if (Math.sqrt(off) <= 1e-15 * norm) break;
+    for (let p = 0; p < n; p++) {
+      for (let q = p + 1; q < n; q++) {
+        if (a[p][q] === 0) continue;
+        const theta = (a[q][q] - a[p][p]) / (2 * a[p][q]);
+        const t = (theta >= 0 ? 1 : -1) / (Math.abs(theta) + Math.sqrt(theta * theta + 1));
+        const c = 1 / Math.sqrt(t * t + 1), s = t * c;
+        for (let k = 0; k < n; k++) [a[k][p], a[k][q]] = [c * a[k][p] - s * a[k][q], s * a[k][p] + c * a[k][q]];
+        for (let k = 0; k < n; k++) [a[p][k], a[q][k]] = [c * a[p][k] - s * a[q][k], s * a[p][k] + c * a[q][k]];
+        for (let k = 0; k < n; k++) [v[k][p], v[k][q]] = [c * v[k][p] - s * v[k][q], s * v[k][p] + c * v[k][q]];
+      }
+    }
+  }
+  return { values: a.map((r, i) => r[i]), vectors: a.map((_, i) => v.map((r) => r[i])) };
 }
 
 /** Runs `build` inside WebGPU error scopes: out-of-memory and validation errors become one clear Error. */
@@ -2783,7 +2787,8 @@ usage: deno run -A main.ts [flags]
                       hyperparameters, flags, device, every epoch's metrics
   --no-log            write no run log
   --save FILE         save the final EMA network of the last run as safetensors (NHWC, HWIO conv weights)
-  --eval FILE         no training: load safetensors weights and print their test accuracy (flip TTA)
+  --eval FILE         no training: print the test accuracy and loss (flip TTA) of a network saved with --save,
+                      normalised with its own statistics and evaluated at its run's batch size and precision
   --conv-kernels K    conv kernel set: tiled (workgroup-memory tiles, the GPU default), block (the
                       first version's), wide (the CPU-device default); default: chosen from the device
   --precision P       f32, or f16: images, activations and their gradients stored in f16 (needs
