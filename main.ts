@@ -810,6 +810,7 @@ const CPU_DEVICE = /llvmpipe|lavapipe|swiftshader|\bwarp\b/i; // software raster
 const KERNEL_FILES = ["conv", "conv_tiled", "reduce", "pool", "norm", "linear", "loss", "optim", "data"];
 const KERNEL_PRELUDE = "common"; // appended to every kernel file (kernels/common.wgsl)
 const MAX_GROUPS = 65535; // per grid dimension (WebGPU's default limit)
+const WORKGROUP_THREADS = 256; // the largest @workgroup_size of any kernel (x only)
 
 /**
  * The device, its limits and the kernel sources. `convKernels` overrides the conv kernel set chosen from the
@@ -826,12 +827,22 @@ export async function initGpu(
   const hasF16 = adapter.features.has("shader-f16");
   const profile = opts.profile && adapter.features.has("timestamp-query");
   const a = adapter.limits;
+  // the kernels' largest workgroup is 256 threads along x (the WebGPU default, but compatibility-mode adapters,
+  // such as browsers on OpenGL ES, default to 128); bindings and buffers: as large as the adapter allows
+  if (a.maxComputeInvocationsPerWorkgroup < WORKGROUP_THREADS || a.maxComputeWorkgroupSizeX < WORKGROUP_THREADS) {
+    throw new Error(
+      `this GPU runs at most ${a.maxComputeInvocationsPerWorkgroup} threads per workgroup (x: ` +
+        `${a.maxComputeWorkgroupSizeX}); the kernels need ${WORKGROUP_THREADS}: use another GPU or browser`,
+    );
+  }
   const device = await adapter.requestDevice({
     requiredFeatures: [...(hasF16 ? ["shader-f16" as const] : []), ...(profile ? ["timestamp-query" as const] : [])],
     requiredLimits: {
       maxStorageBufferBindingSize: a.maxStorageBufferBindingSize,
       maxBufferSize: a.maxBufferSize,
       maxStorageBuffersPerShaderStage: Math.min(a.maxStorageBuffersPerShaderStage, 10),
+      maxComputeInvocationsPerWorkgroup: WORKGROUP_THREADS,
+      maxComputeWorkgroupSizeX: WORKGROUP_THREADS,
     },
   });
   const dir = new URL(opts.kernelDir ?? KERNEL_DIR, import.meta.url);
@@ -866,8 +877,7 @@ export async function initGpu(
     }),
     allocated: [],
     profiler: profile ? new Profiler(device) : undefined,
-    convKernels: opts.convKernels ??
-      (CPU_DEVICE.test(`${adapterName} ${info.vendor} ${info.device}`) ? "wide" : "tiled"),
+    convKernels: opts.convKernels ?? defaultConvKernels(info),
   };
   device.addEventListener("uncapturederror", (e) => {
     gpu.error ??= `WebGPU error: ${(e as GPUUncapturedErrorEvent).error.message}`;
@@ -880,6 +890,15 @@ export async function initGpu(
     }
   });
   return gpu;
+}
+
+/**
+ * The conv kernel set for an adapter: "wide" on a CPU device (the fallback adapter, or a software renderer by name;
+ * a browser may report no name at all, but flags its software adapter as the fallback), "tiled" on a GPU.
+ */
+export function defaultConvKernels(info: Partial<GPUAdapterInfo>): ConvKernels {
+  const names = `${info.description ?? ""} ${info.vendor ?? ""} ${info.architecture ?? ""} ${info.device ?? ""}`;
+  return info.isFallbackAdapter || CPU_DEVICE.test(names) ? "wide" : "tiled";
 }
 
 /** Ends our use of the device: its loss after this is expected, not reported. */

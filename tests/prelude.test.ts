@@ -3,7 +3,16 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
-import { initGpu, KERNEL_DIR, packStruct, parseFlags, releaseGpu, wgslStruct, writeRunLog } from "../main.ts";
+import {
+  defaultConvKernels,
+  initGpu,
+  KERNEL_DIR,
+  packStruct,
+  parseFlags,
+  releaseGpu,
+  wgslStruct,
+  writeRunLog,
+} from "../main.ts";
 
 const KERNELS = new URL(`../${KERNEL_DIR}`, import.meta.url);
 
@@ -92,4 +101,15 @@ Deno.test("a fork's kernel folder is the one compiled, and the run log names it 
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("the conv kernel set follows the device kind, not only its name (browsers may report none)", () => {
+  assert.equal(
+    defaultConvKernels({ description: "llvmpipe (LLVM 15.0.6, 256 bits)", isFallbackAdapter: false }),
+    "wide",
+  );
+  assert.equal(defaultConvKernels({ description: "", vendor: "google", architecture: "swiftshader" }), "wide");
+  assert.equal(defaultConvKernels({ description: "", vendor: "", isFallbackAdapter: true }), "wide");
+  assert.equal(defaultConvKernels({ description: "", vendor: "nvidia", architecture: "hopper" }), "tiled");
+  assert.equal(defaultConvKernels({ description: "NVIDIA H200", isFallbackAdapter: false }), "tiled");
 });

@@ -18,6 +18,8 @@ import {
 } from "../main.ts";
 import { ROOT, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
 
+const gpu = await initGpu();
+
 /** Runs `fn` with a fresh temp folder holding the fixture dataset (at `data`), removed afterwards. */
 async function withFixture(fn: (dir: string, data: string) => Promise<void>) {
   const dir = await Deno.makeTempDir();
@@ -253,7 +255,7 @@ Deno.test("3. atomic writes refuse folders, devices and FIFOs, and write through
 // ---- 4. run-log names
 
 Deno.test("4. two run logs started in the same second get two files", async () => {
-  const gpu = await initGpu(), dir = await Deno.makeTempDir();
+  const dir = await Deno.makeTempDir();
   try {
     const at = new Date(), flags = parseFlags([]);
     const paths = await Promise.all([1, 2, 3].map(() => writeRunLog(dir, gpu, flags, [], at)));
@@ -337,7 +339,7 @@ Deno.test("5. malformed weights files get one line each", () => {
 });
 
 Deno.test("5. a saved network carries its statistics; absurd or foreign files are refused before allocating", async () => {
-  const gpu = await initGpu(), dir = await Deno.makeTempDir();
+  const dir = await Deno.makeTempDir();
   try {
     // a conv1 weight of no elements claiming a width of 10^9 (its data consistent): one line, no allocation
     const zero = { shape: [0, 3, 24, 1e9], data: new Float32Array(0) };
@@ -370,9 +372,12 @@ Deno.test("5. a saved network carries its statistics; absurd or foreign files ar
 
 // ---- 8. hints that point the right way
 
-Deno.test("8. a NaN with --precision f16 says to try --precision f32", async () => {
-  const gpu = await initGpu();
-  if (!gpu.hasF16) return; // the adapter cannot run f16 at all: nothing to hint
+Deno.test({
+  name: `8. a NaN with --precision f16 says to try --precision f32${
+    gpu.hasF16 ? "" : " (skipped: no shader-f16 here)"
+  }`,
+  ignore: !gpu.hasF16,
+}, async () => {
   const images = new Uint8Array(3072 * 128).map((_, i) => (i * 37) % 251),
     labels = new Uint8Array(128).map((_, i) => i % 10);
   const data = uploadDataset(gpu, { trainImages: images, trainLabels: labels, testImages: images, testLabels: labels });
@@ -429,13 +434,13 @@ Deno.test("8. CIFAR10_DIR pointing nowhere names the variable; a fork without ke
 });
 
 Deno.test("8. a network over the binding limit gets the flag line, not a WebGPU error", async () => {
-  const gpu = await initGpu();
-  gpu.limits.maxBinding = 128 * 2 ** 20; // as browsers and many GPUs bind at most by default
+  const own = await initGpu(); // a device of its own: this test lowers its limit
+  own.limits.maxBinding = 128 * 2 ** 20; // as browsers and many GPUs bind at most by default
   const images = new Uint8Array(3072 * 64).map((_, i) => (i * 37) % 251),
     labels = new Uint8Array(64).map((_, i) => i % 10);
-  const data = uploadDataset(gpu, { trainImages: images, trainLabels: labels, testImages: images, testLabels: labels });
+  const data = uploadDataset(own, { trainImages: images, trainLabels: labels, testImages: images, testLabels: labels });
   await assert.rejects(
-    () => train({ gpu, data, seed: 1, epochs: 1, baseDepth: 192, batchSize: 32 }),
+    () => train({ gpu: own, data, seed: 1, epochs: 1, baseDepth: 192, batchSize: 32 }),
     /^Error: a \d+ MiB buffer exceeds this GPU's limit of 128 MiB: lower --batch-size or --base-depth$/,
   );
 });
