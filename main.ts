@@ -1313,6 +1313,17 @@ export function makeActivations(
 ): Activations {
   const classes = h.misc.numClasses, side = IMAGE_SIDE - h.net.whitening.kernelSize + 1;
   const { fuseConvPool, fuseNormGelu } = kernels;
+  // The widest activation per image (group 1's conv output, the whitening output or the image) sets the largest batch
+  // one binding holds: checked first, so that the line names the batch that fits rather than the first tensor over.
+  const widest = [side, side, Math.max(groupWidths(baseDepth)[0], whitenOut(h))];
+  const rowBytes = Math.max(numel(widest), IMAGE_SIDE * IMAGE_SIDE * 3) * BYTES[dtype];
+  if (batch * rowBytes > gpu.limits.maxBinding) {
+    const fits = Math.floor(gpu.limits.maxBinding / rowBytes), mib = (b: number) => (b / 2 ** 20).toFixed(0);
+    throw new Error(
+      `a batch of ${batch} needs ${mib(batch * rowBytes)} MiB for one [${batch},${widest}] activation but this GPU ` +
+        `binds at most ${mib(gpu.limits.maxBinding)} MiB: use --batch-size ${fits} or less, or a smaller --base-depth`,
+    );
+  }
   const groups: GroupActs[] = [];
   let hw = side, largest = [0]; // hw: the group's input height and width; the largest activation gradient's shape
   for (const c of groupWidths(baseDepth)) {
@@ -3039,7 +3050,7 @@ export async function main(argv: string[]) {
     Deno.exit(130);
   }
   if (thrown) {
-    console.error(log === "no run log (--no-log)" ? log : `${log} (status ${status}, what ran before is kept)`);
+    if (logPath && !logError) console.error(`run log: ${logPath} (status ${status}, what ran before is kept)`);
     throw thrown;
   }
   if (logPath && !logError) console.log(`run log: ${logPath}`);

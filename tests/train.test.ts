@@ -1,7 +1,7 @@
 // End-to-end: a tiny training run on a synthetic, easily learnable dataset must lower the loss,
 // beat chance clearly, and be reproducible from its seed. Small enough for lavapipe in CI.
 import assert from "node:assert/strict";
-import { type Cifar10, hyp, initGpu, train, uploadDataset } from "../main.ts";
+import { type Cifar10, freeSince, hyp, initGpu, makeActivations, train, uploadDataset } from "../main.ts";
 
 const gpu = await initGpu();
 
@@ -120,11 +120,24 @@ Deno.test("a lost GPU device ends the run with one clear line", async () => {
   );
 });
 
-Deno.test("a network too big for the GPU's limits is refused with one line naming the flag", async () => {
+Deno.test("a network too big for the GPU's limits is refused with one line naming the batch size that fits", async () => {
+  let fits = 0;
   await assert.rejects(
     () => train({ gpu, data, seed: 1, epochs: 1, baseDepth: 160, batchSize: 256 }), // 150 MiB of activations
-    /^Error: a \[256,31,31,160\] tensor needs 150 MiB but this GPU binds at most \d+ MiB: lower --batch-size$/,
+    (e: Error) => {
+      assert.match(
+        e.message,
+        /^a batch of 256 needs 150 MiB for one \[256,31,31,160\] activation but this GPU binds at most \d+ MiB: use --batch-size (\d+) or less, or a smaller --base-depth$/,
+      );
+      fits = Number(e.message.match(/--batch-size (\d+) or less/)![1]);
+      return true;
+    },
   );
+  // the batch it names fits (every activation buffer is allocated), one more does not
+  const mark = gpu.allocated.length;
+  makeActivations(gpu, fits, 160);
+  freeSince(gpu, mark);
+  assert.throws(() => makeActivations(gpu, fits + 1, 160), /use --batch-size/);
 });
 
 Deno.test("train({ hyp }) runs that recipe down to the kernels, and leaves the module's hyp alone", async () => {
