@@ -451,3 +451,21 @@ Deno.test("8. disk full says disk full", async () => {
   assert.equal(writeFailure("r.json", e), "disk full writing r.json: free some space");
   assert.match(writeFailure("r.json", new Error("Permission denied (os error 13)")), /check the folder exists/);
 });
+
+// ---- 9. a fresh machine needs two commands
+
+Deno.test("9. the README's quick start is two commands, and .ci/run installs what they need", async () => {
+  const readme = await Deno.readTextFile(join(ROOT, "README.md"));
+  const quick = readme.split("## Quick start")[1]?.split("\n## ")[0] ?? "";
+  const commands = quick.match(/```sh\n([\s\S]*?)```/)?.[1].split("\n").filter(Boolean).map((l) =>
+    l.split("#")[0].trim()
+  );
+  assert.deepEqual(commands, ["bash .ci/run", "deno task train"]);
+  const tasks = JSON.parse(await Deno.readTextFile(join(ROOT, "deno.json"))).tasks;
+  assert.equal(tasks.train, "deno run -A main.ts");
+  const ci = await Deno.readTextFile(join(ROOT, ".ci", "run"));
+  assert.match(ci, /npm install -g "deno@\$DENO_VERSION"/, ".ci/run installs Deno from npm");
+  assert.match(ci, /apt-get install -y -qq mesa-vulkan-drivers/, ".ci/run installs lavapipe from apt");
+  assert.match(ci, /deno task test/, ".ci/run runs the README's test command");
+  assert.match(ci, /echo "\$passed passed, \$failed failed"/);
+});
