@@ -50,8 +50,8 @@ async function onlyLog(dir: string) {
   return JSON.parse(await Deno.readTextFile(join(dir, names[0])));
 }
 
-// 320 steps of batch 16 per epoch: long enough that a signal lands mid-epoch, short steps at base depth 4
-const LONG_EPOCH = ["--train-subset", "5120", "--test-subset", "32", "--base-depth", "4", "--batch-size", "16"];
+// 640 steps of batch 16 per epoch (~15 s on lavapipe): a signal sent seconds into it lands mid-epoch
+const LONG_EPOCH = ["--train-subset", "10240", "--test-subset", "32", "--base-depth", "4", "--batch-size", "16"];
 
 // ---- 1. Ctrl-C
 
@@ -68,7 +68,7 @@ Deno.test("1. Ctrl-C in the first (and last) epoch stops within a few steps: exi
     const log = await onlyLog(logs);
     assert.equal(log.status, "interrupted");
     assert.equal(log.runs[0].interrupted.epoch, 0);
-    assert.ok(log.runs[0].interrupted.steps < 320, `stopped mid-epoch, after ${log.runs[0].interrupted.steps} steps`);
+    assert.ok(log.runs[0].interrupted.steps < 640, `stopped mid-epoch, after ${log.runs[0].interrupted.steps} steps`);
     assert.deepEqual(log.runs[0].epochs, []);
   });
 });
@@ -187,7 +187,8 @@ Deno.test("2. an error in run k of --runs N keeps runs 1..k-1 in the log and --j
 Deno.test("2. the run log exists from the start and grows epoch by epoch", async () => {
   await withFixture(async (dir, data) => {
     const logs = join(dir, "logs");
-    const run = spawnMain(["--data", data, ...LONG_EPOCH, "--epochs", "3", "--seed", "5", "--log-dir", logs]);
+    const args = ["--data", data, "--train-subset", "2560", "--test-subset", "32", "--base-depth", "4"];
+    const run = spawnMain([...args, "--batch-size", "16", "--epochs", "3", "--seed", "5", "--log-dir", logs]);
     await run.until(/total_time_seconds/);
     const running = await onlyLog(logs);
     assert.deepEqual([running.status, running.finishedAt, running.runs, running.partial.epochs], [
