@@ -2951,7 +2951,8 @@ export async function main(argv: string[]) {
   );
 
   // The outputs, each written on its own: one that fails never keeps the others from being written. The run log is
-  // created now and rewritten after every epoch and every run, so whatever ends the process keeps what was measured.
+  // created as the first run starts and rewritten after every epoch and every run, so whatever ends the process keeps
+  // what was measured.
   const runs: RunResult[] = [], failed = new Set<string>();
   let logPath: string | undefined, logError: string | undefined, partial: PartialRun | undefined;
   const writeLog = async (status: RunStatus) => {
@@ -2970,8 +2971,6 @@ export async function main(argv: string[]) {
       failed.add(errorText(e));
     }
   };
-  await writeLog("running");
-
   const stop = listenForStop();
   let status: RunStatus = "completed", thrown: unknown;
   for (let r = 0; r < o.runs; r++) {
