@@ -3,6 +3,7 @@
 // lives in kernels/*.wgsl.  1. hyperparameters  2. network (state, init, forward, backward)  3. training (schedule,
 // EMA, augmentation draws, the epoch loop)  4. evaluation.  Below a line of #s, the machinery a fork rarely touches:
 // 5. GPU plumbing  6. ops (one function per kernel)  7. data  8. printing  9. run logs, saved weights  10. command line
+// 11. the browser page (--web)
 // Precision: f32 everywhere by default; --precision f16 stores images, activations and their gradients in f16
 // (arithmetic, accumulation, weights and optimiser state stay f32). The original trains in fp16.
 
@@ -2604,14 +2605,55 @@ export interface PartialRun {
   step?: number;
 }
 
-const sha256 = (text: string) => createHash("sha256").update(text).digest("hex");
+/** sha256 in hex, web-standard (the browser page computes its run log with it too). */
+async function sha256(text: string): Promise<string> {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text)));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+}
 
 /**
- * The run log: what a later comparison needs to trust a result (the exact script and kernels by
- * sha256, the script's text, hyperparameters, flags, device, Deno version, every epoch's metrics). A kernel's
- * sha256 is of its text as compiled (the file from gpu.kernelDir, then common.wgsl).
- * Without `at.path` it creates a new file <date>-<time>-<first 8 hex of the script's sha256>[-k].json in `dir`,
- * exclusively (two runs started in the same second get two files); with it, it rewrites that file atomically.
+ * The run log's content: what a later comparison needs to trust a result (the exact script and kernels by sha256,
+ * the script's text, hyperparameters, flags, device, runtime, every epoch's metrics). A kernel's sha256 is of its
+ * text as compiled (the file from gpu.kernelDir, then common.wgsl). The same in a terminal and in a browser tab.
+ */
+export async function runLogContent(x: {
+  gpu: Pick<Gpu, "kernelDir" | "sources" | "adapterName" | "convKernels">;
+  flags: CliOptions;
+  runs: RunResult[];
+  startedAt: Date;
+  script: { path: string; source: string };
+  runtime: unknown; // Deno.version, or the browser's user agent
+  status: RunStatus;
+  partial?: PartialRun;
+}) {
+  const accs = x.runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
+  const kernels = await Promise.all(
+    [...x.gpu.sources].map(async ([file, text]) => [`${file}.wgsl`, await sha256(text)]),
+  );
+  return {
+    status: x.status,
+    startedAt: x.startedAt.toISOString(),
+    finishedAt: x.status === "running" ? null : new Date().toISOString(),
+    script: { path: x.script.path, sha256: await sha256(x.script.source), source: x.script.source },
+    kernelDir: x.gpu.kernelDir,
+    kernels: Object.fromEntries(kernels), // as compiled
+    deno: x.runtime,
+    device: x.gpu.adapterName,
+    precision: x.flags.precision,
+    convKernels: x.gpu.convKernels,
+    flags: { ...x.flags, help: undefined, explicit: undefined },
+    hyp,
+    runs: x.runs.map(({ weights: _, ...r }) => r),
+    partial: x.partial ?? null,
+    meanEmaValAcc: accs.length ? mean(accs) : null,
+    stdEmaValAcc: accs.length ? sampleStd(accs) : null,
+  };
+}
+
+/**
+ * Writes the run log of this script (see runLogContent). Without `at.path` it creates a new file
+ * <date>-<time>-<first 8 hex of the script's sha256>[-k].json in `dir`, exclusively (two runs started in the same
+ * second get two files); with it, it rewrites that file atomically.
  */
 export async function writeRunLog(
   dir: string,
@@ -2623,44 +2665,32 @@ export async function writeRunLog(
 ) {
   const status = at.status ?? (runs.some((r) => r.interrupted) ? "interrupted" : "completed");
   const scriptPath = fileURLToPath(import.meta.url), source = await Deno.readTextFile(scriptPath);
-  const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
-  const log = {
-    status,
-    startedAt: startedAt.toISOString(),
-    finishedAt: status === "running" ? null : new Date().toISOString(),
-    script: { path: scriptPath, sha256: sha256(source), source },
-    kernelDir: gpu.kernelDir,
-    kernels: Object.fromEntries([...gpu.sources].map(([file, text]) => [`${file}.wgsl`, sha256(text)])), // as compiled
-    deno: Deno.version,
-    device: gpu.adapterName,
-    precision: flags.precision,
-    convKernels: gpu.convKernels,
-    flags: { ...flags, help: undefined, explicit: undefined },
-    hyp,
-    runs: runs.map(({ weights: _, ...r }) => r),
-    partial: at.partial ?? null,
-    meanEmaValAcc: accs.length ? mean(accs) : null,
-    stdEmaValAcc: accs.length ? sampleStd(accs) : null,
-  };
+  const script = { path: scriptPath, source };
+  const log = await runLogContent({ gpu, flags, runs, startedAt, script, runtime: Deno.version, status, ...at });
+  return await writeLogFile(dir, log, startedAt, at.path);
+}
+
+/** Writes a run log object: to `path`, or to a new file in `dir` named after its start and script (see writeRunLog). */
+async function writeLogFile(dir: string, log: { script: { sha256: string } }, startedAt: Date, path?: string) {
   const text = JSON.stringify(log, null, 1) + "\n";
-  if (at.path) {
-    await writeFileAtomic(at.path, text);
-    return at.path;
+  if (path) {
+    await writeFileAtomic(path, text);
+    return path;
   }
   await Deno.mkdir(dir, { recursive: true }).catch((e) => {
     throw new Error(`could not create the log folder ${dir} (${errorText(e)}): pass --log-dir DIR or --no-log`);
   });
   const stamp = startedAt.toISOString().replace(/[-:]/g, "").replace("T", "-").slice(0, 15); // 20261127-184216
   for (let k = 1;; k++) {
-    const path = join(dir, `${stamp}-${log.script.sha256.slice(0, 8)}${k > 1 ? `-${k}` : ""}.json`);
+    const file = join(dir, `${stamp}-${log.script.sha256.slice(0, 8)}${k > 1 ? `-${k}` : ""}.json`);
     try {
-      (await Deno.open(path, { write: true, createNew: true })).close(); // ours alone from here on
+      (await Deno.open(file, { write: true, createNew: true })).close(); // ours alone from here on
     } catch (e) {
       if (e instanceof Deno.errors.AlreadyExists) continue;
-      throw new Error(writeFailure(path, e));
+      throw new Error(writeFailure(file, e));
     }
-    await writeFileAtomic(path, text);
-    return path;
+    await writeFileAtomic(file, text);
+    return file;
   }
 }
 
@@ -2786,6 +2816,8 @@ export interface CliOptions {
   convKernels?: ConvKernels; // default: chosen from the adapter (initGpu)
   precision: DType;
   explicit: string[]; // the flags given on the command line (--eval's defaults come from the file otherwise)
+  web: boolean; // serve the training page instead of training here (section 11)
+  port?: number; // of the page's server (default: a free one)
 }
 
 const FLAG_RANGES = {
@@ -2796,6 +2828,7 @@ const FLAG_RANGES = {
   "train-subset": { min: 1, max: 50_000, integer: true },
   "test-subset": { min: 1, max: 10_000, integer: true },
   seed: { min: 0, max: 2 ** 32 - 1, integer: true },
+  port: { min: 0, max: 65535, integer: true },
 };
 
 export const HELP = `hlb-CIFAR10 on WebGPU: trains a small convnet on CIFAR-10 to ~94% test accuracy.
@@ -2825,6 +2858,9 @@ usage: deno run -A main.ts [flags]
                       shader-f16), arithmetic, weights and optimiser state in f32 (default f32)
   --profile           time every kernel with GPU timestamps and print the table after training
                       (one readback per submit: the run is slower, the table's times are not)
+  --web               serve a page on localhost that trains in the browser, on its WebGPU, with the other
+                      flags (its URL query); the page's run log is kept in --log-dir
+  --port N            the page's port (default: a free one, printed)
   --help              show this help`;
 
 export function parseFlags(argv: string[]): CliOptions {
@@ -2837,6 +2873,7 @@ export function parseFlags(argv: string[]): CliOptions {
       options: {
         help: { type: "boolean", short: "h" },
         profile: { type: "boolean" },
+        web: { type: "boolean" },
         "log-dir": { type: "string" },
         "no-log": { type: "boolean" },
         save: { type: "string" },
@@ -2896,6 +2933,13 @@ export function parseFlags(argv: string[]): CliOptions {
       `--eval evaluates saved weights without training: --${trainingOnly[0]} does not apply, leave it out`,
     );
   }
+  const notOnPage = explicit.filter((k) => ["json", "save", "eval", "profile"].includes(k));
+  if (v.web && notOnPage.length) {
+    throw new Error(
+      `--web trains in the browser, which keeps only the run log: --${notOnPage[0]} does not apply there`,
+    );
+  }
+  if (v.port !== undefined && !v.web) throw new Error("--port is the --web page's: add --web, or leave --port out");
   return {
     help: Boolean(v.help),
     profile: Boolean(v.profile),
@@ -2915,11 +2959,24 @@ export function parseFlags(argv: string[]): CliOptions {
     testSubset: num("test-subset"),
     seed: num("seed") ?? crypto.getRandomValues(new Uint32Array(1))[0],
     explicit,
+    web: Boolean(v.web),
+    port: num("port"),
   };
 }
 
 /** Flags of training that --eval would ignore: it refuses them rather than leave a user believing they applied. */
-const EVAL_IGNORES = ["runs", "epochs", "base-depth", "train-subset", "seed", "save", "log-dir", "no-log", "profile"];
+const EVAL_IGNORES = [
+  "runs",
+  "epochs",
+  "base-depth",
+  "train-subset",
+  "seed",
+  "save",
+  "log-dir",
+  "no-log",
+  "profile",
+  "web",
+];
 
 const defaultLogDir = () => fileURLToPath(new URL("./runs", import.meta.url));
 
@@ -2927,6 +2984,7 @@ export async function main(argv: string[]) {
   const o = parseFlags(argv), startedAt = new Date();
   if (o.help) return console.log(HELP);
   if (o.eval) return await evalMain(o);
+  if (o.web) return await webMain(o);
   // Every output is checked before anything long starts: hours of training never end in a file that cannot be written.
   if (o.json) await checkWritableFile("--json", o.json);
   if (o.save) await checkWritableFile("--save", o.save);
@@ -2943,12 +3001,7 @@ export async function main(argv: string[]) {
     );
   }
   const data = uploadDataset(gpu, cifar);
-  console.log(
-    `device: ${gpu.adapterName} | precision: ${
-      precisionText(o.precision)
-    } | conv kernels: ${gpu.convKernels} | train ${data.train.count} / test ${data.test.count} images | ` +
-      `batch ${o.batchSize} | epochs ${o.epochs} | base depth ${o.baseDepth}`,
-  );
+  console.log(headerLine(gpu, o, data));
 
   // The outputs, each written on its own: one that fails never keeps the others from being written. The run log is
   // created as the first run starts and rewritten after every epoch and every run, so whatever ends the process keeps
@@ -2982,13 +3035,7 @@ export async function main(argv: string[]) {
     let result: RunResult;
     try {
       result = await train({
-        gpu,
-        data,
-        seed,
-        epochs: o.epochs,
-        baseDepth: o.baseDepth,
-        batchSize: o.batchSize,
-        precision: o.precision,
+        ...trainOptions(gpu, data, o, seed),
         onEpochStart: (e) => table.epochStart(e),
         onStep: (e, k, n) => table.step(e, k, n),
         onEpoch: async (m) => {
@@ -3054,6 +3101,18 @@ export async function main(argv: string[]) {
   }
   if (logPath && !logError) console.log(`run log: ${logPath}`);
   if (failed.size) Deno.exit(1);
+}
+
+/** The line above the tables: device, precision, kernels, sizes (the same in a terminal and on the page). */
+function headerLine(gpu: Gpu, o: CliOptions, data: GpuData) {
+  return `device: ${gpu.adapterName} | precision: ${precisionText(o.precision)} | conv kernels: ${gpu.convKernels} | ` +
+    `train ${data.train.count} / test ${data.test.count} images | batch ${o.batchSize} | epochs ${o.epochs} | ` +
+    `base depth ${o.baseDepth}`;
+}
+
+/** What a run's flags tell train(). */
+function trainOptions(gpu: Gpu, data: GpuData, o: CliOptions, seed: number): TrainOptions {
+  return { gpu, data, seed, epochs: o.epochs, baseDepth: o.baseDepth, batchSize: o.batchSize, precision: o.precision };
 }
 
 /**
@@ -3222,6 +3281,243 @@ export async function readSavedNetwork(file: string) {
   }
   return { weights, norm, baseDepth, evalBatchSize, precision: metadata.precision as DType, recipe: metadata.recipe };
 }
+
+// =================================================================================================
+// 11. The browser page (--web): the same script trains in a tab, on the browser's WebGPU
+// =================================================================================================
+
+/**
+ * --web: serves a page on localhost that trains with this very script, bundled for the browser (so a fork serves
+ * itself), in a module Worker: the same flags (the page's URL query, parsed here by parseFlags), the same seeds, the
+ * table live, the curves, and the run log (offered for download, and kept in --log-dir like a terminal run's). The
+ * page and its worker are the strings below: one copy of the training code, no second file at the top level.
+ */
+async function webMain(o: CliOptions) {
+  const script = fileURLToPath(import.meta.url), here = new URL(".", import.meta.url);
+  const bundles = new Map<string, string>([["/main.js", await bundleForBrowser(script)]]);
+  const plot = new URL("./bench/plot.ts", import.meta.url); // the curves of `deno task plot`, if this checkout has them
+  if (await exists(fileURLToPath(plot))) bundles.set("/plot.js", await bundleForBrowser(fileURLToPath(plot)));
+  const { dir, source } = await datasetDir(o); // downloaded now if it must be, not when the page asks
+  const logDir = o.logDir ?? defaultLogDir();
+  if (!o.noLog) await checkWritableFolder("--log-dir", logDir);
+  let cached: { key: string; cifar: Cifar10 } | undefined; // the last subsets the page asked for
+  const text = (body: string, type: string, status = 200) =>
+    new Response(body, { status, headers: { "content-type": `${type}; charset=utf-8`, "cache-control": "no-store" } });
+  const handler = async (req: Request): Promise<Response> => {
+    const url = new URL(req.url), path = url.pathname;
+    try {
+      if (path === "/") return text(WEB_PAGE, "text/html");
+      if (path === "/worker.js") return text(WEB_WORKER, "text/javascript");
+      if (bundles.has(path)) return text(bundles.get(path)!, "text/javascript");
+      if (path === "/flags") return Response.json(parseFlags(queryFlags(url.searchParams)));
+      if (path === "/source") return Response.json({ path: script, source: await Deno.readTextFile(script) });
+      const kernel = path.match(/^\/kernels\/(\w+\.wgsl)$/)?.[1];
+      if (kernel) return text(await Deno.readTextFile(new URL(`${KERNEL_DIR}${kernel}`, here)), "text/plain");
+      const part = path.match(/^\/data\/(trainImages|trainLabels|testImages|testLabels)$/)?.[1] as keyof Cifar10;
+      if (part) {
+        const f = parseFlags(queryFlags(url.searchParams)), key = `${f.trainSubset}/${f.testSubset}`;
+        if (cached?.key !== key) {
+          cached = {
+            key,
+            cifar: await loadCifar10(dir, { trainSubset: f.trainSubset, testSubset: f.testSubset, source }),
+          };
+        }
+        return new Response(cached.cifar[part] as Uint8Array<ArrayBuffer>);
+      }
+      if (path === "/log" && req.method === "POST") {
+        const log = await req.json();
+        if (o.noLog) return Response.json({ path: null });
+        const file = await writeLogFile(logDir, log, new Date(log.startedAt));
+        console.log(`run log from the page (status ${log.status}): ${file}`);
+        return Response.json({ path: file });
+      }
+      return text("not found", "text/plain", 404);
+    } catch (e) {
+      return Response.json({ error: errorText(e) }, { status: 400 });
+    }
+  };
+  const server = Deno.serve({ hostname: "127.0.0.1", port: o.port ?? 0, onListen() {} }, handler);
+  const serverOnly = ["web", "port", "data", "log-dir", "no-log"]; // the page's query holds the training flags
+  const query = new URLSearchParams(
+    o.explicit.filter((k) => !serverOnly.includes(k)).map((k) => {
+      const v = (o as unknown as Record<string, unknown>)[k.replace(/-(\w)/g, (_, c) => c.toUpperCase())];
+      return [k, typeof v === "boolean" ? "" : String(v)];
+    }),
+  );
+  console.log(`training page: http://127.0.0.1:${server.addr.port}/${query.size ? `?${query}` : ""}`);
+  console.log("(the page trains on this browser's WebGPU; Ctrl-C here stops the server)");
+  await server.finished;
+}
+
+/** The page's URL query as command-line flags: ?epochs=2&no-log -> --epochs 2 --no-log. */
+function queryFlags(params: URLSearchParams): string[] {
+  return [...params].flatMap(([k, v]) => (v === "" ? [`--${k}`] : [`--${k}`, v]));
+}
+
+/**
+ * `path` bundled into one browser module (deno bundle). The four node: imports only serve the terminal (files,
+ * flags, hashes of the downloader); in the browser they stand for functions that say so if ever called.
+ */
+async function bundleForBrowser(path: string): Promise<string> {
+  const out = await Deno.makeTempFile({ suffix: ".js" });
+  try {
+    const r = await new Deno.Command(Deno.execPath(), {
+      args: ["bundle", "--quiet", "--platform", "browser", "--format", "esm", "-o", out, path],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    if (!r.success) {
+      const why = new TextDecoder().decode(r.stderr).trim().split("\n").pop();
+      throw new Error(`could not bundle ${path} for the browser (${why}): check that it runs with deno run first`);
+    }
+    return (await Deno.readTextFile(out)).replace(
+      /^import \{([^}]*)\} from "node:(\w+)";$/gm,
+      (_, names: string, module: string) =>
+        names.split(",").map((n) => n.trim()).filter(Boolean).map((n) =>
+          `const ${n} = () => { throw new Error("node:${module} ${n} is not available in the browser"); };`
+        ).join("\n"),
+    );
+  } finally {
+    await Deno.remove(out).catch(() => {});
+  }
+}
+
+/** The message a page's worker posts (see webWorker). */
+export type WebMessage =
+  | { type: "device"; name: string; header: string }
+  | { type: "run"; run: number; runs: number; seed: number }
+  | { type: "step"; epoch: number; step: number; steps: number }
+  | { type: "row"; row: EpochMetrics }
+  | { type: "result"; result: RunResult }
+  | { type: "log"; log: unknown }
+  | { type: "error"; message: string };
+
+/**
+ * The worker's side of the page: trains as `main` does, with the flags the page sends ({type: "start", flags}),
+ * on data fetched from the server, and posts what the table needs; {type: "stop"} is the Ctrl-C of the page.
+ */
+export function webWorker(scope: {
+  postMessage(message: WebMessage): void;
+  addEventListener(type: "message", listener: (e: MessageEvent) => void): void;
+}) {
+  let stopRequested = false;
+  scope.addEventListener("message", async (e: MessageEvent) => {
+    if (e.data?.type === "stop") stopRequested = true;
+    if (e.data?.type !== "start") return;
+    const o = e.data.flags as CliOptions, startedAt = new Date(), runs: RunResult[] = [];
+    let gpu: Gpu | undefined, partial: PartialRun | undefined, status: RunStatus = "completed";
+    try {
+      gpu = await initGpu({ convKernels: o.convKernels });
+      checkPrecision(gpu, o.precision);
+      const subsets = new URLSearchParams();
+      if (o.trainSubset) subsets.set("train-subset", String(o.trainSubset));
+      if (o.testSubset) subsets.set("test-subset", String(o.testSubset));
+      const part = async (name: keyof Cifar10) => {
+        const res = await fetch(`data/${name}?${subsets}`);
+        if (!res.ok) throw new Error((await res.json()).error);
+        return new Uint8Array(await res.arrayBuffer());
+      };
+      const [trainImages, trainLabels, testImages, testLabels] = await Promise.all(
+        (["trainImages", "trainLabels", "testImages", "testLabels"] as const).map(part),
+      );
+      const data = uploadDataset(gpu, { trainImages, trainLabels, testImages, testLabels });
+      scope.postMessage({ type: "device", name: gpu.adapterName, header: headerLine(gpu, o, data) });
+      for (let r = 0; r < o.runs && !stopRequested; r++) {
+        const seed = (o.seed + r) >>> 0;
+        partial = { run: r + 1, seed, epochs: [] };
+        scope.postMessage({ type: "run", run: r + 1, runs: o.runs, seed });
+        const result = await train({
+          ...trainOptions(gpu, data, o, seed),
+          onStep: (epoch, step, steps) => scope.postMessage({ type: "step", epoch, step, steps }),
+          onEpoch: (row) => (partial!.epochs.push(row), scope.postMessage({ type: "row", row })),
+          stop: () => stopRequested,
+        });
+        partial = undefined;
+        runs.push(result);
+        scope.postMessage({ type: "result", result });
+        if (result.interrupted) status = "interrupted";
+      }
+    } catch (err) {
+      status = err instanceof TrainingDiverged ? "diverged" : "failed";
+      if (partial) partial.error = errorText(err);
+      scope.postMessage({ type: "error", message: errorText(err) });
+    }
+    if (gpu) {
+      const script = await (await fetch("source")).json();
+      const runtime = { browser: navigator.userAgent };
+      const log = await runLogContent({ gpu, flags: o, runs, startedAt, script, runtime, status, partial });
+      scope.postMessage({ type: "log", log });
+      releaseGpu(gpu);
+    }
+  });
+}
+
+/** The module a page's Worker runs: the bundled script's webWorker. */
+const WEB_WORKER = `import { webWorker } from "./main.js";\nwebWorker(self);\n`;
+
+/** The page: the device, the table as the terminal prints it, the curves, Stop, and the run log. */
+const WEB_PAGE = `<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>hlb-CIFAR10 on WebGPU</title>
+<style>
+  body { font: 15px system-ui, sans-serif; margin: 2rem; max-width: 72rem; color: #222 }
+  pre { font: 12px ui-monospace, monospace; background: #f6f6f6; padding: .8rem; overflow-x: auto }
+  #status { color: #555 } .error { color: #b00020 } button { font-size: 1rem }
+</style></head>
+<body>
+<h1>hlb-CIFAR10 on WebGPU</h1>
+<p id="device">asking for a WebGPU adapter...</p>
+<p><button id="stop" disabled>Stop</button> <a id="download" hidden download="run-log.json">download the run log</a>
+  <span id="status"></span></p>
+<pre id="table"></pre>
+<div id="plot"></div>
+<script type="module">
+import { formatRow, rowValues, tableHeader } from "./main.js";
+const $ = (id) => document.getElementById(id);
+const lines = [], runs = [];
+let live = "";
+const show = () => ($("table").textContent = [...lines, live].join("\\n"));
+const plot = await import("./plot.js").catch(() => null);
+function drawCurves() {
+  if (!plot || !runs.length || !runs[0].epochs.length) return;
+  $("plot").innerHTML = plot.plotSvg([plot.meanCurve("this page", runs)]);
+}
+const flags = await (await fetch("flags" + location.search)).json();
+if (flags.error) {
+  $("device").textContent = "error: " + flags.error;
+  $("device").className = "error";
+} else {
+  const worker = new Worker("worker.js", { type: "module" });
+  $("stop").disabled = false;
+  $("stop").onclick = () => { worker.postMessage({ type: "stop" }); $("status").textContent = "stopping after the current step"; };
+  worker.onmessage = async ({ data: m }) => {
+    if (m.type === "device") $("device").textContent = m.header;
+    if (m.type === "run") { lines.push("", "run " + m.run + "/" + m.runs + ", seed " + m.seed, tableHeader()); runs.push({ epochs: [] }); }
+    if (m.type === "step") live = "|  training epoch " + m.epoch + ": " + m.step + "/" + m.steps + " steps";
+    if (m.type === "row") { live = ""; lines.push(formatRow(rowValues(m.row))); runs.at(-1).epochs.push(m.row); drawCurves(); }
+    if (m.type === "result") {
+      lines.push("-".repeat(tableHeader().indexOf("\\n")));
+      const r = m.result, ema = r.emaValAcc === null ? "n/a" : (100 * r.emaValAcc).toFixed(2) + "%";
+      lines.push(r.interrupted ? "stopped in epoch " + r.interrupted.epoch + ", after " + r.interrupted.steps + " steps"
+        : "final EMA val accuracy: " + ema + " | val accuracy: " + (100 * r.valAcc).toFixed(2) + "% | train time " + r.trainSeconds.toFixed(2) + " s");
+    }
+    if (m.type === "error") { lines.push("error: " + m.message); $("table").className = "error"; }
+    if (m.type === "log") {
+      $("stop").disabled = true;
+      const blob = new Blob([JSON.stringify(m.log, null, 1) + "\\n"], { type: "application/json" });
+      $("download").href = URL.createObjectURL(blob);
+      $("download").hidden = false;
+      const saved = await (await fetch("log", { method: "POST", body: JSON.stringify(m.log) })).json();
+      $("status").textContent = "status " + m.log.status + (saved.path ? "; run log also kept at " + saved.path : "");
+      document.title = "done: " + m.log.status;
+    }
+    show();
+  };
+  worker.onerror = (e) => { lines.push("error: " + e.message); show(); };
+  worker.postMessage({ type: "start", flags });
+}
+</script>
+</body></html>
+`;
 
 if (import.meta.main) {
   try {

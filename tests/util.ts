@@ -125,5 +125,5 @@ export function spawnMain(args: string[]) {
     const [status, stderr] = await Promise.all([child.status, new Response(child.stderr).text(), pump]);
     return { code: status.code, stdout, stderr };
   };
-  return { child, until, finish };
+  return { child, until, finish, stdoutSoFar: () => Promise.resolve(stdout) };
 }

@@ -1,0 +1,83 @@
+// --web: headless Chromium (Dawn, its own WebGPU implementation and shader compiler, on SwiftShader) opens the page
+// for a tiny run; its run log must match the same run in Deno. Needs the `chromium` package (.ci/run installs it);
+// without it the test reports itself skipped, with the reason.
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { runMain, spawnMain, writeFixtureDataset } from "./util.ts";
+
+const chromium = ["chromium", "chromium-browser", "google-chrome"].find((name) => {
+  try {
+    return new Deno.Command(name, { args: ["--version"], stdout: "null", stderr: "null" }).outputSync().success;
+  } catch {
+    return false;
+  }
+});
+
+Deno.test({
+  name: `--web: the page trains in headless Chromium and its run log matches Deno's${
+    chromium ? "" : " (skipped: no chromium installed)"
+  }`,
+  ignore: !chromium,
+}, async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = await writeFixtureDataset(dir), pageLogs = join(dir, "page"), denoLogs = join(dir, "deno");
+    const flags = ["--train-subset", "256", "--test-subset", "32", "--base-depth", "4", "--batch-size", "32"]
+      .concat(["--epochs", "2", "--seed", "1"]);
+    const server = spawnMain(["--web", "--data", data, "--log-dir", pageLogs, ...flags]);
+    let browser: Deno.ChildProcess | undefined;
+    try {
+      await server.until(/training page: (http:\/\/127\.0\.0\.1:\d+\/\S*)/);
+      const url = (await server.stdoutSoFar()).match(/training page: (\S+)/)![1];
+      assert.match(url, /\?train-subset=256&test-subset=32&base-depth=4&batch-size=32&epochs=2&seed=1$/);
+      browser = new Deno.Command(chromium!, {
+        args: [
+          "--headless=new",
+          "--no-sandbox",
+          "--enable-unsafe-webgpu",
+          `--user-data-dir=${join(dir, "profile")}`,
+          url,
+        ],
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      await Promise.race([
+        server.until(/run log from the page \(status completed\): /),
+        new Promise((_, reject) => setTimeout(() => reject(new Error("no run log from the page in 240 s")), 240_000)),
+      ]);
+    } finally {
+      browser?.kill("SIGKILL");
+      await browser?.status;
+      server.child.kill("SIGTERM");
+      await server.finish();
+    }
+    const cli = await runMain(["--data", data, "--log-dir", denoLogs, ...flags]);
+    assert.equal(cli.code, 0, cli.stderr);
+    const read = async (d: string) => {
+      const names = (await Array.fromAsync(Deno.readDir(d))).map((e) => e.name);
+      assert.equal(names.length, 1);
+      return JSON.parse(await Deno.readTextFile(join(d, names[0])));
+    };
+    const page = await read(pageLogs), deno = await read(denoLogs);
+    // the same script, kernels, flags and seed; a browser and a WebGPU implementation of its own
+    assert.equal(page.status, "completed");
+    assert.equal(page.script.sha256, deno.script.sha256);
+    assert.deepEqual(page.kernels, deno.kernels);
+    assert.equal(page.runs[0].seed, 1);
+    assert.match(page.deno.browser, /Chrome/);
+    // the same run: as many epochs; epoch 0's train loss is the first batch's, before any update, so it differs by
+    // float rounding only; later values may drift as two shader compilers round differently (stated: 0.05 in loss)
+    const [p, d] = [page.runs[0].epochs, deno.runs[0].epochs];
+    assert.equal(p.length, d.length);
+    assert.ok(
+      Math.abs(p[0].trainLoss - d[0].trainLoss) < 1e-3,
+      `first batch loss ${p[0].trainLoss} vs ${d[0].trainLoss}`,
+    );
+    for (let e = 0; e < p.length; e++) {
+      assert.ok(Math.abs(p[e].valLoss - d[e].valLoss) < 0.05, `epoch ${e} val loss ${p[e].valLoss} vs ${d[e].valLoss}`);
+      assert.ok(p[e].totalTimeSeconds > 0);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
