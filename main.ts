@@ -3358,7 +3358,7 @@ function queryFlags(params: URLSearchParams): string[] {
  * `path` bundled into one browser module (deno bundle). The four node: imports only serve the terminal (files,
  * flags, hashes of the downloader); in the browser they stand for functions that say so if ever called.
  */
-async function bundleForBrowser(path: string): Promise<string> {
+export async function bundleForBrowser(path: string): Promise<string> {
   const out = await Deno.makeTempFile({ suffix: ".js" });
   try {
     const r = await new Deno.Command(Deno.execPath(), {
@@ -3373,8 +3373,8 @@ async function bundleForBrowser(path: string): Promise<string> {
     return (await Deno.readTextFile(out)).replace(
       /^import \{([^}]*)\} from "node:(\w+)";$/gm,
       (_, names: string, module: string) =>
-        names.split(",").map((n) => n.trim()).filter(Boolean).map((n) =>
-          `const ${n} = () => { throw new Error("node:${module} ${n} is not available in the browser"); };`
+        names.split(",").map((n) => n.trim().split(/\s+as\s+/)).filter(([n]) => n).map(([n, local = n]) =>
+          `const ${local} = () => { throw new Error("node:${module} ${n} is not available in the browser"); };`
         ).join("\n"),
     );
   } finally {

@@ -46,7 +46,7 @@ import {
   whiteningFilters,
 } from "../main.ts";
 
-import { assertClose, Prng } from "./util.ts";
+import { assertClose, f16Test, Prng } from "./util.ts";
 
 const gpu = await initGpu();
 
@@ -1082,7 +1082,7 @@ Deno.test("Rng: deterministic per seed, uniform ranges, permutations are permuta
 /** Rounds to the nearest f16 (what the GPU stores), back in f32. */
 const toF16 = (a: ArrayLike<number>) => Float32Array.from(Float16Array.from(a));
 
-Deno.test("f16 storage: gelu forward and backward read f16, compute f32, store rounded f16", async () => {
+f16Test(gpu.hasF16, "f16 storage: gelu forward and backward read f16, compute f32, store rounded f16", async () => {
   const rng = new Prng(1201);
   const x = toF16([0, 1e-3, -0.5, 3, -3, -8, 8, ...rng.normals(1000, 2)]), dy = toF16(rng.normals(x.length));
   const mark = gpu.allocated.length, n = [x.length];
@@ -1096,78 +1096,90 @@ Deno.test("f16 storage: gelu forward and backward read f16, compute f32, store r
   assert.equal(notF16, -1, `gelu f16: y[${notF16}] = ${y[notF16]} is not a finite f16 value`);
 });
 
-Deno.test("f16 storage: maxPool2 and globalMaxPool are exact on f16 values (31x31 and 7x9 edges)", async () => {
-  const rng = new Prng(1202);
-  for (const shape of [[2, 7, 9, 5], [1, 31, 31, 3]]) {
-    const [b, h, w, c] = shape, ys = [b, h >> 1, w >> 1, c];
-    const x = toF16(rng.normals(b * h * w * c)), dy = toF16(rng.normals(b * (h >> 1) * (w >> 1) * c));
-    const gdy = rng.normals(b * c);
+f16Test(
+  gpu.hasF16,
+  "f16 storage: maxPool2 and globalMaxPool are exact on f16 values (31x31 and 7x9 edges)",
+  async () => {
+    const rng = new Prng(1202);
+    for (const shape of [[2, 7, 9, 5], [1, 31, 31, 3]]) {
+      const [b, h, w, c] = shape, ys = [b, h >> 1, w >> 1, c];
+      const x = toF16(rng.normals(b * h * w * c)), dy = toF16(rng.normals(b * (h >> 1) * (w >> 1) * c));
+      const gdy = rng.normals(b * c);
+      const mark = gpu.allocated.length;
+      const xt = upload(gpu, x, shape, "f16"), yt = upload(gpu, garbage(dy.length), ys, "f16");
+      const dyt = upload(gpu, dy, ys, "f16"), dxt = upload(gpu, garbage(x.length), shape, "f16");
+      const gt = upload(gpu, garbage(b * c), [b, c]), gdyt = upload(gpu, gdy, [b, c]); // features stay f32
+      const gdxt = upload(gpu, garbage(x.length), shape, "f16");
+      const [y, dx, g, gdx] = await run(
+        [
+          maxPool2(gpu, xt, yt),
+          maxPool2Backward(gpu, xt, dyt, dxt),
+          globalMaxPool(gpu, xt, gt),
+          globalMaxPoolBackward(gpu, xt, gdyt, gdxt),
+        ],
+        [yt, dxt, gt, gdxt],
+        mark,
+      );
+      const ref = maxPool2Ref(x, shape), gref = globalMaxRef(x, shape);
+      assertEach(`maxPool2 f16 [${shape}]`, y, ref.y, 0, 0);
+      assertEach(`maxPool2Backward f16 [${shape}]`, dx, scatterRef(x.length, ref.arg, dy), 0, 0);
+      assertEach(`globalMaxPool f16 -> f32 [${shape}]`, g, gref.y, 0, 0);
+      assertEach(`globalMaxPoolBackward f32 -> f16 [${shape}]`, gdx, toF16(scatterRef(x.length, gref.arg, gdy)), 0, 0);
+    }
+  },
+);
+
+f16Test(
+  gpu.hasF16,
+  "f16 storage: batch norm statistics in f32 from f16 inputs, forward and backward (1125 rows, C=37)",
+  async () => {
+    const rng = new Prng(1203), shape = [5, 15, 15, 37], rows = 1125, c = 37;
+    const k = bnCase(rng, rows, c);
+    k.x = toF16(k.x);
+    const r = toF16(rng.normals(rows * c));
     const mark = gpu.allocated.length;
-    const xt = upload(gpu, x, shape, "f16"), yt = upload(gpu, garbage(dy.length), ys, "f16");
-    const dyt = upload(gpu, dy, ys, "f16"), dxt = upload(gpu, garbage(x.length), shape, "f16");
-    const gt = upload(gpu, garbage(b * c), [b, c]), gdyt = upload(gpu, gdy, [b, c]); // features stay f32
-    const gdxt = upload(gpu, garbage(x.length), shape, "f16");
-    const [y, dx, g, gdx] = await run(
+    const t = bnTensors(k, shape);
+    const x16 = upload(gpu, k.x, shape, "f16"), y16 = upload(gpu, garbage(rows * c), shape, "f16");
+    const dyt = upload(gpu, r, shape, "f16"), dxt = upload(gpu, garbage(rows * c), shape, "f16");
+    const dbt = upload(gpu, garbage(c), [c]), dwt = upload(gpu, garbage(c), [c]);
+    const [y, stats, dx, db, dw] = await run(
       [
-        maxPool2(gpu, xt, yt),
-        maxPool2Backward(gpu, xt, dyt, dxt),
-        globalMaxPool(gpu, xt, gt),
-        globalMaxPoolBackward(gpu, xt, gdyt, gdxt),
+        ...batchNorm(gpu, x16, t.p, y16, t.stats, true),
+        ...batchNormBackward(gpu, x16, dyt, t.stats, t.p, dxt, dbt, dwt),
       ],
-      [yt, dxt, gt, gdxt],
+      [y16, t.stats, dxt, dbt, dwt],
       mark,
     );
-    const ref = maxPool2Ref(x, shape), gref = globalMaxRef(x, shape);
-    assertEach(`maxPool2 f16 [${shape}]`, y, ref.y, 0, 0);
-    assertEach(`maxPool2Backward f16 [${shape}]`, dx, scatterRef(x.length, ref.arg, dy), 0, 0);
-    assertEach(`globalMaxPool f16 -> f32 [${shape}]`, g, gref.y, 0, 0);
-    assertEach(`globalMaxPoolBackward f32 -> f16 [${shape}]`, gdx, toF16(scatterRef(x.length, gref.arg, gdy)), 0, 0);
-  }
-});
+    const { mean, varB } = bnStatsRef(k), eps = hyp.net.batchNormEps;
+    const statsRef = Array.from({ length: 2 * c }, (_, i) => i % 2 ? 1 / Math.sqrt(varB[i >> 1] + eps) : mean[i >> 1]);
+    assertEach("batchNorm f16 stats (f32)", stats, statsRef, 1e-5, 1e-5);
+    assertEach("batchNorm f16 y", y, bnApplyRef(k.x, rows, c, mean, varB, k.weight, k.bias), 1e-5, 2 ** -11 + 1e-5);
+    const ref = bnBackwardRef(k, r);
+    assertClose("batchNormBackward f16 dbias (f32)", db, ref.dbias, 1e-5);
+    assertClose("batchNormBackward f16 dweight (f32)", dw, ref.dweight, 1e-5);
+    assertEach("batchNormBackward f16 dx", dx, ref.dx, 1e-5, 2 ** -11 + 1e-4);
+  },
+);
 
-Deno.test("f16 storage: batch norm statistics in f32 from f16 inputs, forward and backward (1125 rows, C=37)", async () => {
-  const rng = new Prng(1203), shape = [5, 15, 15, 37], rows = 1125, c = 37;
-  const k = bnCase(rng, rows, c);
-  k.x = toF16(k.x);
-  const r = toF16(rng.normals(rows * c));
-  const mark = gpu.allocated.length;
-  const t = bnTensors(k, shape);
-  const x16 = upload(gpu, k.x, shape, "f16"), y16 = upload(gpu, garbage(rows * c), shape, "f16");
-  const dyt = upload(gpu, r, shape, "f16"), dxt = upload(gpu, garbage(rows * c), shape, "f16");
-  const dbt = upload(gpu, garbage(c), [c]), dwt = upload(gpu, garbage(c), [c]);
-  const [y, stats, dx, db, dw] = await run(
-    [
-      ...batchNorm(gpu, x16, t.p, y16, t.stats, true),
-      ...batchNormBackward(gpu, x16, dyt, t.stats, t.p, dxt, dbt, dwt),
-    ],
-    [y16, t.stats, dxt, dbt, dwt],
-    mark,
-  );
-  const { mean, varB } = bnStatsRef(k), eps = hyp.net.batchNormEps;
-  const statsRef = Array.from({ length: 2 * c }, (_, i) => i % 2 ? 1 / Math.sqrt(varB[i >> 1] + eps) : mean[i >> 1]);
-  assertEach("batchNorm f16 stats (f32)", stats, statsRef, 1e-5, 1e-5);
-  assertEach("batchNorm f16 y", y, bnApplyRef(k.x, rows, c, mean, varB, k.weight, k.bias), 1e-5, 2 ** -11 + 1e-5);
-  const ref = bnBackwardRef(k, r);
-  assertClose("batchNormBackward f16 dbias (f32)", db, ref.dbias, 1e-5);
-  assertClose("batchNormBackward f16 dweight (f32)", dw, ref.dweight, 1e-5);
-  assertEach("batchNormBackward f16 dx", dx, ref.dx, 1e-5, 2 ** -11 + 1e-4);
-});
-
-Deno.test("f16 storage: gatherEval writes the f32 images rounded to f16 (the store augmentTrain shares)", async () => {
-  const raw = randomImages(1204, N_IMAGES);
-  const mark = gpu.allocated.length;
-  const imgs = uploadSplit(raw, LABELS);
-  const shape = [4, 32, 32, 3];
-  const i32 = upload(gpu, garbage(4 * 3072), shape), i16 = upload(gpu, garbage(4 * 3072), shape, "f16");
-  const targets = upload(gpu, garbage(40), [4, 10]);
-  setFrame(gpu, { offset: 1 });
-  const [a, b] = await run(
-    [gatherEval(gpu, imgs, NORM, i32, targets), gatherEval(gpu, imgs, NORM, i16, targets)],
-    [i32, i16],
-    mark,
-  );
-  assertEach("gatherEval f16 = f32 rounded", b, toF16(a), 0, 0);
-});
+f16Test(
+  gpu.hasF16,
+  "f16 storage: gatherEval writes the f32 images rounded to f16 (the store augmentTrain shares)",
+  async () => {
+    const raw = randomImages(1204, N_IMAGES);
+    const mark = gpu.allocated.length;
+    const imgs = uploadSplit(raw, LABELS);
+    const shape = [4, 32, 32, 3];
+    const i32 = upload(gpu, garbage(4 * 3072), shape), i16 = upload(gpu, garbage(4 * 3072), shape, "f16");
+    const targets = upload(gpu, garbage(40), [4, 10]);
+    setFrame(gpu, { offset: 1 });
+    const [a, b] = await run(
+      [gatherEval(gpu, imgs, NORM, i32, targets), gatherEval(gpu, imgs, NORM, i16, targets)],
+      [i32, i16],
+      mark,
+    );
+    assertEach("gatherEval f16 = f32 rounded", b, toF16(a), 0, 0);
+  },
+);
 
 Deno.test("f16 storage: an f16 tensor on an f32-only binding is refused with one line", () => {
   const mark = gpu.allocated.length;

@@ -16,7 +16,7 @@ import {
   writeFailure,
   writeRunLog,
 } from "../main.ts";
-import { ROOT, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
+import { f16Test, ROOT, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
 
 const gpu = await initGpu();
 
@@ -373,12 +373,7 @@ Deno.test("5. a saved network carries its statistics; absurd or foreign files ar
 
 // ---- 8. hints that point the right way
 
-Deno.test({
-  name: `8. a NaN with --precision f16 says to try --precision f32${
-    gpu.hasF16 ? "" : " (skipped: no shader-f16 here)"
-  }`,
-  ignore: !gpu.hasF16,
-}, async () => {
+f16Test(gpu.hasF16, "8. a NaN with --precision f16 says to try --precision f32", async () => {
   const images = new Uint8Array(3072 * 128).map((_, i) => (i * 37) % 251),
     labels = new Uint8Array(128).map((_, i) => i % 10);
   const data = uploadDataset(gpu, { trainImages: images, trainLabels: labels, testImages: images, testLabels: labels });
@@ -468,5 +463,9 @@ Deno.test("9. the README's quick start is two commands, and .ci/run installs wha
   assert.match(ci, /npm install -g "deno@\$DENO_VERSION"/, ".ci/run installs Deno from npm");
   assert.match(ci, /apt-get install -y -qq mesa-vulkan-drivers/, ".ci/run installs lavapipe from apt");
   assert.match(ci, /deno task test/, ".ci/run runs the README's test command");
-  assert.match(ci, /echo "\$passed passed, \$failed failed"/);
+  assert.match(
+    ci,
+    /echo "\$\(\(passed \+ dpassed\)\) passed, \$\(\(failed \+ dfailed\)\) failed"\nexit/,
+    "the last line",
+  );
 });

@@ -127,3 +127,22 @@ export function spawnMain(args: string[]) {
   };
   return { child, until, finish, stdoutSoFar: () => Promise.resolve(stdout) };
 }
+
+/**
+ * A test that needs `shader-f16`: on an adapter without it, it is reported as ignored, the reason in its name,
+ * never silently passed.
+ */
+export function f16Test(hasF16: boolean, name: string, fn: () => void | Promise<void>) {
+  Deno.test({ name: hasF16 ? name : `${name} (skipped: no shader-f16 on this adapter)`, ignore: !hasF16, fn });
+}
+
+/** The Chromium (or Chrome) binary on the PATH, if any: for the --web page test and the Dawn suite. */
+export function findChromium(): string | undefined {
+  return ["chromium", "chromium-browser", "google-chrome"].find((name) => {
+    try {
+      return new Deno.Command(name, { args: ["--version"], stdout: "null", stderr: "null" }).outputSync().success;
+    } catch {
+      return false;
+    }
+  });
+}

@@ -3,15 +3,9 @@
 // without it the test reports itself skipped, with the reason.
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { runMain, spawnMain, writeFixtureDataset } from "./util.ts";
+import { findChromium, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
 
-const chromium = ["chromium", "chromium-browser", "google-chrome"].find((name) => {
-  try {
-    return new Deno.Command(name, { args: ["--version"], stdout: "null", stderr: "null" }).outputSync().success;
-  } catch {
-    return false;
-  }
-});
+const chromium = findChromium();
 
 Deno.test({
   name: `--web: the page trains in headless Chromium and its run log matches Deno's${
