@@ -783,6 +783,7 @@ export interface Gpu {
   released?: boolean; // set by releaseGpu: a loss after it is ours, not an error
   profiler?: Profiler; // set by initGpu({ profile: true }) when the adapter has timestamp queries
   convKernels: ConvKernels; // which conv kernel set this device runs (see CONV_KERNELS)
+  convChoice?: string; // how it was chosen, when a timed trial chose it (an adapter that names nothing)
 }
 
 /**
@@ -796,6 +797,8 @@ export interface Gpu {
  * `--conv-kernels` (or gpu.convKernels) overrides the choice initGpu makes from the adapter's name.
  */
 export type ConvKernels = "tiled" | "block" | "wide";
+/** WebGPU's adapter kinds: "core", or "compatibility" (OpenGL ES-class, e.g. a browser through ANGLE). */
+export type FeatureLevel = "core" | "compatibility";
 export const CONV_KERNEL_SETS: ConvKernels[] = ["tiled", "block", "wide"];
 // per set: WGSL file, entry-point suffix, and the names of its constants (threads per workgroup
 // along the rows, rows and columns of outputs per thread, or per workgroup for "tiled"); "wide2" is
@@ -818,12 +821,17 @@ const WORKGROUP_THREADS = 256; // the largest @workgroup_size of any kernel (x o
  * adapter; `kernelDir` the kernel folder (default KERNEL_DIR, next to this file).
  */
 export async function initGpu(
-  opts: { profile?: boolean; convKernels?: ConvKernels; kernelDir?: string | URL } = {},
+  opts: { profile?: boolean; convKernels?: ConvKernels; kernelDir?: string | URL; featureLevel?: FeatureLevel } = {},
 ): Promise<Gpu> {
   const noAdapter = "no WebGPU adapter found: install or update your GPU driver (Vulkan, Metal or D3D12); " +
     "on Linux without a GPU, `apt-get install mesa-vulkan-drivers` gives a (slow) CPU device";
   if (!("gpu" in navigator)) throw new Error(noAdapter);
-  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  // a core adapter, else (or if asked) a compatibility one: a browser on OpenGL ES, such as Chromium through ANGLE
+  const compatibility = { featureLevel: "compatibility" } as GPURequestAdapterOptions;
+  const adapter = opts.featureLevel === "compatibility"
+    ? await navigator.gpu.requestAdapter(compatibility)
+    : await navigator.gpu.requestAdapter({ powerPreference: "high-performance" }) ??
+      await navigator.gpu.requestAdapter(compatibility);
   if (!adapter) throw new Error(noAdapter);
   const hasF16 = adapter.features.has("shader-f16");
   const profile = opts.profile && adapter.features.has("timestamp-query");
@@ -862,7 +870,8 @@ export async function initGpu(
   for (const file of KERNEL_FILES) sources.set(file, `${await read(file)}\n${prelude}`);
   const structs = new Map(["Frame", "ConvShape"].map((name) => [name, wgslStruct(prelude, name)]));
   const info = adapter.info;
-  const adapterName = info.description || `${info.vendor} ${info.architecture} ${info.device}`.trim();
+  const adapterName = info.description || `${info.vendor} ${info.architecture} ${info.device}`.trim() ||
+    "an unnamed WebGPU adapter";
   const gpu: Gpu = {
     device,
     adapterName,
@@ -890,7 +899,32 @@ export async function initGpu(
         "if it happens again, update the GPU driver or lower --batch-size";
     }
   });
+  // An adapter that names nothing and is no fallback (a browser through ANGLE, say) may still be a CPU: ask the clock.
+  const anonymous = !info.isFallbackAdapter && !`${info.description}${info.vendor}${info.architecture}`.trim();
+  if (!opts.convKernels && anonymous) [gpu.convKernels, gpu.convChoice] = await timeConvKernels(gpu);
   return gpu;
+}
+
+/** Times one mid-size conv forward (after a warm-up that compiles it) with the "wide" and the "tiled" set. */
+async function timeConvKernels(gpu: Gpu): Promise<[ConvKernels, string]> {
+  const mark = gpu.allocated.length, ms: Record<string, number> = {};
+  try {
+    // 0.6 GFLOP: long enough on a CPU device (~0.1 s) that the kernels' own time decides, not the submit
+    const x = tensor(gpu, [32, 16, 16, 64]), w = tensor(gpu, [3, 3, 64, 64]), y = tensor(gpu, [32, 16, 16, 64]);
+    for (const set of ["wide", "tiled"] as const) {
+      const d = conv2d(gpu, x, w, y, 1, set);
+      submit(gpu, [d]);
+      await gpu.device.queue.onSubmittedWorkDone();
+      const t0 = performance.now();
+      for (let i = 0; i < 3; i++) submit(gpu, [d]);
+      await gpu.device.queue.onSubmittedWorkDone();
+      ms[set] = (performance.now() - t0) / 3;
+    }
+  } finally {
+    freeSince(gpu, mark);
+  }
+  const why = `timed, the adapter names nothing: wide ${ms.wide.toFixed(1)} ms, tiled ${ms.tiled.toFixed(1)} ms a conv`;
+  return [ms.wide < ms.tiled ? "wide" : "tiled", why];
 }
 
 /**
@@ -2617,7 +2651,7 @@ async function sha256(text: string): Promise<string> {
  * text as compiled (the file from gpu.kernelDir, then common.wgsl). The same in a terminal and in a browser tab.
  */
 export async function runLogContent(x: {
-  gpu: Pick<Gpu, "kernelDir" | "sources" | "adapterName" | "convKernels">;
+  gpu: Pick<Gpu, "kernelDir" | "sources" | "adapterName" | "convKernels" | "convChoice">;
   flags: CliOptions;
   runs: RunResult[];
   startedAt: Date;
@@ -2641,6 +2675,7 @@ export async function runLogContent(x: {
     device: x.gpu.adapterName,
     precision: x.flags.precision,
     convKernels: x.gpu.convKernels,
+    convChoice: x.gpu.convChoice ?? null,
     flags: { ...x.flags, help: undefined, explicit: undefined },
     hyp,
     runs: x.runs.map(({ weights: _, ...r }) => r),
@@ -2814,6 +2849,7 @@ export interface CliOptions {
   save?: string;
   eval?: string;
   convKernels?: ConvKernels; // default: chosen from the adapter (initGpu)
+  featureLevel: FeatureLevel; // which WebGPU adapter to ask for first (a core one by default)
   precision: DType;
   explicit: string[]; // the flags given on the command line (--eval's defaults come from the file otherwise)
   web: boolean; // serve the training page instead of training here (section 11)
@@ -2854,6 +2890,8 @@ usage: deno run -A main.ts [flags]
                       normalised with its own statistics and evaluated at its run's batch size and precision
   --conv-kernels K    conv kernel set: tiled (workgroup-memory tiles, the GPU default), block (the
                       first version's), wide (the CPU-device default); default: chosen from the device
+  --feature-level L   core (default; compatibility if none) or compatibility: the WebGPU adapter to ask for
+                      (compatibility: an OpenGL ES-class one, such as Chromium's through ANGLE)
   --precision P       f32, or f16: images, activations and their gradients stored in f16 (needs
                       shader-f16), arithmetic, weights and optimiser state in f32 (default f32)
   --profile           time every kernel with GPU timestamps and print the table after training
@@ -2881,6 +2919,7 @@ export function parseFlags(argv: string[]): CliOptions {
         data: { type: "string" },
         json: { type: "string" },
         "conv-kernels": { type: "string" },
+        "feature-level": { type: "string" },
         precision: { type: "string" },
         ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" as const }])),
       },
@@ -2926,6 +2965,10 @@ export function parseFlags(argv: string[]): CliOptions {
   if (convKernels !== undefined && !CONV_KERNEL_SETS.includes(convKernels as ConvKernels)) {
     throw new Error(`--conv-kernels must be one of ${CONV_KERNEL_SETS.join(", ")}, got "${convKernels}"`);
   }
+  const featureLevel = (v["feature-level"] as string | undefined) ?? "core";
+  if (featureLevel !== "core" && featureLevel !== "compatibility") {
+    throw new Error(`--feature-level must be core or compatibility, got "${featureLevel}"`);
+  }
   const explicit = Object.keys(v).filter((k) => v[k] !== undefined);
   const trainingOnly = explicit.filter((k) => EVAL_IGNORES.includes(k));
   if (v.eval !== undefined && trainingOnly.length) {
@@ -2948,6 +2991,7 @@ export function parseFlags(argv: string[]): CliOptions {
     save: v.save as string | undefined,
     eval: v.eval as string | undefined,
     convKernels: convKernels as ConvKernels | undefined,
+    featureLevel,
     precision,
     data: v.data as string | undefined,
     json: v.json as string | undefined,
@@ -2990,7 +3034,7 @@ export async function main(argv: string[]) {
   if (o.save) await checkWritableFile("--save", o.save);
   const logDir = o.logDir ?? defaultLogDir();
   if (!o.noLog) await checkWritableFolder("--log-dir", logDir);
-  const gpu = await initGpu({ profile: o.profile, convKernels: o.convKernels }); // first: no GPU, no download
+  const gpu = await initGpu({ profile: o.profile, convKernels: o.convKernels, featureLevel: o.featureLevel }); // first: no GPU, no download
   if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
   checkPrecision(gpu, o.precision);
   const { dir, source } = await datasetDir(o);
@@ -3105,7 +3149,8 @@ export async function main(argv: string[]) {
 
 /** The line above the tables: device, precision, kernels, sizes (the same in a terminal and on the page). */
 function headerLine(gpu: Gpu, o: CliOptions, data: GpuData) {
-  return `device: ${gpu.adapterName} | precision: ${precisionText(o.precision)} | conv kernels: ${gpu.convKernels} | ` +
+  const conv = gpu.convKernels + (gpu.convChoice ? ` (${gpu.convChoice})` : "");
+  return `device: ${gpu.adapterName} | precision: ${precisionText(o.precision)} | conv kernels: ${conv} | ` +
     `train ${data.train.count} / test ${data.test.count} images | batch ${o.batchSize} | epochs ${o.epochs} | ` +
     `base depth ${o.baseDepth}`;
 }
@@ -3214,7 +3259,7 @@ async function evalMain(o: CliOptions) {
   const file = o.eval!;
   if (o.json) await checkWritableFile("--json", o.json);
   const saved = await readSavedNetwork(file); // before the GPU and the dataset: a bad file costs no download
-  const gpu = await initGpu({ convKernels: o.convKernels });
+  const gpu = await initGpu({ convKernels: o.convKernels, featureLevel: o.featureLevel });
   const batchSize = o.explicit.includes("batch-size") ? o.batchSize : saved.evalBatchSize;
   const precision = o.explicit.includes("precision") ? o.precision : saved.precision;
   checkPrecision(gpu, precision);
@@ -3407,7 +3452,7 @@ export function webWorker(scope: {
     const o = e.data.flags as CliOptions, startedAt = new Date(), runs: RunResult[] = [];
     let gpu: Gpu | undefined, partial: PartialRun | undefined, status: RunStatus = "completed";
     try {
-      gpu = await initGpu({ convKernels: o.convKernels });
+      gpu = await initGpu({ convKernels: o.convKernels, featureLevel: o.featureLevel });
       checkPrecision(gpu, o.precision);
       const subsets = new URLSearchParams();
       if (o.trainSubset) subsets.set("train-subset", String(o.trainSubset));
