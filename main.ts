@@ -1122,6 +1122,7 @@ export interface Dispatch {
   pipeline: GPUComputePipeline;
   bindGroup: GPUBindGroup;
   grid: [number, number, number];
+  slots: { binding: number; uniform: boolean }[]; // what the bind group holds, for compilePipelines' scratch copy
 }
 
 /**
@@ -1169,7 +1170,11 @@ function kernel(
     throw new Error(`${file}:${entryPoint} needs a grid of [${grid}] workgroups: lower --batch-size`);
   }
   const label = `${file}.${entryPoint}${info.label ? ` ${info.label}` : ""}`;
-  return { label, pipeline: p, bindGroup, grid, flop: info.flop };
+  const slots = Object.entries(bindings).map(([binding, b]) => ({
+    binding: Number(binding),
+    uniform: !("shape" in b) && (b.usage & GPUBufferUsage.UNIFORM) !== 0,
+  }));
+  return { label, pipeline: p, bindGroup, grid, flop: info.flop, slots };
 }
 
 /** The alias a storage binding of `file` is declared with (`var<storage, ...> name: array<ALIAS>`), if any. */
@@ -1208,23 +1213,38 @@ export function submit(gpu: Gpu, list: Dispatch[], after?: (enc: GPUCommandEncod
 }
 
 /**
- * Dispatches each distinct pipeline of `list` over an empty grid, and waits. Some drivers compile a pipeline at
- * its first dispatch (lavapipe: ~5 s for a 32 x 16 conv kernel on a cold shader cache); this puts that before
- * any clock starts. Nothing runs, nothing is written, and the profiler does not see it.
+ * Compiles every distinct pipeline of `list` before any clock starts: some drivers compile a pipeline only when it
+ * first runs (lavapipe: ~5 s for a 32 x 16 conv kernel on a cold shader cache; SwiftShader in a browser likewise).
+ * Each runs once, one workgroup, bound to scratch buffers of zeros: its uniforms say zero rows, so every kernel's
+ * bounds checks end it at once, and nothing of the run is read or written. No zero-size dispatch (Dawn warns).
  */
 export async function compilePipelines(gpu: Gpu, list: Dispatch[]) {
+  const mark = gpu.allocated.length, scratch = new Map<string, GPUBuffer>();
+  const zeros = (binding: number, uniform: boolean) => {
+    const key = `${binding}:${uniform}`; // one buffer per binding: a bind group never aliases a writable one
+    if (!scratch.has(key)) {
+      const usage = uniform ? GPUBufferUsage.UNIFORM : GPUBufferUsage.STORAGE;
+      const buffer = gpu.device.createBuffer({ size: 256, usage }); // new buffers hold zeros
+      gpu.allocated.push(buffer);
+      scratch.set(key, buffer);
+    }
+    return scratch.get(key)!;
+  };
   const seen = new Set<GPUComputePipeline>();
   const enc = gpu.device.createCommandEncoder(), pass = enc.beginComputePass();
   for (const d of list) {
     if (seen.has(d.pipeline)) continue;
     seen.add(d.pipeline);
+    const entries = d.slots.map(({ binding, uniform }) => ({ binding, resource: { buffer: zeros(binding, uniform) } }));
     pass.setPipeline(d.pipeline);
-    pass.setBindGroup(0, d.bindGroup);
-    pass.dispatchWorkgroups(0, 0, 0);
+    pass.setBindGroup(0, gpu.device.createBindGroup({ layout: d.pipeline.getBindGroupLayout(0), entries }));
+    pass.dispatchWorkgroups(1);
   }
   pass.end();
   gpu.device.queue.submit([enc.finish()]);
   await gpu.device.queue.onSubmittedWorkDone();
+  checkGpu(gpu);
+  freeSince(gpu, mark);
 }
 
 /**
