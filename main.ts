@@ -3391,6 +3391,9 @@ async function webMain(o: CliOptions) {
       }
       if (path === "/log" && req.method === "POST") {
         const log = await req.json();
+        if (!/^[0-9a-f]{64}$/.test(log?.script?.sha256) || Number.isNaN(Date.parse(log?.startedAt))) {
+          throw new Error("not a run log of main.ts");
+        }
         if (o.noLog) return Response.json({ path: null });
         const file = await writeLogFile(logDir, log, new Date(log.startedAt));
         console.log(`run log from the page (status ${log.status}): ${file}`);
