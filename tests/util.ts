@@ -146,3 +146,59 @@ export function findChromium(): string | undefined {
     }
   });
 }
+
+/**
+ * A page in headless Chromium, driven through the DevTools protocol (no npm dependency): `evaluate` runs an
+ * expression in the page and returns its value, `screenshot` returns a PNG, `close` ends the browser.
+ */
+export async function chromiumPage(chromium: string, url: string, windowSize = "1100,1000") {
+  const port = 9300 + Math.floor(Math.random() * 600), profile = await Deno.makeTempDir();
+  const browser = new Deno.Command(chromium, {
+    args: ["--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", `--window-size=${windowSize}`]
+      .concat([`--remote-debugging-port=${port}`, `--user-data-dir=${profile}`, url]),
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  const close = async () => {
+    browser.kill("SIGKILL");
+    await browser.status;
+    await Deno.remove(profile, { recursive: true }).catch(() => {});
+  };
+  let target: { type: string; webSocketDebuggerUrl: string } | undefined;
+  for (let i = 0; i < 100 && !target; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+    const list = await fetch(`http://127.0.0.1:${port}/json`).then((r) => r.json()).catch(() => []);
+    target = list.find((t: { type: string }) => t.type === "page");
+  }
+  if (!target) {
+    await close();
+    throw new Error("Chromium's DevTools endpoint did not answer");
+  }
+  const ws = new WebSocket(target.webSocketDebuggerUrl);
+  await new Promise((r) => ws.addEventListener("open", r, { once: true }));
+  let id = 0;
+  const call = (method: string, params = {}) =>
+    new Promise<Record<string, unknown>>((resolve) => {
+      const mine = ++id;
+      const on = (e: MessageEvent) => {
+        const m = JSON.parse(e.data);
+        if (m.id !== mine) return;
+        ws.removeEventListener("message", on);
+        resolve(m.result);
+      };
+      ws.addEventListener("message", on);
+      ws.send(JSON.stringify({ id: mine, method, params }));
+    });
+  return {
+    evaluate: async (expression: string) =>
+      ((await call("Runtime.evaluate", { expression, returnByValue: true })).result as { value?: unknown })?.value,
+    screenshot: async () => {
+      const shot = await call("Page.captureScreenshot", { format: "png", captureBeyondViewport: true });
+      return Uint8Array.from(atob(String(shot.data)), (c) => c.charCodeAt(0));
+    },
+    close: async () => {
+      ws.close();
+      await close();
+    },
+  };
+}

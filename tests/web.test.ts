@@ -3,7 +3,7 @@
 // without it the test reports itself skipped, with the reason.
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { findChromium, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
+import { chromiumPage, findChromium, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
 
 const chromium = findChromium();
 
@@ -71,6 +71,49 @@ Deno.test({
       assert.ok(Math.abs(p[e].valLoss - d[e].valLoss) < 0.05, `epoch ${e} val loss ${p[e].valLoss} vs ${d[e].valLoss}`);
       assert.ok(p[e].totalTimeSeconds > 0);
     }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test({
+  name: `--web: the Stop button stops the page's run after the current step, like Ctrl-C${
+    chromium ? "" : " (skipped: no chromium installed)"
+  }`,
+  ignore: !chromium,
+}, async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = await writeFixtureDataset(dir), logs = join(dir, "logs");
+    // 160 steps of batch 16 per epoch, 3 epochs: Stop is pressed once the first row is on the page
+    const flags = ["--train-subset", "2560", "--test-subset", "32", "--base-depth", "4", "--batch-size", "16"]
+      .concat(["--epochs", "3", "--seed", "2"]);
+    const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
+    await server.until(/training page: \S+/);
+    const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+    try {
+      const started = performance.now();
+      while (!(await page.evaluate("/\\|\\s+0\\s+\\|/.test(document.body.textContent)"))) {
+        if (performance.now() - started > 180_000) throw new Error("the page printed no first row in 180 s");
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      await page.evaluate("document.getElementById('stop').click()");
+      await Promise.race([
+        server.until(/run log from the page \(status interrupted\): /),
+        new Promise((_, reject) => setTimeout(() => reject(new Error("no interrupted run log in 60 s")), 60_000)),
+      ]);
+      assert.match(String(await page.evaluate("document.body.textContent")), /stopped in epoch \d+, after \d+ steps/);
+    } finally {
+      await page.close();
+      server.child.kill("SIGTERM");
+      await server.finish();
+    }
+    const names = (await Array.fromAsync(Deno.readDir(logs))).map((e) => e.name);
+    const log = JSON.parse(await Deno.readTextFile(join(logs, names[0])));
+    assert.equal(log.status, "interrupted");
+    const { epoch, steps } = log.runs[0].interrupted;
+    assert.ok(epoch >= 1 && steps < 480, `stopped in epoch ${epoch} after ${steps} steps, not at the end of the run`);
+    assert.ok(log.runs[0].epochs.length >= 1 && log.runs[0].epochs.length < 3);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
