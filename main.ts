@@ -7,7 +7,6 @@
 // Precision: f32 everywhere by default; --precision f16 stores images, activations and their gradients in f16
 // (arithmetic, accumulation, weights and optimiser state stay f32). The original trains in fp16.
 
-import { createHash } from "node:crypto";
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -2378,7 +2377,7 @@ async function download(
     timer = setTimeout(() => stalled.abort(), limits.stallMs);
   };
   const progress = (end = "") => log(label + (total ? `${mb(got)} / ${mb(total)} MB` : `${mb(got)} MB`) + end);
-  const hash = createHash("md5");
+  const hash = new Md5();
   let file: Deno.FsFile | undefined;
   try {
     awake();
@@ -2405,7 +2404,7 @@ async function download(
     }
     if (total && got !== total) throw fail(`connection closed after ${got} of ${total} bytes`);
     progress("\n");
-    return hash.digest("hex");
+    return hash.hex();
   } catch (e) {
     if (lastLog) log("\n"); // the error line must not be glued to the progress line
     if (stalled.signal.aborted) throw fail(`no data for ${limits.stallMs / 1000} s`);
@@ -2416,6 +2415,63 @@ async function download(
     file?.close();
   }
 }
+
+/**
+ * MD5 (RFC 1321), fed chunk by chunk: the tarball's published checksum. Written out because browsers offer no MD5
+ * (crypto.subtle has none), so the same check can run in a page.
+ */
+export class Md5 {
+  private h = Uint32Array.from([0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476]);
+  private block = new Uint8Array(64);
+  private filled = 0; // bytes waiting in `block`
+  private length = 0; // bytes fed in all
+  update(data: Uint8Array): this {
+    this.length += data.length;
+    let at = 0;
+    while (at < data.length) {
+      const n = Math.min(64 - this.filled, data.length - at);
+      this.block.set(data.subarray(at, at + n), this.filled);
+      this.filled += n;
+      at += n;
+      if (this.filled === 64) this.compress();
+    }
+    return this;
+  }
+  /** The digest in hex; the hash is used up. */
+  hex(): string {
+    const bits = this.length * 8;
+    this.update(Uint8Array.of(0x80));
+    while (this.filled !== 56) this.update(Uint8Array.of(0));
+    const tail = new DataView(new ArrayBuffer(8));
+    tail.setUint32(0, bits >>> 0, true);
+    tail.setUint32(4, Math.floor(bits / 2 ** 32), true);
+    this.update(new Uint8Array(tail.buffer));
+    const out = new DataView(new ArrayBuffer(16));
+    this.h.forEach((word, i) => out.setUint32(4 * i, word, true));
+    return Array.from(new Uint8Array(out.buffer), (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+  private compress() {
+    const m = new DataView(this.block.buffer), h = this.h;
+    let [a, b, c, d] = h;
+    for (let i = 0; i < 64; i++) {
+      const round = i >> 4;
+      const f = round === 0
+        ? (b & c) | (~b & d)
+        : round === 1
+        ? (d & b) | (~d & c)
+        : round === 2
+        ? b ^ c ^ d
+        : c ^ (b | ~d);
+      const g = round === 0 ? i : round === 1 ? (5 * i + 1) % 16 : round === 2 ? (3 * i + 5) % 16 : (7 * i) % 16;
+      const x = (a + f + MD5_K[i] + m.getUint32(4 * g, true)) >>> 0, s = MD5_S[4 * round + (i % 4)];
+      [a, d, c, b] = [d, c, b, (b + ((x << s) | (x >>> (32 - s)))) >>> 0];
+    }
+    [h[0], h[1], h[2], h[3]] = [h[0] + a, h[1] + b, h[2] + c, h[3] + d];
+    this.filled = 0;
+  }
+}
+const MD5_K = Uint32Array.from({ length: 64 }, (_, i) => Math.floor(Math.abs(Math.sin(i + 1)) * 2 ** 32));
+const MD5_S = [7, 12, 17, 22, 5, 9, 14, 20, 4, 11, 16, 23, 6, 10, 15, 21];
 
 async function exists(path: string): Promise<boolean> {
   try {

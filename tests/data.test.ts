@@ -9,6 +9,7 @@ import {
   CIFAR10_TRAIN_FILES,
   FILE_BYTES,
   loadCifar10,
+  Md5,
   RECORD_BYTES,
   resolveCifar10Dir,
   untar,
@@ -482,4 +483,19 @@ Deno.test("loadCifar10 refuses a FIFO in the data folder instead of reading it f
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("Md5 (the tarball's check, written out for browsers) agrees with node:crypto, whole or in odd chunks", () => {
+  let x = 12345;
+  const bytes = new Uint8Array(1_000_003).map(() => (x = (Math.imul(x, 1103515245) + 12345) >>> 0) >>> 24);
+  for (const n of [0, 1, 55, 56, 57, 63, 64, 65, 119, 120, 128, 1000, bytes.length]) {
+    const data = bytes.subarray(0, n);
+    assert.equal(new Md5().update(data).hex(), md5(data), `${n} bytes`);
+  }
+  const chunked = new Md5();
+  for (let at = 0, size = 1; at < bytes.length; at += size, size = 1 + ((size * 7 + 3) % 9973)) {
+    chunked.update(bytes.subarray(at, at + size));
+  }
+  assert.equal(chunked.hex(), md5(bytes));
+  assert.equal(new Md5().update(new TextEncoder().encode("abc")).hex(), "900150983cd24fb0d6963f7d28e17f72"); // RFC 1321
 });
