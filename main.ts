@@ -3479,8 +3479,8 @@ function queryFlags(params: URLSearchParams): string[] {
 }
 
 /**
- * `path` bundled into one browser module (deno bundle). The four node: imports only serve the terminal (files,
- * flags, hashes of the downloader); in the browser they stand for functions that say so if ever called.
+ * `path` bundled into one browser module (deno bundle). The node: imports (path, url, util) only serve the
+ * terminal (files, flags); in the browser they stand for functions that say so if ever called.
  */
 export async function bundleForBrowser(path: string): Promise<string> {
   const out = await Deno.makeTempFile({ suffix: ".js" });
