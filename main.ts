@@ -708,7 +708,10 @@ export async function evaluateWeights(
   if (!first || first.shape.length !== 4) {
     throw new Error(`${file} has no conv_group_1.conv1.weight: not a network of ours`);
   }
-  if (!(depth >= 1 && depth <= 1024)) throw new Error(`${file} claims base depth ${depth}: not a network of ours`);
+  const depths = FLAG_RANGES["base-depth"];
+  if (!(depth >= depths.min && depth <= depths.max)) {
+    throw new Error(`${file} claims base depth ${depth}: not a network of ours`);
+  }
   const layout = layoutState(stateSpec(depth));
   for (const [name, e] of layout.entries) { // every shape is checked before anything is allocated
     const t = weights.get(name);
@@ -2329,7 +2332,11 @@ export async function resolveCifar10Dir(opts: {
     } catch (e) {
       if (await exists(finalDir)) return finalDir; // another process finished the same download first
       throw new Error(
-        `${writeFailure(cacheDir, e).replace(/: [^:]*$/, "")}: check disk space and permissions, or ${USE_DATA}`,
+        DISK_FULL.test(errorText(e))
+          ? `disk full writing CIFAR-10 into ${cacheDir}: free some space, or ${USE_DATA}`
+          : `could not write CIFAR-10 into ${cacheDir} (${
+            errorText(e)
+          }): check disk space and permissions, or ${USE_DATA}`,
       );
     }
     return finalDir;
@@ -2409,7 +2416,7 @@ async function download(
     if (lastLog) log("\n"); // the error line must not be glued to the progress line
     if (stalled.signal.aborted) throw fail(`no data for ${limits.stallMs / 1000} s`);
     if (errorText(e).startsWith("could not download")) throw e;
-    throw /No space left|os error 28/.test(errorText(e)) ? new Error(writeFailure(path, e)) : fail(errorText(e));
+    throw DISK_FULL.test(errorText(e)) ? new Error(writeFailure(path, e)) : fail(errorText(e));
   } finally {
     clearTimeout(timer);
     file?.close();
@@ -2630,10 +2637,13 @@ export async function writeBytesAtomic(path: string, bytes: Uint8Array) {
   }
 }
 
+/** How the OS says a write failed for want of space (Linux and macOS message, errno 28). */
+const DISK_FULL = /No space left on device|os error 28|ENOSPC/i;
+
 /** The line for a failed write: disk full says so; anything else names the folder to check. */
 export function writeFailure(path: string, e: unknown): string {
   const why = errorText(e);
-  if (/No space left on device|os error 28|ENOSPC/i.test(why)) return `disk full writing ${path}: free some space`;
+  if (DISK_FULL.test(why)) return `disk full writing ${path}: free some space`;
   return `could not write ${path} (${why}): check the folder exists and is writable`;
 }
 
@@ -2715,11 +2725,20 @@ export interface PartialRun {
   step?: number;
 }
 
-/** sha256 in hex, web-standard (the browser page computes its run log with it too). */
-async function sha256(text: string): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text)));
-  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+/**
+ * sha256 in hex, web-standard (the browser page computes its run log with it too). Remembered per text: a run log is
+ * rewritten after every epoch with the same script and kernels.
+ */
+function sha256(text: string): Promise<string> {
+  let digest = SHA256_SEEN.get(text);
+  if (!digest) {
+    digest = crypto.subtle.digest("SHA-256", new TextEncoder().encode(text))
+      .then((d) => Array.from(new Uint8Array(d), (b) => b.toString(16).padStart(2, "0")).join(""));
+    SHA256_SEEN.set(text, digest);
+  }
+  return digest;
 }
+const SHA256_SEEN = new Map<string, Promise<string>>();
 
 /**
  * The run log's content: what a later comparison needs to trust a result (the exact script and kernels by sha256,
@@ -2775,11 +2794,16 @@ export async function writeRunLog(
   at: { path?: string; status?: RunStatus; partial?: PartialRun } = {},
 ) {
   const status = at.status ?? (runs.some((r) => r.interrupted) ? "interrupted" : "completed");
-  const scriptPath = fileURLToPath(import.meta.url), source = await Deno.readTextFile(scriptPath);
-  const script = { path: scriptPath, source };
+  const script = { path: fileURLToPath(import.meta.url), source: await scriptSource() };
   const log = await runLogContent({ gpu, flags, runs, startedAt, script, runtime: Deno.version, status, ...at });
   return await writeLogFile(dir, log, startedAt, at.path);
 }
+
+/** This script's text as it was when first asked for (a run log describes the script that started the run). */
+function scriptSource(): Promise<string> {
+  return SCRIPT_SOURCE.text ??= Deno.readTextFile(fileURLToPath(import.meta.url));
+}
+const SCRIPT_SOURCE: { text?: Promise<string> } = {};
 
 /** Writes a run log object: to `path`, or to a new file in `dir` named after its start and script (see writeRunLog). */
 async function writeLogFile(dir: string, log: { script: { sha256: string } }, startedAt: Date, path?: string) {
