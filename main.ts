@@ -8,7 +8,7 @@
 // (arithmetic, accumulation, weights and optimiser state stay f32). The original trains in fp16.
 
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 
 // =================================================================================================
@@ -818,12 +818,21 @@ const KERNEL_PRELUDE = "common"; // appended to every kernel file (kernels/commo
 const MAX_GROUPS = 65535; // per grid dimension (WebGPU's default limit)
 const WORKGROUP_THREADS = 256; // the largest @workgroup_size of any kernel (x only)
 
+/** Kernel files already read (a page has no file system): their folder, for the run log, and each text by name. */
+export type KernelTexts = { dir: string; files: Record<string, string> };
+
 /**
  * The device, its limits and the kernel sources. `convKernels` overrides the conv kernel set chosen from the
- * adapter; `kernelDir` the kernel folder (default KERNEL_DIR, next to this file).
+ * adapter; `kernelDir` the kernel folder (default KERNEL_DIR, next to this file), or `kernels` their texts.
  */
 export async function initGpu(
-  opts: { profile?: boolean; convKernels?: ConvKernels; kernelDir?: string | URL; featureLevel?: FeatureLevel } = {},
+  opts: {
+    profile?: boolean;
+    convKernels?: ConvKernels;
+    kernelDir?: string | URL;
+    kernels?: KernelTexts;
+    featureLevel?: FeatureLevel;
+  } = {},
 ): Promise<Gpu> {
   const noAdapter = "no WebGPU adapter found: install or update your GPU driver (Vulkan, Metal or D3D12); " +
     "on Linux without a GPU, `apt-get install mesa-vulkan-drivers` gives a (slow) CPU device";
@@ -856,17 +865,12 @@ export async function initGpu(
       maxComputeWorkgroupSizeX: WORKGROUP_THREADS,
     },
   });
-  const dir = new URL(opts.kernelDir ?? KERNEL_DIR, import.meta.url);
-  const read = async (file: string) => {
-    let why: string;
-    try {
-      const res = await fetch(new URL(`${file}.wgsl`, dir));
-      if (res.ok) return await res.text();
-      why = `HTTP ${res.status}`;
-    } catch (e) {
-      why = errorText(e).split(": ").pop()!; // a local file that is not there: "No such file or directory (os error 2)"
-    }
-    throw new Error(`cannot read ${file}.wgsl in ${dir} (${why}): is the kernels/ folder there?`);
+  // a page's module is a blob: URL, against which no path resolves: it hands the texts over
+  const given = opts.kernels, dir = given ? undefined : new URL(opts.kernelDir ?? KERNEL_DIR, import.meta.url);
+  const read = (file: string) => {
+    if (!given) return readKernel(dir!, file);
+    if (file in given.files) return given.files[file];
+    throw new Error(`the page lacks ${file}.wgsl: write it again with --web`);
   };
   const prelude = await read(KERNEL_PRELUDE), sources = new Map<string, string>();
   for (const file of KERNEL_FILES) sources.set(file, `${await read(file)}\n${prelude}`);
@@ -879,7 +883,7 @@ export async function initGpu(
     adapterName,
     hasF16,
     limits: { maxBinding: a.maxStorageBufferBindingSize, maxBuffer: a.maxBufferSize },
-    kernelDir: dir.protocol === "file:" ? fileURLToPath(dir) : dir.href,
+    kernelDir: given?.dir ?? (dir!.protocol === "file:" ? fileURLToPath(dir!) : dir!.href),
     sources,
     structs,
     pipelines: new Map(),
@@ -905,6 +909,19 @@ export async function initGpu(
   const anonymous = !info.isFallbackAdapter && !`${info.description}${info.vendor}${info.architecture}`.trim();
   if (!opts.convKernels && anonymous) [gpu.convKernels, gpu.convChoice] = await timeConvKernels(gpu);
   return gpu;
+}
+
+/** One kernel file's text, from a folder (a file: or http: URL), or an error that says which and why. */
+async function readKernel(dir: URL, file: string): Promise<string> {
+  let why: string;
+  try {
+    const res = await fetch(new URL(`${file}.wgsl`, dir));
+    if (res.ok) return await res.text();
+    why = `HTTP ${res.status}`;
+  } catch (e) {
+    why = errorText(e).split(": ").pop()!; // a local file that is not there: "No such file or directory (os error 2)"
+  }
+  throw new Error(`cannot read ${file}.wgsl in ${dir} (${why}): is the kernels/ folder there?`);
 }
 
 /** Times one mid-size conv forward (after a warm-up that compiles it) with the "wide" and the "tiled" set. */
@@ -2160,8 +2177,21 @@ export async function loadCifar10(
     );
   }
   if (!info.isDirectory) throw new Error(`${named} is not a folder: ${fixData(source)}`);
-  const train = await readRecords(dir, CIFAR10_TRAIN_FILES, opts.trainSubset, "trainSubset", source);
-  const test = await readRecords(dir, [CIFAR10_TEST_FILE], opts.testSubset, "testSubset", source);
+  const fix = fixData(source);
+  return await cifarRecords((file) => readCifarFile(join(dir, file), fix), opts, fix);
+}
+
+/**
+ * The first trainSubset (testSubset) records of the training files (the test file), in file order, each file got
+ * from `read` (a folder's, a tarball's) and checked; `fix` ends each error line (what the user can do about it).
+ */
+export async function cifarRecords(
+  read: (file: string) => Promise<{ name: string; bytes: Uint8Array }>,
+  opts: { trainSubset?: number; testSubset?: number },
+  fix: string,
+): Promise<Cifar10> {
+  const train = await readRecords(read, CIFAR10_TRAIN_FILES, opts.trainSubset, "trainSubset", fix);
+  const test = await readRecords(read, [CIFAR10_TEST_FILE], opts.testSubset, "testSubset", fix);
   return {
     trainImages: train.images,
     trainLabels: train.labels,
@@ -2171,7 +2201,13 @@ export async function loadCifar10(
 }
 
 // Reads the first n records of `files` (in order), opening only the files it needs.
-async function readRecords(dir: string, files: string[], n: number | undefined, what: string, source: DataSource) {
+async function readRecords(
+  read: (file: string) => Promise<{ name: string; bytes: Uint8Array }>,
+  files: string[],
+  n: number | undefined,
+  what: string,
+  fix: string,
+) {
   const max = files.length * RECORDS_PER_FILE;
   n ??= max;
   if (!Number.isInteger(n) || n < 0 || n > max) {
@@ -2179,7 +2215,8 @@ async function readRecords(dir: string, files: string[], n: number | undefined, 
   }
   const images = new Uint8Array(n * IMAGE_BYTES), labels = new Uint8Array(n);
   for (let f = 0, i = 0; i < n; f++) {
-    const bytes = await readCifarFile(join(dir, files[f]), source);
+    const { name, bytes } = await read(files[f]);
+    checkCifarFile(name, bytes, fix);
     const count = Math.min(RECORDS_PER_FILE, n - i);
     for (let r = 0; r < count; r++, i++) {
       labels[i] = bytes[r * RECORD_BYTES];
@@ -2189,34 +2226,85 @@ async function readRecords(dir: string, files: string[], n: number | undefined, 
   return { images, labels };
 }
 
-// Reads one .bin file and checks its size and every label, so that a corrupt or
-// wrong file fails loudly here instead of silently training on garbage.
-async function readCifarFile(path: string, source: DataSource): Promise<Uint8Array> {
-  const fix = fixData(source);
-  let bytes: Uint8Array;
+// Reads one .bin file: only a regular file (a FIFO or device would be read forever, or block).
+async function readCifarFile(path: string, fix: string): Promise<{ name: string; bytes: Uint8Array }> {
   try {
-    // a FIFO or device would be read forever (or block): only a regular file is read
     if (!(await Deno.stat(path)).isFile) {
       throw new Error(`CIFAR-10 file ${path} is not a regular file (a folder, FIFO or device): ${fix}`);
     }
-    bytes = await Deno.readFile(path);
+    return { name: path, bytes: await Deno.readFile(path) };
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) throw new Error(`CIFAR-10 file ${path} is missing: ${fix}`);
     if (errorText(e).startsWith("CIFAR-10 file")) throw e;
     throw new Error(`could not read CIFAR-10 file ${path} (${errorText(e)}): ${fix}`);
   }
+}
+
+// Checks one .bin file's size and every label, so that a corrupt or wrong file fails loudly here instead of
+// silently training on garbage.
+function checkCifarFile(name: string, bytes: Uint8Array, fix: string) {
   if (bytes.length !== FILE_BYTES) {
     throw new Error(
-      `CIFAR-10 file ${path} has ${bytes.length} bytes, expected ${FILE_BYTES} (truncated, or not the binary version): ${fix}`,
+      `CIFAR-10 file ${name} has ${bytes.length} bytes, expected ${FILE_BYTES} (truncated, or not the binary version): ${fix}`,
     );
   }
   for (let r = 0; r < RECORDS_PER_FILE; r++) {
     const label = bytes[r * RECORD_BYTES];
     if (label > 9) {
-      throw new Error(`CIFAR-10 file ${path} record ${r} has label ${label}, expected 0-9 (corrupt file): ${fix}`);
+      throw new Error(`CIFAR-10 file ${name} record ${r} has label ${label}, expected 0-9 (corrupt file): ${fix}`);
     }
   }
-  return bytes;
+}
+
+/**
+ * The .bin files of the official tarball (a gzip stream): gunzipped (DecompressionStream, in a browser too), untarred,
+ * and only the files directly inside cifar-10-batches-bin/ kept (this also rules out "../" tricks). `what` names the
+ * tarball in the error lines, `fix` ends them.
+ */
+export async function unpackCifarTarball(gz: ReadableStream<Uint8Array<ArrayBuffer>>, what: string, fix: string) {
+  let files: { name: string; data: Uint8Array }[];
+  try {
+    files = untar(await new Response(gz.pipeThrough(new DecompressionStream("gzip"))).bytes());
+  } catch (e) {
+    throw new Error(`could not unpack ${what} (${errorText(e)}): ${fix}`);
+  }
+  const wanted = new Map<string, Uint8Array>();
+  for (const { name, data } of files) {
+    const m = name.replace(/^\.\//, "").match(/^cifar-10-batches-bin\/([^/]+)$/);
+    if (m && m[1] !== "." && m[1] !== "..") wanted.set(m[1], data);
+  }
+  for (const file of [...CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE]) {
+    const size = wanted.get(file)?.length;
+    if (size !== FILE_BYTES) {
+      const has = size === undefined ? "lacks" : `has a ${size}-byte`;
+      throw new Error(`${what} ${has} ${DATA_FOLDER}/${file} (expected ${FILE_BYTES} bytes): ${fix}`);
+    }
+  }
+  return wanted;
+}
+
+/**
+ * CIFAR-10 from the official tarball as a Blob (the page's file picker): its md5 checked against the published one,
+ * then unpacked and read as loadCifar10 reads a folder. No file system: the browser's way in.
+ */
+export async function cifarFromTarball(
+  tarball: Blob & { name?: string },
+  opts: { trainSubset?: number; testSubset?: number; md5?: string },
+): Promise<Cifar10> {
+  const what = tarball.name || "the chosen file", expected = opts.md5 ?? CIFAR10_MD5;
+  const fix = `choose the official ${CIFAR10_URL.split("/").pop()}, from ${CIFAR10_URL}`;
+  const hash = new Md5();
+  for await (const chunk of tarball.stream()) hash.update(chunk);
+  const md5 = hash.hex();
+  if (md5 !== expected) {
+    throw new Error(`${what} has md5 ${md5}, expected ${expected} (not the CIFAR-10 tarball): ${fix}`);
+  }
+  const files = await unpackCifarTarball(tarball.stream(), what, fix);
+  return await cifarRecords(
+    (file) => Promise.resolve({ name: `${DATA_FOLDER}/${file} in ${what}`, bytes: files.get(file)! }),
+    opts,
+    fix,
+  );
 }
 
 // Minimal tar reader (ustar + GNU), enough for the CIFAR-10 tarball. Returned
@@ -2305,28 +2393,11 @@ export async function resolveCifar10Dir(opts: {
         `downloaded file has md5 ${got}, expected ${md5}: the download is corrupt or ${url} serves a different file; retry, or ${USE_DATA}`,
       );
     }
-    let files: { name: string; data: Uint8Array }[];
-    try {
-      const file = await Deno.open(tarGz);
-      files = untar(await new Response(file.readable.pipeThrough(new DecompressionStream("gzip"))).bytes());
-    } catch (e) {
-      throw new Error(`could not unpack ${url} (${errorText(e)}): retry the download, or ${USE_DATA}`);
-    }
-    // Keep only the files directly inside cifar-10-batches-bin/ (this also rules out "../" tricks).
-    const wanted = new Map<string, Uint8Array>();
-    for (const { name, data } of files) {
-      const m = name.replace(/^\.\//, "").match(/^cifar-10-batches-bin\/([^/]+)$/);
-      if (m && m[1] !== "." && m[1] !== "..") wanted.set(m[1], data);
-    }
-    for (const file of [...CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE]) {
-      const size = wanted.get(file)?.length;
-      if (size !== FILE_BYTES) {
-        const has = size === undefined ? "lacks" : `has a ${size}-byte`;
-        throw new Error(
-          `archive from ${url} ${has} ${DATA_FOLDER}/${file} (expected ${FILE_BYTES} bytes): ${USE_DATA}`,
-        );
-      }
-    }
+    const wanted = await unpackCifarTarball(
+      (await Deno.open(tarGz)).readable,
+      `the archive from ${url}`,
+      `retry the download, or ${USE_DATA}`,
+    );
     try {
       await Deno.mkdir(tmp, { mode: 0o777 }); // the umask applies: an ordinary folder, as `mkdir` makes
       for (const [file, data] of wanted) await Deno.writeFile(join(tmp, file), data);
@@ -2956,6 +3027,7 @@ export interface CliOptions {
   explicit: string[]; // the flags given on the command line (--eval's defaults come from the file otherwise)
   web: boolean; // serve the training page instead of training here (section 11)
   port?: number; // of the page's server (default: a free one)
+  static?: string; // --web --static FILE.html: write the page, self-contained, instead of serving it
 }
 
 const FLAG_RANGES = {
@@ -3001,31 +3073,45 @@ usage: deno run -A main.ts [flags]
   --web               serve a page on localhost that trains in the browser, on its WebGPU, with the other
                       flags (its URL query); the page's run log is kept in --log-dir
   --port N            the page's port (default: a free one, printed)
+  --static FILE.html  with --web: write the page as one self-contained file instead (no server: open it from
+                      disk or any web host; it asks for the official tarball, checks and unpacks it in the tab)
   --help              show this help`;
+
+const FLAG_OPTIONS = {
+  help: { type: "boolean", short: "h" },
+  profile: { type: "boolean" },
+  web: { type: "boolean" },
+  static: { type: "string" },
+  "log-dir": { type: "string" },
+  "no-log": { type: "boolean" },
+  save: { type: "string" },
+  eval: { type: "string" },
+  data: { type: "string" },
+  json: { type: "string" },
+  "conv-kernels": { type: "string" },
+  "feature-level": { type: "string" },
+  precision: { type: "string" },
+  ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" }])),
+} as Record<string, { type: "boolean" | "string"; short?: string }>;
+
+/** The flags a --web page takes from its URL query: those of training itself (the rest are the terminal's). */
+export const PAGE_FLAGS = [
+  "runs",
+  "epochs",
+  "base-depth",
+  "batch-size",
+  "train-subset",
+  "test-subset",
+  "seed",
+  "conv-kernels",
+  "feature-level",
+  "precision",
+];
 
 export function parseFlags(argv: string[]): CliOptions {
   let parsed;
   try {
-    parsed = parseArgs({
-      args: argv,
-      strict: true,
-      allowPositionals: false,
-      options: {
-        help: { type: "boolean", short: "h" },
-        profile: { type: "boolean" },
-        web: { type: "boolean" },
-        "log-dir": { type: "string" },
-        "no-log": { type: "boolean" },
-        save: { type: "string" },
-        eval: { type: "string" },
-        data: { type: "string" },
-        json: { type: "string" },
-        "conv-kernels": { type: "string" },
-        "feature-level": { type: "string" },
-        precision: { type: "string" },
-        ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" as const }])),
-      },
-    });
+    parsed = parseArgs({ args: argv, strict: true, allowPositionals: false, options: FLAG_OPTIONS });
   } catch (e) {
     // node's messages are long and multi-line: say the same in one line
     const msg = errorText(e), flag = msg.match(/'([^' ]+)[' ]/)?.[1] ?? "";
@@ -3043,7 +3129,28 @@ export function parseFlags(argv: string[]): CliOptions {
     }
     throw new Error(`${flag ? `${flag} needs a value` : msg.split("\n")[0]}: see --help`);
   }
-  const v = parsed.values as Record<string, string | boolean | undefined>;
+  return checkFlags(parsed.values);
+}
+
+/**
+ * A --web page's flags, from its URL query (?epochs=2&seed=1, the command line's names without the dashes), checked
+ * as the command line's are. No node:util here: this runs in the browser.
+ */
+export function parseQuery(search: string): CliOptions {
+  const v: Record<string, string | boolean> = {};
+  for (const [name, raw] of new URLSearchParams(search)) {
+    const spec = FLAG_OPTIONS[name];
+    if (!spec) throw new Error(`unknown flag ${name} in the page's address: the page takes ${PAGE_FLAGS.join(", ")}`);
+    if (!PAGE_FLAGS.includes(name)) {
+      throw new Error(`--${name} is the terminal's, not the page's: the page takes ${PAGE_FLAGS.join(", ")}`);
+    }
+    v[name] = raw; // the page's flags all take a value
+  }
+  return checkFlags(v);
+}
+
+/** Flag values (strings, or true for the boolean ones) checked and turned into options: the command line's and the page's. */
+function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions {
   const num = (name: keyof typeof FLAG_RANGES): number | undefined => {
     const raw = v[name];
     if (raw === undefined) return undefined;
@@ -3056,7 +3163,7 @@ export function parseFlags(argv: string[]): CliOptions {
     }
     return x;
   };
-  for (const name of ["data", "json", "log-dir", "save", "eval"]) {
+  for (const name of ["data", "json", "log-dir", "save", "eval", "static"]) {
     if (v[name] === "") throw new Error(`--${name} needs a value: see --help`);
   }
   const precision = (v.precision as string | undefined) ?? "f32";
@@ -3085,6 +3192,18 @@ export function parseFlags(argv: string[]): CliOptions {
     );
   }
   if (v.port !== undefined && !v.web) throw new Error("--port is the --web page's: add --web, or leave --port out");
+  if (v.static !== undefined) {
+    if (!v.web) throw new Error("--static writes the --web page to a file: add --web, or leave --static out");
+    const serverOnly = explicit.find((k) => ["port", "data", "log-dir", "no-log"].includes(k));
+    if (serverOnly) {
+      throw new Error(
+        `--static writes a page that needs no server (its data: the tarball chosen on the page; its run log: a download): --${serverOnly} does not apply there`,
+      );
+    }
+    if (!String(v.static).endsWith(".html")) {
+      throw new Error(`--static names the page's file: FILE.html, got "${v.static}"`);
+    }
+  }
   return {
     help: Boolean(v.help),
     profile: Boolean(v.profile),
@@ -3107,6 +3226,7 @@ export function parseFlags(argv: string[]): CliOptions {
     explicit,
     web: Boolean(v.web),
     port: num("port"),
+    static: v.static as string | undefined,
   };
 }
 
@@ -3434,35 +3554,46 @@ export async function readSavedNetwork(file: string) {
 // =================================================================================================
 
 /**
- * --web: serves a page on localhost that trains with this very script, bundled for the browser (so a fork serves
- * itself), in a module Worker: the same flags (the page's URL query, parsed here by parseFlags), the same seeds, the
- * table live, the curves, and the run log (offered for download, and kept in --log-dir like a terminal run's). The
- * page and its worker are the strings below: one copy of the training code, no second file at the top level.
+ * --web: a page that trains with this very script, bundled for the browser (so a fork serves itself): the same flags
+ * (the page's URL query, checked by parseQuery), the same seeds, the table live, the curves, and the run log (offered
+ * for download). The page is one self-contained HTML file (the bundle, the kernels and the script's text inside), the
+ * WEB_PAGE string below: one copy of the training code, no second file at the top level. Served here, it gets its
+ * data from this server and its run log is kept in --log-dir like a terminal run's; written with --static FILE.html,
+ * it needs no server at all and asks for the official tarball.
  */
 async function webMain(o: CliOptions) {
-  const script = fileURLToPath(import.meta.url), here = new URL(".", import.meta.url);
-  const bundles = new Map<string, string>([["/main.js", await bundleForBrowser(script)]]);
-  const plot = new URL("./bench/plot.ts", import.meta.url); // the curves of `deno task plot`, if this checkout has them
-  if (await exists(fileURLToPath(plot))) bundles.set("/plot.js", await bundleForBrowser(fileURLToPath(plot)));
+  const query = new URLSearchParams(
+    o.explicit.filter((k) => PAGE_FLAGS.includes(k)).map((k) => {
+      const v = (o as unknown as Record<string, unknown>)[k.replace(/-(\w)/g, (_, c) => c.toUpperCase())];
+      return [k, String(v)];
+    }),
+  );
+  const search = query.size ? `?${query}` : "";
+  if (o.static) {
+    await checkWritableFile("--static", o.static);
+    const page = new TextEncoder().encode(await webPage({ server: false }));
+    await writeBytesAtomic(o.static, page);
+    console.log(`training page written to ${o.static} (${(page.length / 1e6).toFixed(1)} MB, needs no server)`);
+    console.log(`open ${pathToFileURL(resolve(o.static))}${search}, or put the file on any web server;`);
+    console.log(`it asks for the official ${CIFAR10_URL.split("/").pop()} (${CIFAR10_URL})`);
+    return;
+  }
+  const page = await webPage({ server: true });
   const { dir, source } = await datasetDir(o); // downloaded now if it must be, not when the page asks
   const logDir = o.logDir ?? defaultLogDir();
   if (!o.noLog) await checkWritableFolder("--log-dir", logDir);
   let cached: { key: string; cifar: Cifar10 } | undefined; // the last subsets the page asked for
-  const text = (body: string, type: string, status = 200) =>
-    new Response(body, { status, headers: { "content-type": `${type}; charset=utf-8`, "cache-control": "no-store" } });
   const handler = async (req: Request): Promise<Response> => {
     const url = new URL(req.url), path = url.pathname;
     try {
-      if (path === "/") return text(WEB_PAGE, "text/html");
-      if (path === "/worker.js") return text(WEB_WORKER, "text/javascript");
-      if (bundles.has(path)) return text(bundles.get(path)!, "text/javascript");
-      if (path === "/flags") return Response.json(parseFlags(queryFlags(url.searchParams)));
-      if (path === "/source") return Response.json({ path: script, source: await Deno.readTextFile(script) });
-      const kernel = path.match(/^\/kernels\/(\w+\.wgsl)$/)?.[1];
-      if (kernel) return text(await Deno.readTextFile(new URL(`${KERNEL_DIR}${kernel}`, here)), "text/plain");
+      if (path === "/") {
+        return new Response(page, {
+          headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" },
+        });
+      }
       const part = path.match(/^\/data\/(trainImages|trainLabels|testImages|testLabels)$/)?.[1] as keyof Cifar10;
       if (part) {
-        const f = parseFlags(queryFlags(url.searchParams)), key = `${f.trainSubset}/${f.testSubset}`;
+        const f = parseQuery(url.search), key = `${f.trainSubset}/${f.testSubset}`;
         if (cached?.key !== key) {
           cached = {
             key,
@@ -3481,27 +3612,42 @@ async function webMain(o: CliOptions) {
         console.log(`run log from the page (status ${log.status}): ${file}`);
         return Response.json({ path: file });
       }
-      return text("not found", "text/plain", 404);
+      return new Response("not found", { status: 404 });
     } catch (e) {
       return Response.json({ error: errorText(e) }, { status: 400 });
     }
   };
   const server = Deno.serve({ hostname: "127.0.0.1", port: o.port ?? 0, onListen() {} }, handler);
-  const serverOnly = ["web", "port", "data", "log-dir", "no-log"]; // the page's query holds the training flags
-  const query = new URLSearchParams(
-    o.explicit.filter((k) => !serverOnly.includes(k)).map((k) => {
-      const v = (o as unknown as Record<string, unknown>)[k.replace(/-(\w)/g, (_, c) => c.toUpperCase())];
-      return [k, typeof v === "boolean" ? "" : String(v)];
-    }),
-  );
-  console.log(`training page: http://127.0.0.1:${server.addr.port}/${query.size ? `?${query}` : ""}`);
+  console.log(`training page: http://127.0.0.1:${server.addr.port}/${search}`);
   console.log("(the page trains on this browser's WebGPU; Ctrl-C here stops the server)");
   await server.finished;
 }
 
-/** The page's URL query as command-line flags: ?epochs=2&no-log -> --epochs 2 --no-log. */
-function queryFlags(params: URLSearchParams): string[] {
-  return [...params].flatMap(([k, v]) => (v === "" ? [`--${k}`] : [`--${k}`, v]));
+/** What the page carries (WEB_PAGE's config): the bundles, the kernels, the script's text, and where data come from. */
+export interface WebConfig {
+  server: boolean; // data and the run log's keeping from the server that sent the page; else the tarball, a download
+  md5: string; // the tarball's expected md5
+  main: string; // this script, bundled for the browser
+  plot: string | null; // bench/plot.ts, bundled (the curves), if this checkout has it
+  kernels: KernelTexts;
+  script: { path: string; source: string }; // for the run log
+}
+
+/** The page, self-contained: WEB_PAGE with its config (see WebConfig) inside. `md5` is for tests' own tarballs. */
+export async function webPage(o: { server: boolean; md5?: string }): Promise<string> {
+  const script = fileURLToPath(import.meta.url), plot = fileURLToPath(new URL("./bench/plot.ts", import.meta.url));
+  const kernelDir = new URL(KERNEL_DIR, import.meta.url), files: Record<string, string> = {};
+  for (const file of [KERNEL_PRELUDE, ...KERNEL_FILES]) files[file] = await readKernel(kernelDir, file);
+  const config: WebConfig = {
+    server: o.server,
+    md5: o.md5 ?? CIFAR10_MD5,
+    main: await bundleForBrowser(script),
+    plot: await exists(plot) ? await bundleForBrowser(plot) : null,
+    kernels: { dir: fileURLToPath(kernelDir), files },
+    script: { path: script, source: await scriptSource() },
+  };
+  // JSON inside a <script> element: "<" escaped, so that no "</script>" in the texts ends it
+  return WEB_PAGE.replace("{/*config*/}", () => JSON.stringify(config).replace(/</g, "\\u003c"));
 }
 
 /**
@@ -3534,6 +3680,7 @@ export async function bundleForBrowser(path: string): Promise<string> {
 
 /** The message a page's worker posts (see webWorker). */
 export type WebMessage =
+  | { type: "status"; text: string }
   | { type: "device"; name: string; header: string }
   | { type: "run"; run: number; runs: number; seed: number }
   | { type: "step"; epoch: number; step: number; steps: number }
@@ -3543,8 +3690,21 @@ export type WebMessage =
   | { type: "error"; message: string };
 
 /**
- * The worker's side of the page: trains as `main` does, with the flags the page sends ({type: "start", flags}),
- * on data fetched from the server, and posts what the table needs; {type: "stop"} is the Ctrl-C of the page.
+ * What the page sends its worker to start: the flags, the page's config, and the tarball chosen (no server) or the
+ * page's address (its server's; a worker made from a blob has no address of its own to resolve "data/" against).
+ */
+export type WebStart = {
+  type: "start";
+  flags: CliOptions;
+  config: Omit<WebConfig, "main" | "plot">;
+  tarball?: File;
+  page: string;
+};
+
+/**
+ * The worker's side of the page: trains as `main` does, with the flags the page sends (a WebStart), on data from the
+ * server or the tarball, and posts what the table needs; {type: "stop"} is the Ctrl-C of the page. `scope` is the
+ * Worker's global, or a MessagePort where the page has no Worker (opened from a file).
  */
 export function webWorker(scope: {
   postMessage(message: WebMessage): void;
@@ -3554,23 +3714,16 @@ export function webWorker(scope: {
   scope.addEventListener("message", async (e: MessageEvent) => {
     if (e.data?.type === "stop") stopRequested = true;
     if (e.data?.type !== "start") return;
-    const o = e.data.flags as CliOptions, startedAt = new Date(), runs: RunResult[] = [];
+    const { flags: o, config, tarball, page } = e.data as WebStart, startedAt = new Date(), runs: RunResult[] = [];
     let gpu: Gpu | undefined, partial: PartialRun | undefined, status: RunStatus = "completed";
     try {
-      gpu = await initGpu({ convKernels: o.convKernels, featureLevel: o.featureLevel });
+      gpu = await initGpu({ convKernels: o.convKernels, featureLevel: o.featureLevel, kernels: config.kernels });
       checkPrecision(gpu, o.precision);
-      const subsets = new URLSearchParams();
-      if (o.trainSubset) subsets.set("train-subset", String(o.trainSubset));
-      if (o.testSubset) subsets.set("test-subset", String(o.testSubset));
-      const part = async (name: keyof Cifar10) => {
-        const res = await fetch(`data/${name}?${subsets}`);
-        if (!res.ok) throw new Error((await res.json()).error);
-        return new Uint8Array(await res.arrayBuffer());
-      };
-      const [trainImages, trainLabels, testImages, testLabels] = await Promise.all(
-        (["trainImages", "trainLabels", "testImages", "testLabels"] as const).map(part),
-      );
-      const data = uploadDataset(gpu, { trainImages, trainLabels, testImages, testLabels });
+      if (tarball) scope.postMessage({ type: "status", text: `checking and unpacking ${tarball.name}` });
+      const cifar = tarball
+        ? await cifarFromTarball(tarball, { trainSubset: o.trainSubset, testSubset: o.testSubset, md5: config.md5 })
+        : await serverCifar(o, page);
+      const data = uploadDataset(gpu, cifar);
       scope.postMessage({ type: "device", name: gpu.adapterName, header: headerLine(gpu, o, data) });
       for (let r = 0; r < o.runs && !stopRequested; r++) {
         const seed = (o.seed + r) >>> 0;
@@ -3593,77 +3746,153 @@ export function webWorker(scope: {
       scope.postMessage({ type: "error", message: errorText(err) });
     }
     if (gpu) {
-      const script = await (await fetch("source")).json();
       const runtime = { browser: navigator.userAgent };
-      const log = await runLogContent({ gpu, flags: o, runs, startedAt, script, runtime, status, partial });
+      const log = await runLogContent({
+        gpu,
+        flags: o,
+        runs,
+        startedAt,
+        script: config.script,
+        runtime,
+        status,
+        partial,
+      });
       scope.postMessage({ type: "log", log });
       releaseGpu(gpu);
     }
   });
 }
 
-/** The module a page's Worker runs: the bundled script's webWorker. */
-const WEB_WORKER = `import { webWorker } from "./main.js";\nwebWorker(self);\n`;
+/** The four arrays of the page's subsets, from the server that sent the page (its /data/ answers). */
+async function serverCifar(o: CliOptions, page: string): Promise<Cifar10> {
+  const subsets = new URLSearchParams();
+  if (o.trainSubset) subsets.set("train-subset", String(o.trainSubset));
+  if (o.testSubset) subsets.set("test-subset", String(o.testSubset));
+  const part = async (name: keyof Cifar10) => {
+    const res = await fetch(new URL(`data/${name}?${subsets}`, page));
+    if (!res.ok) throw new Error((await res.json()).error);
+    return new Uint8Array(await res.arrayBuffer());
+  };
+  const [trainImages, trainLabels, testImages, testLabels] = await Promise.all(
+    (["trainImages", "trainLabels", "testImages", "testLabels"] as const).map(part),
+  );
+  return { trainImages, trainLabels, testImages, testLabels };
+}
 
-/** The page: the device, the table as the terminal prints it, the curves, Stop, and the run log. */
+/**
+ * The page: the device, the table as the terminal prints it, the curves, Stop, and the run log; with no server, a
+ * file picker (and drop) for the tarball. Its config (WebConfig) replaces the {}-comment placeholder. It trains in a
+ * module Worker made from the bundle; a page opened from a file gets none (browsers refuse module workers to file:
+ * pages), so there the run shares the page's thread, yielding to it at every step.
+ */
 const WEB_PAGE = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hlb-CIFAR10 on WebGPU</title>
 <style>
   body { font: 15px system-ui, sans-serif; margin: 2rem; max-width: 72rem; color: #222 }
   pre { font: 12px ui-monospace, monospace; background: #f6f6f6; padding: .8rem; overflow-x: auto }
-  #status { color: #555 } .error { color: #b00020 } button { font-size: 1rem }
+  #status, #flags { color: #555 } .error { color: #b00020 } button { font-size: 1rem }
+  #pick { border: 2px dashed #999; padding: 1rem } #pick.over { background: #eef }
 </style></head>
 <body>
 <h1>hlb-CIFAR10 on WebGPU</h1>
-<p id="device">asking for a WebGPU adapter...</p>
+<p id="device">loading...</p>
+<p id="flags"></p>
+<div id="pick" hidden>This page has no server: choose the official CIFAR-10 tarball, <code id="tarname"></code>
+  (170 MB, from <a id="tarurl"></a>), or drop it here. It is checked (md5) and unpacked in this tab; nothing is uploaded.
+  <p><input type="file" id="tarball" accept=".gz,.tgz,application/gzip"></p></div>
 <p><button id="stop" disabled>Stop</button> <a id="download" hidden download="run-log.json">download the run log</a>
   <span id="status"></span></p>
 <pre id="table"></pre>
 <div id="plot"></div>
+<script type="application/json" id="config">{/*config*/}</script>
 <script type="module">
-import { formatRow, rowValues, tableHeader } from "./main.js";
 const $ = (id) => document.getElementById(id);
+const config = JSON.parse($("config").textContent);
+const blobUrl = (text) => URL.createObjectURL(new Blob([text], { type: "text/javascript" }));
+const mainUrl = blobUrl(config.main);
+const main = await import(mainUrl);
+const plot = config.plot ? await import(blobUrl(config.plot)) : null;
 const lines = [], runs = [];
 let live = "";
 const show = () => ($("table").textContent = [...lines, live].join("\\n"));
-const plot = await import("./plot.js").catch(() => null);
+const fail = (message) => { lines.push("error: " + message); $("table").className = "error"; show(); };
 function drawCurves() {
   if (!plot || !runs.length || !runs[0].epochs.length) return;
   $("plot").innerHTML = plot.plotSvg([plot.meanCurve("this page", runs)]);
 }
-const flags = await (await fetch("flags" + location.search)).json();
-if (flags.error) {
-  $("device").textContent = "error: " + flags.error;
+let flags;
+try {
+  flags = main.parseQuery(location.search);
+} catch (e) {
+  $("device").textContent = "error: " + e.message;
   $("device").className = "error";
-} else {
-  const worker = new Worker("worker.js", { type: "module" });
-  $("stop").disabled = false;
+}
+if (flags) {
+  $("flags").textContent = "flags: " + (location.search.slice(1).replaceAll("&", " ") || "the defaults") +
+    ", set in the address as on the command line: ?epochs=2&seed=1";
+  const worker = location.protocol === "file:" ? inPage() : new Worker(blobUrl(
+    'import { webWorker } from "' + mainUrl + '"; webWorker(self);'), { type: "module" });
+  function inPage() {
+    const channel = new MessageChannel();
+    main.webWorker(channel.port2);
+    channel.port2.start();
+    return channel.port1;
+  }
+  const { main: _, plot: __, ...shared } = config;
+  const start = (tarball) => {
+    $("pick").hidden = true;
+    $("stop").disabled = false;
+    $("device").textContent = "asking for a WebGPU adapter...";
+    // browsers give a page opened from a file no module Worker: the run shares this page's thread
+    if (location.protocol === "file:") $("status").textContent = "opened from a file: training on the page's thread";
+    worker.postMessage({ type: "start", flags, config: shared, tarball, page: location.href });
+  };
   $("stop").onclick = () => { worker.postMessage({ type: "stop" }); $("status").textContent = "stopping after the current step"; };
   worker.onmessage = async ({ data: m }) => {
-    if (m.type === "device") $("device").textContent = m.header;
-    if (m.type === "run") { lines.push("", "run " + m.run + "/" + m.runs + ", seed " + m.seed, tableHeader()); runs.push({ epochs: [] }); }
+    if (m.type === "status") $("status").textContent = m.text;
+    if (m.type === "device") { $("device").textContent = m.header; $("status").textContent = ""; }
+    if (m.type === "run") { lines.push("", "run " + m.run + "/" + m.runs + ", seed " + m.seed, main.tableHeader()); runs.push({ epochs: [] }); }
     if (m.type === "step") live = "|  training epoch " + m.epoch + ": " + m.step + "/" + m.steps + " steps";
-    if (m.type === "row") { live = ""; lines.push(formatRow(rowValues(m.row))); runs.at(-1).epochs.push(m.row); drawCurves(); }
+    if (m.type === "row") { live = ""; lines.push(main.formatRow(main.rowValues(m.row))); runs.at(-1).epochs.push(m.row); drawCurves(); }
     if (m.type === "result") {
-      lines.push("-".repeat(tableHeader().indexOf("\\n")));
+      lines.push("-".repeat(main.tableHeader().indexOf("\\n")));
       const r = m.result, ema = r.emaValAcc === null ? "n/a" : (100 * r.emaValAcc).toFixed(2) + "%";
       lines.push(r.interrupted ? "stopped in epoch " + r.interrupted.epoch + ", after " + r.interrupted.steps + " steps"
         : "final EMA val accuracy: " + ema + " | val accuracy: " + (100 * r.valAcc).toFixed(2) + "% | train time " + r.trainSeconds.toFixed(2) + " s");
     }
-    if (m.type === "error") { lines.push("error: " + m.message); $("table").className = "error"; }
+    if (m.type === "error") fail(m.message);
     if (m.type === "log") {
       $("stop").disabled = true;
       const blob = new Blob([JSON.stringify(m.log, null, 1) + "\\n"], { type: "application/json" });
       $("download").href = URL.createObjectURL(blob);
       $("download").hidden = false;
-      const saved = await (await fetch("log", { method: "POST", body: JSON.stringify(m.log) })).json();
-      $("status").textContent = "status " + m.log.status + (saved.path ? "; run log also kept at " + saved.path : "");
+      let kept = "";
+      if (config.server) {
+        const saved = await (await fetch("log", { method: "POST", body: JSON.stringify(m.log) })).json();
+        kept = saved.path ? "; run log also kept at " + saved.path : "";
+      }
+      $("status").textContent = "status " + m.log.status + kept;
       document.title = "done: " + m.log.status;
     }
     show();
   };
-  worker.onerror = (e) => { lines.push("error: " + e.message); show(); };
-  worker.postMessage({ type: "start", flags });
+  worker.onerror = (e) => fail(e.message);
+  if (config.server) start();
+  else {
+    const name = main.CIFAR10_URL.split("/").pop();
+    $("tarname").textContent = name;
+    $("tarurl").textContent = $("tarurl").href = main.CIFAR10_URL;
+    $("device").textContent = "waiting for " + name;
+    $("pick").hidden = false;
+    $("tarball").onchange = () => $("tarball").files[0] && start($("tarball").files[0]);
+    addEventListener("dragover", (e) => { e.preventDefault(); $("pick").classList.add("over"); });
+    addEventListener("dragleave", () => $("pick").classList.remove("over"));
+    addEventListener("drop", (e) => {
+      e.preventDefault();
+      $("pick").classList.remove("over");
+      if (!$("pick").hidden && e.dataTransfer.files[0]) start(e.dataTransfer.files[0]);
+    });
+  }
 }
 </script>
 </body></html>

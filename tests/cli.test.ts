@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
-import { parseFlags } from "../main.ts";
+import { PAGE_FLAGS, parseFlags, parseQuery } from "../main.ts";
 import { childEnv, ROOT, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
 
 Deno.test("flags: defaults follow hyp, values parse", () => {
@@ -51,6 +51,44 @@ Deno.test("flags: a bad value names the flag and its range", () => {
       (e: Error) => message.test(e.message) && !e.message.includes("\n"),
       args.join(" "),
     );
+  }
+});
+
+Deno.test("flags: a --web page's address query parses as the command line does, and takes only training flags", () => {
+  const argv = ["--runs", "2", "--epochs", "2.5", "--base-depth", "4", "--batch-size", "32", "--train-subset", "256"]
+    .concat(["--test-subset", "32", "--seed", "7", "--conv-kernels", "wide", "--feature-level", "compatibility"])
+    .concat(["--precision", "f16"]);
+  const query = new URLSearchParams();
+  for (let i = 0; i < argv.length; i += 2) query.set(argv[i].slice(2), argv[i + 1]);
+  assert.deepEqual([...query.keys()].sort(), [...PAGE_FLAGS].sort()); // every page flag is exercised
+  assert.deepEqual(parseQuery(`?${query}`), parseFlags(argv));
+  assert.equal(parseQuery("").epochs, 12.1);
+  const cases: [string, RegExp][] = [
+    ["?epochs=0x10", /^--epochs must be a number from 0.01 to 1000, got "0x10"$/],
+    ["?epochs=", /^--epochs must be a number from 0.01 to 1000, got ""$/],
+    ["?frobnicate=1", /^unknown flag frobnicate in the page's address: the page takes runs, epochs, /],
+    ["?json=r.json", /^--json is the terminal's, not the page's: the page takes runs, /],
+    ["?web", /^--web is the terminal's, not the page's/],
+    ["?precision=bf16", /^--precision must be f32 or f16, got "bf16"$/],
+  ];
+  for (const [search, message] of cases) {
+    assert.throws(() => parseQuery(search), (e: Error) => message.test(e.message), search);
+  }
+});
+
+Deno.test("flags: --static is --web's and takes a FILE.html, with no server flags", () => {
+  assert.equal(parseFlags(["--web", "--static", "p.html", "--epochs", "2"]).static, "p.html");
+  const cases: [string[], RegExp][] = [
+    [["--static", "p.html"], /^--static writes the --web page to a file: add --web, or leave --static out$/],
+    [["--web", "--static", "p.htm"], /^--static names the page's file: FILE\.html, got "p\.htm"$/],
+    [["--web", "--static", "p.html", "--data", "d"], /^--static writes a page that needs no server .*--data does not/],
+    [["--web", "--static", "p.html", "--port", "80"], /--port does not apply there$/],
+    [["--web", "--static", "p.html", "--no-log"], /--no-log does not apply there$/],
+    [["--web", "--static", "p.html", "--log-dir", "l"], /--log-dir does not apply there$/],
+    [["--web", "--static"], /^--static needs a value: see --help$/],
+  ];
+  for (const [args, message] of cases) {
+    assert.throws(() => parseFlags(args), (e: Error) => message.test(e.message), args.join(" "));
   }
 });
 

@@ -5,8 +5,10 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import {
+  CIFAR10_MD5,
   CIFAR10_TEST_FILE,
   CIFAR10_TRAIN_FILES,
+  cifarFromTarball,
   FILE_BYTES,
   loadCifar10,
   Md5,
@@ -229,6 +231,54 @@ async function fixtureTarGz() {
   return tarGzCache;
 }
 const md5 = (b: Uint8Array) => createHash("md5").update(b).digest("hex");
+
+Deno.test("cifarFromTarball (the page's way in): md5 checked, then the same records as loadCifar10 of the folder", async () => {
+  const tgz = await fixtureTarGz(), dir = await writeFixtureDir();
+  try {
+    const tarball = new File([tgz], "cifar-10-binary.tar.gz");
+    for (const subsets of [{ trainSubset: 10_005, testSubset: 3 }, {}]) {
+      assert.deepEqual(await cifarFromTarball(tarball, { ...subsets, md5: md5(tgz) }), await loadCifar10(dir, subsets));
+    }
+    // the published md5 by default: any other file is refused before it is unpacked, with what to choose instead
+    await assert.rejects(
+      cifarFromTarball(tarball, {}),
+      new RegExp(
+        `^Error: cifar-10-binary.tar.gz has md5 ${md5(tgz)}, expected ${CIFAR10_MD5} \\(not the CIFAR-10 tarball\\): ` +
+          "choose the official cifar-10-binary.tar.gz, from https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz$",
+      ),
+    );
+    const gz = async (entries: Entry[]) =>
+      await new Response(new Blob([tar(entries)]).stream().pipeThrough(new CompressionStream("gzip"))).bytes();
+    const cases: [Entry[], RegExp][] = [
+      [[], /x\.tar\.gz lacks cifar-10-batches-bin\/data_batch_1\.bin \(expected 30730000 bytes\)/],
+      [
+        ALL_FILES.map((f, i) => ({
+          name: `cifar-10-batches-bin/${f}`,
+          data: i === 5 ? fixtureFile(i).slice(1) : fixtureFile(i),
+        })),
+        /x\.tar\.gz has a 30729999-byte cifar-10-batches-bin\/test_batch\.bin/,
+      ],
+      [
+        ALL_FILES.map((f, i) => ({
+          name: `cifar-10-batches-bin/${f}`,
+          data: i === 1 ? fixtureFile(i).fill(12, 0, 1) : fixtureFile(i),
+        })),
+        /cifar-10-batches-bin\/data_batch_2\.bin in x\.tar\.gz record 0 has label 12, expected 0-9/,
+      ],
+    ];
+    for (const [entries, error] of cases) {
+      const bytes = await gz(entries);
+      await assert.rejects(cifarFromTarball(new File([bytes], "x.tar.gz"), { md5: md5(bytes) }), error);
+    }
+    const half = tgz.slice(0, tgz.length >> 1);
+    await assert.rejects(
+      cifarFromTarball(new File([half], "half.tar.gz"), { md5: md5(half) }),
+      /^Error: could not unpack half\.tar\.gz \(.+\): choose the official cifar-10-binary\.tar\.gz/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
 
 // Runs `fn` against a loopback server and an empty cache folder, always cleaning both up.
 async function withServer(

@@ -191,7 +191,15 @@ export async function chromiumPage(chromium: string, url: string, windowSize = "
     });
   return {
     evaluate: async (expression: string) =>
-      ((await call("Runtime.evaluate", { expression, returnByValue: true })).result as { value?: unknown })?.value,
+      ((await call("Runtime.evaluate", { expression, returnByValue: true, awaitPromise: true })).result as {
+        value?: unknown;
+      })?.value,
+    /** Chooses `paths` in the page's file input `selector`, as a user would (the input's change event fires). */
+    chooseFiles: async (selector: string, paths: string[]) => {
+      const { root } = await call("DOM.getDocument") as { root: { nodeId: number } };
+      const { nodeId } = await call("DOM.querySelector", { nodeId: root.nodeId, selector }) as { nodeId: number };
+      await call("DOM.setFileInputFiles", { nodeId, files: paths });
+    },
     screenshot: async () => {
       const shot = await call("Page.captureScreenshot", { format: "png", captureBeyondViewport: true });
       return Uint8Array.from(atob(String(shot.data)), (c) => c.charCodeAt(0));

@@ -3,6 +3,7 @@
 // without it the test reports itself skipped, with the reason.
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { CIFAR10_MD5, Md5, webPage } from "../main.ts";
 import { chromiumPage, findChromium, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
 
 const chromium = findChromium();
@@ -10,6 +11,29 @@ const chromium = findChromium();
 /** A test that needs Chromium: without it, reported as ignored with the reason, never silently passed. */
 function chromiumTest(name: string, fn: () => Promise<void>) {
   Deno.test({ name: chromium ? name : `${name} (skipped: no chromium installed)`, ignore: !chromium, fn });
+}
+
+/** A page's run log against Deno's for the same flags and `seed`: the same script, kernels and run. */
+// deno-lint-ignore no-explicit-any
+function assertSameRun(page: any, deno: any, seed: number) {
+  // the same script, kernels, flags and seed; a browser and a WebGPU implementation of its own
+  assert.equal(page.status, "completed");
+  assert.equal(page.script.sha256, deno.script.sha256);
+  assert.deepEqual(page.kernels, deno.kernels);
+  assert.equal(page.runs[0].seed, seed);
+  assert.match(page.deno.browser, /Chrome/);
+  // the same run: as many epochs; epoch 0's train loss is the first batch's, before any update, so it differs by
+  // float rounding only; later values may drift as two shader compilers round differently (stated: 0.05 in loss)
+  const [p, d] = [page.runs[0].epochs, deno.runs[0].epochs];
+  assert.equal(p.length, d.length);
+  assert.ok(
+    Math.abs(p[0].trainLoss - d[0].trainLoss) < 1e-3,
+    `first batch loss ${p[0].trainLoss} vs ${d[0].trainLoss}`,
+  );
+  for (let e = 0; e < p.length; e++) {
+    assert.ok(Math.abs(p[e].valLoss - d[e].valLoss) < 0.05, `epoch ${e} val loss ${p[e].valLoss} vs ${d[e].valLoss}`);
+    assert.ok(p[e].totalTimeSeconds > 0);
+  }
 }
 
 chromiumTest("--web: the page trains in headless Chromium and its run log matches Deno's", async () => {
@@ -52,25 +76,7 @@ chromiumTest("--web: the page trains in headless Chromium and its run log matche
       assert.equal(names.length, 1);
       return JSON.parse(await Deno.readTextFile(join(d, names[0])));
     };
-    const page = await read(pageLogs), deno = await read(denoLogs);
-    // the same script, kernels, flags and seed; a browser and a WebGPU implementation of its own
-    assert.equal(page.status, "completed");
-    assert.equal(page.script.sha256, deno.script.sha256);
-    assert.deepEqual(page.kernels, deno.kernels);
-    assert.equal(page.runs[0].seed, 1);
-    assert.match(page.deno.browser, /Chrome/);
-    // the same run: as many epochs; epoch 0's train loss is the first batch's, before any update, so it differs by
-    // float rounding only; later values may drift as two shader compilers round differently (stated: 0.05 in loss)
-    const [p, d] = [page.runs[0].epochs, deno.runs[0].epochs];
-    assert.equal(p.length, d.length);
-    assert.ok(
-      Math.abs(p[0].trainLoss - d[0].trainLoss) < 1e-3,
-      `first batch loss ${p[0].trainLoss} vs ${d[0].trainLoss}`,
-    );
-    for (let e = 0; e < p.length; e++) {
-      assert.ok(Math.abs(p[e].valLoss - d[e].valLoss) < 0.05, `epoch ${e} val loss ${p[e].valLoss} vs ${d[e].valLoss}`);
-      assert.ok(p[e].totalTimeSeconds > 0);
-    }
+    assertSameRun(await read(pageLogs), await read(denoLogs), 1);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -113,3 +119,78 @@ chromiumTest("--web: the Stop button stops the page's run after the current step
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+chromiumTest(
+  "--web --static: the page needs no server: it checks the tarball chosen on it, unpacks it, trains",
+  async () => {
+    const dir = await Deno.makeTempDir();
+    try {
+      const data = await writeFixtureDataset(dir), tarball = join(dir, "cifar-10-binary.tar.gz");
+      const tar = await new Deno.Command("tar", { args: ["czf", tarball, "-C", dir, "cifar-10-batches-bin"] }).output();
+      assert.ok(tar.success, "tar czf failed");
+      const flags = ["--train-subset", "256", "--test-subset", "32", "--base-depth", "4", "--batch-size", "32"]
+        .concat(["--epochs", "2", "--seed", "3"]);
+      const waitFor = async (page: { evaluate(e: string): Promise<unknown> }, expression: string, what: string) => {
+        for (const started = performance.now(); !(await page.evaluate(expression));) {
+          if (performance.now() - started > 240_000) {
+            throw new Error(
+              `${what} in 240 s: ${await page.evaluate("document.body.innerText")}`,
+            );
+          }
+          await new Promise((r) => setTimeout(r, 250));
+        }
+      };
+      // 1. as written by the command line, on a static web host (a module Worker trains): the fixture is not the
+      //    official tarball, and the page says so, naming the md5 expected
+      const written = join(dir, "page.html");
+      const cli = await runMain(["--web", "--static", written, ...flags]);
+      assert.equal(cli.code, 0, cli.stderr);
+      const fileUrl = cli.stdout.match(/^open (file:\S+), or put/m)?.[1];
+      assert.equal(
+        fileUrl,
+        `file://${written}?train-subset=256&test-subset=32&base-depth=4&batch-size=32&epochs=2&seed=3`,
+      );
+      const host = Deno.serve(
+        { hostname: "127.0.0.1", port: 0, onListen() {} },
+        async () => new Response(await Deno.readFile(written), { headers: { "content-type": "text/html" } }),
+      );
+      let page = await chromiumPage(
+        chromium!,
+        `http://127.0.0.1:${host.addr.port}/page.html${new URL(fileUrl!).search}`,
+      );
+      try {
+        await waitFor(page, "!document.getElementById('pick').hidden", "no file picker");
+        await page.chooseFiles("#tarball", [tarball]);
+        await waitFor(page, "document.title.startsWith('done:')", "no end of the run");
+        const text = String(await page.evaluate("document.body.innerText"));
+        assert.match(text, new RegExp(`error: cifar-10-binary.tar.gz has md5 [0-9a-f]{32}, expected ${CIFAR10_MD5} `));
+        assert.equal(await page.evaluate("document.title"), "done: failed");
+      } finally {
+        await page.close();
+        await host.shutdown();
+      }
+      // 2. the same page expecting the fixture's md5, opened from the disk (no Worker there: the page's own thread)
+      const md5 = new Md5().update(await Deno.readFile(tarball)).hex();
+      await Deno.writeTextFile(written, await webPage({ server: false, md5 }));
+      page = await chromiumPage(chromium!, fileUrl!);
+      let log;
+      try {
+        await waitFor(page, "!document.getElementById('pick').hidden", "no file picker");
+        await page.chooseFiles("#tarball", [tarball]);
+        await waitFor(page, "document.title.startsWith('done:')", "no end of the run");
+        assert.match(String(await page.evaluate("document.body.innerText")), /final EMA val accuracy: [\d.]+%/);
+        log = JSON.parse(
+          String(await page.evaluate("fetch(document.getElementById('download').href).then((r) => r.text())")),
+        );
+      } finally {
+        await page.close();
+      }
+      const deno = await runMain(["--data", data, "--log-dir", join(dir, "deno"), ...flags]);
+      assert.equal(deno.code, 0, deno.stderr);
+      const [name] = (await Array.fromAsync(Deno.readDir(join(dir, "deno")))).map((e) => e.name);
+      assertSameRun(log, JSON.parse(await Deno.readTextFile(join(dir, "deno", name))), 3);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
