@@ -178,13 +178,14 @@ export async function chromiumPage(chromium: string, url: string, windowSize = "
   await new Promise((r) => ws.addEventListener("open", r, { once: true }));
   let id = 0;
   const call = (method: string, params = {}) =>
-    new Promise<Record<string, unknown>>((resolve) => {
+    new Promise<Record<string, unknown>>((resolve, reject) => {
       const mine = ++id;
       const on = (e: MessageEvent) => {
         const m = JSON.parse(e.data);
         if (m.id !== mine) return;
         ws.removeEventListener("message", on);
-        resolve(m.result);
+        if (m.error) reject(new Error(`DevTools ${method}: ${m.error.message}`));
+        else resolve(m.result);
       };
       ws.addEventListener("message", on);
       ws.send(JSON.stringify({ id: mine, method, params }));
@@ -196,9 +197,12 @@ export async function chromiumPage(chromium: string, url: string, windowSize = "
       })?.value,
     /** Chooses `paths` in the page's file input `selector`, as a user would (the input's change event fires). */
     chooseFiles: async (selector: string, paths: string[]) => {
-      const { root } = await call("DOM.getDocument") as { root: { nodeId: number } };
-      const { nodeId } = await call("DOM.querySelector", { nodeId: root.nodeId, selector }) as { nodeId: number };
-      await call("DOM.setFileInputFiles", { nodeId, files: paths });
+      const found = await call("Runtime.evaluate", {
+        expression: `document.querySelector(${JSON.stringify(selector)})`,
+      });
+      const { objectId } = found.result as { objectId?: string };
+      if (!objectId) throw new Error(`no ${selector} on the page`);
+      await call("DOM.setFileInputFiles", { objectId, files: paths });
     },
     screenshot: async () => {
       const shot = await call("Page.captureScreenshot", { format: "png", captureBeyondViewport: true });
