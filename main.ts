@@ -2293,8 +2293,8 @@ export async function cifarFromTarball(
 ): Promise<Cifar10> {
   const what = tarball.name || "the chosen file", expected = opts.md5 ?? CIFAR10_MD5;
   const fix = `choose the official ${CIFAR10_URL.split("/").pop()}, from ${CIFAR10_URL}`;
-  const hash = new Md5();
-  for await (const chunk of tarball.stream()) hash.update(chunk);
+  const hash = new Md5(), reader = tarball.stream().getReader(); // (Safari's streams are not async-iterable)
+  for (let r = await reader.read(); !r.done; r = await reader.read()) hash.update(r.value);
   const md5 = hash.hex();
   if (md5 !== expected) {
     throw new Error(`${what} has md5 ${md5}, expected ${expected} (not the CIFAR-10 tarball): ${fix}`);
