@@ -3327,13 +3327,13 @@ export async function main(argv: string[]) {
       status = "interrupted";
       break;
     }
-    printRunResult(result);
+    console.log(runResultText(result));
     await writeLog("running");
     if (o.json) await output(() => writeResultsJson(o.json!, gpu, o, runs, "running"));
   }
   stop.remove();
 
-  if (o.runs > 1 && status === "completed") printSummary(runs);
+  if (o.runs > 1 && status === "completed") console.log(`\n${summaryText(runs)}`);
   const saved = status === "completed" ? runs[runs.length - 1].weights : undefined;
   if (o.save && saved) {
     await output(async () => {
@@ -3423,20 +3423,20 @@ async function datasetDir(o: CliOptions) {
   return { dir, source };
 }
 
-function printRunResult(result: RunResult) {
+/** A run's last line, in the terminal and on the page. */
+export function runResultText(result: RunResult): string {
   const ema = result.emaValAcc === null ? "n/a (the EMA never started)" : `${(100 * result.emaValAcc).toFixed(2)}%`;
-  console.log(
-    `final EMA val accuracy: ${ema} | val accuracy: ${(100 * result.valAcc).toFixed(2)}% | train time ${
-      result.trainSeconds.toFixed(2)
-    } s`,
-  );
+  return `final EMA val accuracy: ${ema} | val accuracy: ${(100 * result.valAcc).toFixed(2)}% | train time ${
+    result.trainSeconds.toFixed(2)
+  } s`;
 }
 
-function printSummary(runs: RunResult[]) {
+/** After several runs: each run's seed and result, then the mean and std (in the terminal and on the page). */
+export function summaryText(runs: RunResult[]): string {
   const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
-  console.log("\nrun  seed        ema_val_acc  train_seconds");
+  const lines = ["run  seed        ema_val_acc  train_seconds"];
   runs.forEach((r, i) =>
-    console.log(
+    lines.push(
       `${String(i + 1).padStart(3)}  ${String(r.seed).padEnd(10)}  ${
         r.emaValAcc === null ? "    n/a" : (100 * r.emaValAcc).toFixed(2) + "%"
       }       ${r.trainSeconds.toFixed(2)}`,
@@ -3444,13 +3444,14 @@ function printSummary(runs: RunResult[]) {
   );
   const times = runs.map((r) => r.trainSeconds);
   if (accs.length) {
-    console.log(
+    lines.push(
       `mean EMA val accuracy over ${accs.length} runs: ${(100 * mean(accs)).toFixed(2)}% ± ${
         (100 * sampleStd(accs)).toFixed(2)
       }% (std) | ` +
         `train time ${mean(times).toFixed(2)} ± ${sampleStd(times).toFixed(2)} s`,
     );
   }
+  return lines.join("\n");
 }
 
 /** --json: the runs finished so far (all of them once `status` is final) and their mean and std. */
@@ -3743,6 +3744,7 @@ export function webWorker(scope: {
     } catch (err) {
       status = err instanceof TrainingDiverged ? "diverged" : "failed";
       if (partial) partial.error = errorText(err);
+      if (partial && err instanceof TrainingDiverged) [partial.epoch, partial.step] = [err.epoch, err.step];
       scope.postMessage({ type: "error", message: errorText(err) });
     }
     if (gpu) {
@@ -3812,7 +3814,7 @@ const blobUrl = (text) => URL.createObjectURL(new Blob([text], { type: "text/jav
 const mainUrl = blobUrl(config.main);
 const main = await import(mainUrl);
 const plot = config.plot ? await import(blobUrl(config.plot)) : null;
-const lines = [], runs = [];
+const lines = [], runs = [], results = [];
 let live = "";
 const show = () => ($("table").textContent = [...lines, live].join("\\n"));
 const fail = (message) => { lines.push("error: " + message); $("table").className = "error"; show(); };
@@ -3856,9 +3858,10 @@ if (flags) {
     if (m.type === "row") { live = ""; lines.push(main.formatRow(main.rowValues(m.row))); runs.at(-1).epochs.push(m.row); drawCurves(); }
     if (m.type === "result") {
       lines.push("-".repeat(main.tableHeader().indexOf("\\n")));
-      const r = m.result, ema = r.emaValAcc === null ? "n/a" : (100 * r.emaValAcc).toFixed(2) + "%";
+      const r = m.result;
+      results.push(r);
       lines.push(r.interrupted ? "stopped in epoch " + r.interrupted.epoch + ", after " + r.interrupted.steps + " steps"
-        : "final EMA val accuracy: " + ema + " | val accuracy: " + (100 * r.valAcc).toFixed(2) + "% | train time " + r.trainSeconds.toFixed(2) + " s");
+        : main.runResultText(r));
     }
     if (m.type === "error") fail(m.message);
     if (m.type === "log") {
@@ -3872,6 +3875,7 @@ if (flags) {
         kept = saved.path ? "; run log also kept at " + saved.path : "";
       }
       $("status").textContent = "status " + m.log.status + kept;
+      if (results.length > 1 && m.log.status === "completed") lines.push("", main.summaryText(results));
       document.title = "done: " + m.log.status;
     }
     show();

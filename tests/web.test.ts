@@ -129,7 +129,7 @@ chromiumTest(
       const tar = await new Deno.Command("tar", { args: ["czf", tarball, "-C", dir, "cifar-10-batches-bin"] }).output();
       assert.ok(tar.success, "tar czf failed");
       const flags = ["--train-subset", "256", "--test-subset", "32", "--base-depth", "4", "--batch-size", "32"]
-        .concat(["--epochs", "2", "--seed", "3"]);
+        .concat(["--epochs", "2", "--seed", "3", "--runs", "2"]);
       const waitFor = async (page: { evaluate(e: string): Promise<unknown> }, expression: string, what: string) => {
         for (const started = performance.now(); !(await page.evaluate(expression));) {
           if (performance.now() - started > 240_000) {
@@ -148,7 +148,7 @@ chromiumTest(
       const fileUrl = cli.stdout.match(/^open (file:\S+), or put/m)?.[1];
       assert.equal(
         fileUrl,
-        `file://${written}?train-subset=256&test-subset=32&base-depth=4&batch-size=32&epochs=2&seed=3`,
+        `file://${written}?train-subset=256&test-subset=32&base-depth=4&batch-size=32&epochs=2&seed=3&runs=2`,
       );
       const host = Deno.serve(
         { hostname: "127.0.0.1", port: 0, onListen() {} },
@@ -178,7 +178,12 @@ chromiumTest(
         await waitFor(page, "!document.getElementById('pick').hidden", "no file picker");
         await page.chooseFiles("#tarball", [tarball]);
         await waitFor(page, "document.title.startsWith('done:')", "no end of the run");
-        assert.match(String(await page.evaluate("document.body.innerText")), /final EMA val accuracy: [\d.]+%/);
+        const text = String(await page.evaluate("document.body.innerText"));
+        assert.match(text, /run 2\/2, seed 4\n/);
+        assert.match(
+          text,
+          /\n +2 +4 +[\d.]+% +[\d.]+\nmean EMA val accuracy over 2 runs: [\d.]+% ± [\d.]+% \(std\)/,
+        );
         log = JSON.parse(
           String(await page.evaluate("fetch(document.getElementById('download').href).then((r) => r.text())")),
         );
