@@ -13,6 +13,34 @@ function chromiumTest(name: string, fn: () => Promise<void>) {
   Deno.test({ name: chromium ? name : `${name} (skipped: no chromium installed)`, ignore: !chromium, fn });
 }
 
+type Page = Awaited<ReturnType<typeof chromiumPage>>;
+
+/** Waits until `expression` is true in the page; after `ms`, fails with `what` and the page's text. */
+async function waitFor(page: Page, expression: string, what: string, ms = 240_000) {
+  for (const started = performance.now(); !(await page.evaluate(expression));) {
+    if (performance.now() - started > ms) {
+      throw new Error(`${what} in ${ms / 1000} s: ${await page.evaluate("document.body.innerText")}`);
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+/** `promise`, or a failure saying `what` after `ms`. */
+function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) =>
+    timer = setTimeout(() => reject(new Error(`${what} in ${ms / 1000} s`)), ms)
+  );
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+/** The one run log in `dir`. */
+async function onlyLog(dir: string) {
+  const names = (await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name);
+  assert.equal(names.length, 1);
+  return JSON.parse(await Deno.readTextFile(join(dir, names[0])));
+}
+
 /** A page's run log against Deno's for the same flags and `seed`: the same script, kernels and run. */
 // deno-lint-ignore no-explicit-any
 function assertSameRun(page: any, deno: any, seed: number) {
@@ -43,40 +71,21 @@ chromiumTest("--web: the page trains in headless Chromium and its run log matche
     const flags = ["--train-subset", "256", "--test-subset", "32", "--base-depth", "4", "--batch-size", "32"]
       .concat(["--epochs", "2", "--seed", "1"]);
     const server = spawnMain(["--web", "--data", data, "--log-dir", pageLogs, ...flags]);
-    let browser: Deno.ChildProcess | undefined;
+    let page: Page | undefined;
     try {
       await server.until(/training page: (http:\/\/127\.0\.0\.1:\d+\/\S*)/);
       const url = (await server.stdoutSoFar()).match(/training page: (\S+)/)![1];
       assert.match(url, /\?train-subset=256&test-subset=32&base-depth=4&batch-size=32&epochs=2&seed=1$/);
-      browser = new Deno.Command(chromium!, {
-        args: [
-          "--headless=new",
-          "--no-sandbox",
-          "--enable-unsafe-webgpu",
-          `--user-data-dir=${join(dir, "profile")}`,
-          url,
-        ],
-        stdout: "null",
-        stderr: "null",
-      }).spawn();
-      await Promise.race([
-        server.until(/run log from the page \(status completed\): /),
-        new Promise((_, reject) => setTimeout(() => reject(new Error("no run log from the page in 240 s")), 240_000)),
-      ]);
+      page = await chromiumPage(chromium!, url);
+      await within(server.until(/run log from the page \(status completed\): /), 240_000, "no run log from the page");
     } finally {
-      browser?.kill("SIGKILL");
-      await browser?.status;
+      await page?.close();
       server.child.kill("SIGTERM");
       await server.finish();
     }
     const cli = await runMain(["--data", data, "--log-dir", denoLogs, ...flags]);
     assert.equal(cli.code, 0, cli.stderr);
-    const read = async (d: string) => {
-      const names = (await Array.fromAsync(Deno.readDir(d))).map((e) => e.name);
-      assert.equal(names.length, 1);
-      return JSON.parse(await Deno.readTextFile(join(d, names[0])));
-    };
-    assertSameRun(await read(pageLogs), await read(denoLogs), 1);
+    assertSameRun(await onlyLog(pageLogs), await onlyLog(denoLogs), 1);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -93,24 +102,21 @@ chromiumTest("--web: the Stop button stops the page's run after the current step
     await server.until(/training page: \S+/);
     const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
     try {
-      const started = performance.now();
-      while (!(await page.evaluate("/\\|\\s+0\\s+\\|/.test(document.body.textContent)"))) {
-        if (performance.now() - started > 180_000) throw new Error("the page printed no first row in 180 s");
-        await new Promise((r) => setTimeout(r, 250));
-      }
+      await waitFor(
+        page,
+        "/\\|\\s+0\\s+\\|/.test(document.body.textContent)",
+        "the page printed no first row",
+        180_000,
+      );
       await page.evaluate("document.getElementById('stop').click()");
-      await Promise.race([
-        server.until(/run log from the page \(status interrupted\): /),
-        new Promise((_, reject) => setTimeout(() => reject(new Error("no interrupted run log in 60 s")), 60_000)),
-      ]);
+      await within(server.until(/run log from the page \(status interrupted\): /), 60_000, "no interrupted run log");
       assert.match(String(await page.evaluate("document.body.textContent")), /stopped in epoch \d+, after \d+ steps/);
     } finally {
       await page.close();
       server.child.kill("SIGTERM");
       await server.finish();
     }
-    const names = (await Array.fromAsync(Deno.readDir(logs))).map((e) => e.name);
-    const log = JSON.parse(await Deno.readTextFile(join(logs, names[0])));
+    const log = await onlyLog(logs);
     assert.equal(log.status, "interrupted");
     const { epoch, steps } = log.runs[0].interrupted;
     assert.ok(epoch >= 1 && steps < 480, `stopped in epoch ${epoch} after ${steps} steps, not at the end of the run`);
@@ -130,16 +136,6 @@ chromiumTest(
       assert.ok(tar.success, "tar czf failed");
       const flags = ["--train-subset", "256", "--test-subset", "32", "--base-depth", "4", "--batch-size", "32"]
         .concat(["--epochs", "2", "--seed", "3", "--runs", "2"]);
-      const waitFor = async (page: { evaluate(e: string): Promise<unknown> }, expression: string, what: string) => {
-        for (const started = performance.now(); !(await page.evaluate(expression));) {
-          if (performance.now() - started > 240_000) {
-            throw new Error(
-              `${what} in 240 s: ${await page.evaluate("document.body.innerText")}`,
-            );
-          }
-          await new Promise((r) => setTimeout(r, 250));
-        }
-      };
       // 1. as written by the command line, on a static web host (a module Worker trains): the fixture is not the
       //    official tarball, and the page says so, naming the md5 expected
       const written = join(dir, "page.html");
@@ -192,8 +188,7 @@ chromiumTest(
       }
       const deno = await runMain(["--data", data, "--log-dir", join(dir, "deno"), ...flags]);
       assert.equal(deno.code, 0, deno.stderr);
-      const [name] = (await Array.fromAsync(Deno.readDir(join(dir, "deno")))).map((e) => e.name);
-      assertSameRun(log, JSON.parse(await Deno.readTextFile(join(dir, "deno", name))), 3);
+      assertSameRun(log, await onlyLog(join(dir, "deno")), 3);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
