@@ -7,7 +7,7 @@
 // Precision: f32 everywhere by default; --precision f16 stores images, activations and their gradients in f16
 // (arithmetic, accumulation, weights and optimiser state stay f32). The original trains in fp16.
 
-import { basename, dirname, isAbsolute, join, resolve } from "node:path";
+import { dirname, isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 
@@ -282,7 +282,7 @@ export function backward(
   G: Record<string, Tensor>,
   h: Hyp = hyp,
 ): Dispatch[] {
-  const k = A.kernels, scale = h.opt.scalingFactor, bn = batchNormHyp(h);
+  const k = A.kernels, scale = h.opt.scalingFactor;
   const ops: Dispatch[] = [
     linearBackwardWeight(gpu, A.feats, A.dlogits, G["linear.weight"], scale),
     linearBackwardData(gpu, A.dlogits, P["linear.weight"], A.dfeats, scale),
@@ -301,13 +301,13 @@ export function backward(
     const p = normParams(P, norm), [dbias, dweight] = [G[`${norm}.bias`], G[`${norm}.weight`]];
     if (k.fuseNormGelu) {
       const dx = next(x.shape);
-      ops.push(...batchNormBackward(gpu, x, da, stats, p, dx, dbias, dweight, "gelu", bn));
+      ops.push(...batchNormBackward(gpu, x, da, stats, p, dx, dbias, dweight, "gelu"));
       return dx;
     }
     const dn = next(n.shape);
     ops.push(geluBackward(gpu, n, da, dn));
     const dx = next(x.shape);
-    ops.push(...batchNormBackward(gpu, x, dn, stats, p, dx, dbias, dweight, undefined, bn));
+    ops.push(...batchNormBackward(gpu, x, dn, stats, p, dx, dbias, dweight));
     return dx;
   };
   for (let i = 2; i >= 0; i--) {
@@ -1060,11 +1060,16 @@ function uniform(gpu: Gpu, fields: Field[]): GPUBuffer {
     else if ("f32" in f) data.setFloat32(i * 4, f.f32, true);
     else data.setInt32(i * 4, f.i32, true);
   });
+  return uniformBuffer(gpu, data.buffer);
+}
+
+/** A new uniform buffer holding `bytes` (freed with the run's other buffers). */
+function uniformBuffer(gpu: Gpu, bytes: ArrayBuffer): GPUBuffer {
   const buffer = gpu.device.createBuffer({
-    size: data.byteLength,
+    size: bytes.byteLength,
     usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
   });
-  gpu.device.queue.writeBuffer(buffer, 0, data.buffer);
+  gpu.device.queue.writeBuffer(buffer, 0, bytes);
   gpu.allocated.push(buffer);
   return buffer;
 }
@@ -1111,14 +1116,7 @@ export function packStruct(gpu: Gpu, name: string, values: Record<string, number
 
 /** A new uniform buffer holding common.wgsl's struct `name` (see packStruct). */
 function uniformStruct(gpu: Gpu, name: string, values: Record<string, number>): GPUBuffer {
-  const bytes = packStruct(gpu, name, values);
-  const buffer = gpu.device.createBuffer({
-    size: bytes.byteLength,
-    usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
-  });
-  gpu.device.queue.writeBuffer(buffer, 0, bytes);
-  gpu.allocated.push(buffer);
-  return buffer;
+  return uniformBuffer(gpu, packStruct(gpu, name, values));
 }
 
 /** Per-submit values, shared by every kernel that binds `frame` (struct Frame in kernels/common.wgsl). */
@@ -1845,7 +1843,7 @@ export function batchNorm(
   stats: Tensor,
   training: boolean,
   then?: "gelu",
-  bn: BatchNormHyp = { momentum: hyp.net.batchNormMomentum, eps: hyp.net.batchNormEps },
+  bn: BatchNormHyp = batchNormHyp(hyp),
 ) {
   const s = normSetup(gpu, x, training, bn);
   const apply = kernel(gpu, "norm", then === "gelu" ? "apply_gelu" : "apply", {
@@ -1890,9 +1888,8 @@ export function batchNormBackward(
   dbias: Tensor,
   dweight: Tensor,
   then?: "gelu",
-  bn: BatchNormHyp = { momentum: hyp.net.batchNormMomentum, eps: hyp.net.batchNormEps },
 ): Dispatch[] {
-  const s = normSetup(gpu, x, true, bn), fused = then === "gelu" ? "_gelu" : "";
+  const s = normSetup(gpu, x, true), fused = then === "gelu" ? "_gelu" : "";
   const inputs = { 0: s.u, 1: x, 2: dy, 3: stats, 4: p.weight, 5: p.bias };
   return [
     kernel(gpu, "norm", `backward_partial${fused}`, { ...inputs, 8: s.part! }, s.perChunk),
@@ -2228,16 +2225,15 @@ async function readRecords(
 
 // Reads one .bin file: only a regular file (a FIFO or device would be read forever, or block).
 async function readCifarFile(path: string, fix: string): Promise<{ name: string; bytes: Uint8Array }> {
+  let bytes: Uint8Array | undefined;
   try {
-    if (!(await Deno.stat(path)).isFile) {
-      throw new Error(`CIFAR-10 file ${path} is not a regular file (a folder, FIFO or device): ${fix}`);
-    }
-    return { name: path, bytes: await Deno.readFile(path) };
+    if ((await Deno.stat(path)).isFile) bytes = await Deno.readFile(path);
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) throw new Error(`CIFAR-10 file ${path} is missing: ${fix}`);
-    if (errorText(e).startsWith("CIFAR-10 file")) throw e;
     throw new Error(`could not read CIFAR-10 file ${path} (${errorText(e)}): ${fix}`);
   }
+  if (!bytes) throw new Error(`CIFAR-10 file ${path} is not a regular file (a folder, FIFO or device): ${fix}`);
+  return { name: path, bytes };
 }
 
 // Checks one .bin file's size and every label, so that a corrupt or wrong file fails loudly here instead of
@@ -2384,7 +2380,7 @@ export async function resolveCifar10Dir(opts: {
 
   // The tarball streams to a temporary file (never whole in memory), checked, then unpacked into a temporary folder
   // that is renamed into place: a failure or a kill at any point leaves no cifar-10-batches-bin that looks valid.
-  const unique = `${Deno.pid}-${crypto.getRandomValues(new Uint32Array(1))[0].toString(16)}`;
+  const unique = uniqueSuffix();
   const tarGz = join(cacheDir, `${TMP_PREFIXES[1]}${unique}`), tmp = join(cacheDir, `${TMP_PREFIXES[0]}${unique}`);
   try {
     const got = await download(url, tarGz, log, limits);
@@ -2528,7 +2524,7 @@ export class Md5 {
     this.update(new Uint8Array(tail.buffer));
     const out = new DataView(new ArrayBuffer(16));
     this.h.forEach((word, i) => out.setUint32(4 * i, word, true));
-    return Array.from(new Uint8Array(out.buffer), (b) => b.toString(16).padStart(2, "0")).join("");
+    return hex(new Uint8Array(out.buffer));
   }
   private compress() {
     const m = new DataView(this.block.buffer), h = this.h;
@@ -2550,6 +2546,10 @@ export class Md5 {
     this.filled = 0;
   }
 }
+/** Bytes as lowercase hex (digests). */
+const hex = (bytes: Uint8Array) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+/** This process's id and a random number: a temp name no other run (or earlier run of ours) picks. */
+const uniqueSuffix = () => `${Deno.pid}-${crypto.getRandomValues(new Uint32Array(1))[0].toString(16)}`;
 const MD5_K = Uint32Array.from({ length: 64 }, (_, i) => Math.floor(Math.abs(Math.sin(i + 1)) * 2 ** 32));
 const MD5_S = [7, 12, 17, 22, 5, 9, 14, 20, 4, 11, 16, 23, 6, 10, 15, 21];
 
@@ -2642,6 +2642,12 @@ export function tableHeader(): string {
   return `${bar}\n${head}\n${bar}`;
 }
 
+/** The line under a run's table, the title above it, and the live step line (the terminal's and the page's). */
+export const tableRule = () => "-".repeat(tableHeader().indexOf("\n"));
+export const runTitle = (run: number, runs: number, seed: number) => `run ${run}/${runs}, seed ${seed}`;
+export const stepText = (epoch: number, step: number, steps: number) =>
+  `training epoch ${epoch}: ${step}/${steps} steps submitted`;
+
 export const rowValues = (m: EpochMetrics) => [
   m.epoch,
   m.trainLoss,
@@ -2672,19 +2678,21 @@ class Table {
   step(epoch: number, step: number, steps: number) {
     // at most ~10 redraws a second, and always the epoch's last step
     if (!this.live || (step < steps && performance.now() - this.lastDraw < 100)) return;
-    this.status(`training epoch ${epoch}: ${step}/${steps} steps submitted`);
+    this.status(stepText(epoch, step, steps));
   }
   row(m: EpochMetrics) {
     console.log((this.live ? "\r\x1b[2K" : "") + formatRow(rowValues(m)));
   }
   end() {
-    console.log("-".repeat(tableHeader().indexOf("\n")));
+    console.log(tableRule());
   }
 }
 
 export const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
-export const sampleStd = (xs: number[]) =>
-  xs.length < 2 ? 0 : Math.sqrt(xs.reduce((a, x) => a + (x - mean(xs)) ** 2, 0) / (xs.length - 1));
+export const sampleStd = (xs: number[]) => {
+  const m = mean(xs);
+  return xs.length < 2 ? 0 : Math.sqrt(xs.reduce((a, x) => a + (x - m) ** 2, 0) / (xs.length - 1));
+};
 
 // =================================================================================================
 // 9. Run logs and saved weights
@@ -2700,7 +2708,7 @@ export const writeFileAtomic = (path: string, text: string) => writeBytesAtomic(
  */
 export async function writeBytesAtomic(path: string, bytes: Uint8Array) {
   const target = await fileTarget(path);
-  const tmp = `${target}.tmp-${Deno.pid}-${crypto.getRandomValues(new Uint32Array(1))[0].toString(16)}`;
+  const tmp = `${target}.tmp-${uniqueSuffix()}`;
   try {
     await Deno.writeFile(tmp, bytes);
     await Deno.rename(tmp, target);
@@ -2767,7 +2775,7 @@ export async function checkWritableFile(flag: string, path: string) {
 export async function checkWritableFolder(flag: string, dir: string, what = `${flag} ${dir}`, create = true) {
   let missing: string | undefined; // the outermost folder of `dir` that does not exist yet
   for (let d = resolve(dir); !(await exists(d)); d = dirname(d)) missing = d;
-  if (missing && !create) throw new Error(`${what} ${dirname(resolve(missing))}/${basename(missing)} does not exist`);
+  if (missing && !create) throw new Error(`${what} ${missing} does not exist`);
   try {
     await Deno.mkdir(dir, { recursive: true });
     await Deno.remove(await Deno.makeTempFile({ dir, prefix: ".write-check-" }));
@@ -2806,7 +2814,7 @@ function sha256(text: string): Promise<string> {
   let digest = SHA256_SEEN.get(text);
   if (!digest) {
     digest = crypto.subtle.digest("SHA-256", new TextEncoder().encode(text))
-      .then((d) => Array.from(new Uint8Array(d), (b) => b.toString(16).padStart(2, "0")).join(""));
+      .then((d) => hex(new Uint8Array(d)));
     SHA256_SEEN.set(text, digest);
   }
   return digest;
@@ -2828,7 +2836,6 @@ export async function runLogContent(x: {
   status: RunStatus;
   partial?: PartialRun;
 }) {
-  const accs = x.runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
   const kernels = await Promise.all(
     [...x.gpu.sources].map(async ([file, text]) => [`${file}.wgsl`, await sha256(text)]),
   );
@@ -2848,9 +2855,14 @@ export async function runLogContent(x: {
     hyp,
     runs: x.runs.map(({ weights: _, ...r }) => r),
     partial: x.partial ?? null,
-    meanEmaValAcc: accs.length ? mean(accs) : null,
-    stdEmaValAcc: accs.length ? sampleStd(accs) : null,
+    ...emaStats(x.runs),
   };
+}
+
+/** The mean and std of the EMA val accuracies of `runs` (those that have one; null if none): run logs and --json. */
+function emaStats(runs: RunResult[]) {
+  const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
+  return { meanEmaValAcc: accs.length ? mean(accs) : null, stdEmaValAcc: accs.length ? sampleStd(accs) : null };
 }
 
 /**
@@ -3296,7 +3308,7 @@ export async function main(argv: string[]) {
     const seed = (o.seed + r) >>> 0, table = new Table();
     partial = { run: r + 1, seed, epochs: [] };
     await writeLog("running");
-    console.log(`\nrun ${r + 1}/${o.runs}, seed ${seed}`);
+    console.log(`\n${runTitle(r + 1, o.runs, seed)}`);
     table.header();
     let result: RunResult;
     try {
@@ -3313,14 +3325,14 @@ export async function main(argv: string[]) {
         stop: () => stop.requested,
       });
     } catch (e) {
-      table.end();
       status = e instanceof TrainingDiverged ? "diverged" : "failed";
       partial.error = errorText(e);
       if (e instanceof TrainingDiverged) [partial.epoch, partial.step] = [e.epoch, e.step];
       thrown = e;
       break;
+    } finally {
+      table.end();
     }
-    table.end();
     partial = undefined;
     runs.push(result);
     if (result.interrupted) {
@@ -3457,7 +3469,6 @@ export function summaryText(runs: RunResult[]): string {
 /** --json: the runs finished so far (all of them once `status` is final) and their mean and std. */
 async function writeResultsJson(path: string, gpu: Gpu, o: CliOptions, runs: RunResult[], status: RunStatus) {
   const done = runs.filter((r) => !r.interrupted);
-  const accs = done.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
   const out = {
     status,
     device: gpu.adapterName,
@@ -3471,8 +3482,7 @@ async function writeResultsJson(path: string, gpu: Gpu, o: CliOptions, runs: Run
       trainSeconds: r.trainSeconds,
       epochs: r.epochs,
     })),
-    meanEmaValAcc: accs.length ? mean(accs) : null,
-    stdEmaValAcc: accs.length ? sampleStd(accs) : null,
+    ...emaStats(done),
   };
   await writeFileAtomic(path, JSON.stringify(out, null, 2) + "\n");
 }
@@ -3579,11 +3589,12 @@ async function webMain(o: CliOptions) {
     console.log(`it asks for the official ${CIFAR10_URL.split("/").pop()} (${CIFAR10_URL})`);
     return;
   }
+  const logDir = o.logDir ?? defaultLogDir();
+  if (!o.noLog) await checkWritableFolder("--log-dir", logDir); // before anything long starts, as in main
   const page = await webPage({ server: true });
   const { dir, source } = await datasetDir(o); // downloaded now if it must be, not when the page asks
-  const logDir = o.logDir ?? defaultLogDir();
-  if (!o.noLog) await checkWritableFolder("--log-dir", logDir);
-  let cached: { key: string; cifar: Cifar10 } | undefined; // the last subsets the page asked for
+  // the last subsets the page asked for; the promise, so that the page's four parallel requests load them once
+  let cached: { key: string; cifar: Promise<Cifar10> } | undefined;
   const handler = async (req: Request): Promise<Response> => {
     const url = new URL(req.url), path = url.pathname;
     try {
@@ -3596,12 +3607,11 @@ async function webMain(o: CliOptions) {
       if (part) {
         const f = parseQuery(url.search), key = `${f.trainSubset}/${f.testSubset}`;
         if (cached?.key !== key) {
-          cached = {
-            key,
-            cifar: await loadCifar10(dir, { trainSubset: f.trainSubset, testSubset: f.testSubset, source }),
-          };
+          const cifar = loadCifar10(dir, { trainSubset: f.trainSubset, testSubset: f.testSubset, source });
+          cached = { key, cifar };
+          cifar.catch(() => cached?.cifar === cifar && (cached = undefined)); // a failure is not kept: a reload retries
         }
-        return new Response(cached.cifar[part] as Uint8Array<ArrayBuffer>);
+        return new Response((await cached.cifar)[part] as Uint8Array<ArrayBuffer>);
       }
       if (path === "/log" && req.method === "POST") {
         const log = await req.json();
@@ -3853,11 +3863,11 @@ if (flags) {
   worker.onmessage = async ({ data: m }) => {
     if (m.type === "status") $("status").textContent = m.text;
     if (m.type === "device") { $("device").textContent = m.header; $("status").textContent = ""; }
-    if (m.type === "run") { lines.push("", "run " + m.run + "/" + m.runs + ", seed " + m.seed, main.tableHeader()); runs.push({ epochs: [] }); }
-    if (m.type === "step") live = "|  training epoch " + m.epoch + ": " + m.step + "/" + m.steps + " steps";
+    if (m.type === "run") { lines.push("", main.runTitle(m.run, m.runs, m.seed), main.tableHeader()); runs.push({ epochs: [] }); }
+    if (m.type === "step") live = "|  " + main.stepText(m.epoch, m.step, m.steps);
     if (m.type === "row") { live = ""; lines.push(main.formatRow(main.rowValues(m.row))); runs.at(-1).epochs.push(m.row); drawCurves(); }
     if (m.type === "result") {
-      lines.push("-".repeat(main.tableHeader().indexOf("\\n")));
+      lines.push(main.tableRule());
       const r = m.result;
       results.push(r);
       lines.push(r.interrupted ? "stopped in epoch " + r.interrupted.epoch + ", after " + r.interrupted.steps + " steps"
