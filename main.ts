@@ -866,14 +866,13 @@ export async function initGpu(
     },
   });
   // a page's module is a blob: URL, against which no path resolves: it hands the texts over
-  const given = opts.kernels, dir = given ? undefined : new URL(opts.kernelDir ?? KERNEL_DIR, import.meta.url);
+  const texts = opts.kernels ?? await readKernelTexts(new URL(opts.kernelDir ?? KERNEL_DIR, import.meta.url));
   const read = (file: string) => {
-    if (!given) return readKernel(dir!, file);
-    if (file in given.files) return given.files[file];
+    if (file in texts.files) return texts.files[file];
     throw new Error(`the page lacks ${file}.wgsl: write it again with --web`);
   };
-  const prelude = await read(KERNEL_PRELUDE), sources = new Map<string, string>();
-  for (const file of KERNEL_FILES) sources.set(file, `${await read(file)}\n${prelude}`);
+  const prelude = read(KERNEL_PRELUDE), sources = new Map<string, string>();
+  for (const file of KERNEL_FILES) sources.set(file, `${read(file)}\n${prelude}`);
   const structs = new Map(["Frame", "ConvShape"].map((name) => [name, wgslStruct(prelude, name)]));
   const info = adapter.info;
   const adapterName = info.description || `${info.vendor} ${info.architecture} ${info.device}`.trim() ||
@@ -883,7 +882,7 @@ export async function initGpu(
     adapterName,
     hasF16,
     limits: { maxBinding: a.maxStorageBufferBindingSize, maxBuffer: a.maxBufferSize },
-    kernelDir: given?.dir ?? (dir!.protocol === "file:" ? fileURLToPath(dir!) : dir!.href),
+    kernelDir: texts.dir,
     sources,
     structs,
     pipelines: new Map(),
@@ -911,17 +910,24 @@ export async function initGpu(
   return gpu;
 }
 
-/** One kernel file's text, from a folder (a file: or http: URL), or an error that says which and why. */
-async function readKernel(dir: URL, file: string): Promise<string> {
-  let why: string;
-  try {
-    const res = await fetch(new URL(`${file}.wgsl`, dir));
-    if (res.ok) return await res.text();
-    why = `HTTP ${res.status}`;
-  } catch (e) {
-    why = errorText(e).split(": ").pop()!; // a local file that is not there: "No such file or directory (os error 2)"
+/** Every kernel file of a folder (a file: or http: URL), or an error that says which and why. */
+export async function readKernelTexts(dir: URL): Promise<KernelTexts> {
+  const files: Record<string, string> = {};
+  for (const file of [KERNEL_PRELUDE, ...KERNEL_FILES]) {
+    let why: string;
+    try {
+      const res = await fetch(new URL(`${file}.wgsl`, dir));
+      if (res.ok) {
+        files[file] = await res.text();
+        continue;
+      }
+      why = `HTTP ${res.status}`;
+    } catch (e) {
+      why = errorText(e).split(": ").pop()!; // a local file that is not there: "No such file or directory (os error 2)"
+    }
+    throw new Error(`cannot read ${file}.wgsl in ${dir} (${why}): is the kernels/ folder there?`);
   }
-  throw new Error(`cannot read ${file}.wgsl in ${dir} (${why}): is the kernels/ folder there?`);
+  return { dir: dir.protocol === "file:" ? fileURLToPath(dir) : dir.href, files };
 }
 
 /** Times one mid-size conv forward (after a warm-up that compiles it) with the "wide" and the "tiled" set. */
@@ -1448,21 +1454,9 @@ export function activationsWithRows(a: Activations, rows: number): Activations {
       Object.entries(g).map(([k, t]) => [k, t === undefined || k.startsWith("stats") ? t : r(t)]),
     ) as unknown as GroupActs
   );
-  return {
-    ...a,
-    x: r(a.x),
-    targets: r(a.targets),
-    w0: r(a.w0),
-    a0: r(a.a0),
-    groups,
-    feats: r(a.feats),
-    logits: r(a.logits),
-    logitsTta: r(a.logitsTta),
-    loss: r(a.loss),
-    correct: r(a.correct),
-    dlogits: r(a.dlogits),
-    dfeats: r(a.dfeats),
-  };
+  // every other tensor has the batch as its first dimension (buffers, dtype and kernels pass through)
+  const rest = Object.entries(a).map(([k, v]) => [k, typeof v === "object" && "shape" in v ? r(v) : v]);
+  return { ...Object.fromEntries(rest), groups } as Activations;
 }
 
 // ---- small numerics: the eigendecomposition behind the whitening init (torch.linalg.eigh in the original)
@@ -3647,14 +3641,12 @@ export interface WebConfig {
 /** The page, self-contained: WEB_PAGE with its config (see WebConfig) inside. `md5` is for tests' own tarballs. */
 export async function webPage(o: { server: boolean; md5?: string }): Promise<string> {
   const script = fileURLToPath(import.meta.url), plot = fileURLToPath(new URL("./bench/plot.ts", import.meta.url));
-  const kernelDir = new URL(KERNEL_DIR, import.meta.url), files: Record<string, string> = {};
-  for (const file of [KERNEL_PRELUDE, ...KERNEL_FILES]) files[file] = await readKernel(kernelDir, file);
   const config: WebConfig = {
     server: o.server,
     md5: o.md5 ?? CIFAR10_MD5,
     main: await bundleForBrowser(script),
     plot: await exists(plot) ? await bundleForBrowser(plot) : null,
-    kernels: { dir: fileURLToPath(kernelDir), files },
+    kernels: await readKernelTexts(new URL(KERNEL_DIR, import.meta.url)),
     script: { path: script, source: await scriptSource() },
   };
   // JSON inside a <script> element: "<" escaped, so that no "</script>" in the texts ends it

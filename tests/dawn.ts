@@ -6,7 +6,7 @@
 //   deno run -A tests/dawn.ts [FILE.test.ts ...]
 import { join } from "node:path";
 import { bundleForBrowser } from "../main.ts";
-import { findChromium, ROOT } from "./util.ts";
+import { findChromium, launchChromium, ROOT } from "./util.ts";
 
 const FILES = ["kernels", "conv", "network", "weights", "train"].map((f) => `${f}.test.ts`);
 const files = Deno.args.length ? Deno.args : FILES;
@@ -120,13 +120,7 @@ const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, asy
   }
   return new Response("not found", { status: 404 });
 });
-const profile = await Deno.makeTempDir();
-const browser = new Deno.Command(chromium, {
-  args: ["--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", `--user-data-dir=${profile}`]
-    .concat([`http://127.0.0.1:${server.addr.port}/`]),
-  stdout: "null",
-  stderr: "null",
-}).spawn();
+const browser = await launchChromium(chromium, `http://127.0.0.1:${server.addr.port}/`);
 let finished = false;
 browser.status.then((status) => {
   if (finished) return;
@@ -142,9 +136,7 @@ const timer = setTimeout(() => {
 await done.promise;
 finished = true;
 clearTimeout(timer);
-browser.kill("SIGKILL");
-await browser.status;
+await browser.close();
 await server.shutdown();
-await Deno.remove(profile, { recursive: true }).catch(() => {});
 console.log(`dawn: ${passed} passed | ${failed} failed | ${ignored} ignored`);
 Deno.exit(failed ? 1 : 0);

@@ -147,15 +147,11 @@ export function findChromium(): string | undefined {
   });
 }
 
-/**
- * A page in headless Chromium, driven through the DevTools protocol (no npm dependency): `evaluate` runs an
- * expression in the page and returns its value, `screenshot` returns a PNG, `close` ends the browser.
- */
-export async function chromiumPage(chromium: string, url: string, windowSize = "1100,1000") {
-  const port = 9300 + Math.floor(Math.random() * 600), profile = await Deno.makeTempDir();
+/** Headless Chromium with WebGPU (SwiftShader) on `url`, in a fresh profile; `close` kills it and removes the profile. */
+export async function launchChromium(chromium: string, url: string, args: string[] = []) {
+  const profile = await Deno.makeTempDir();
   const browser = new Deno.Command(chromium, {
-    args: ["--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", `--window-size=${windowSize}`]
-      .concat([`--remote-debugging-port=${port}`, `--user-data-dir=${profile}`, url]),
+    args: ["--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", ...args, `--user-data-dir=${profile}`, url],
     stdout: "null",
     stderr: "null",
   }).spawn();
@@ -164,6 +160,19 @@ export async function chromiumPage(chromium: string, url: string, windowSize = "
     await browser.status;
     await Deno.remove(profile, { recursive: true }).catch(() => {});
   };
+  return { status: browser.status, close };
+}
+
+/**
+ * A page in headless Chromium, driven through the DevTools protocol (no npm dependency): `evaluate` runs an
+ * expression in the page and returns its value, `screenshot` returns a PNG, `close` ends the browser.
+ */
+export async function chromiumPage(chromium: string, url: string, windowSize = "1100,1000") {
+  const port = 9300 + Math.floor(Math.random() * 600);
+  const { close } = await launchChromium(chromium, url, [
+    `--window-size=${windowSize}`,
+    `--remote-debugging-port=${port}`,
+  ]);
   let target: { type: string; webSocketDebuggerUrl: string } | undefined;
   for (let i = 0; i < 100 && !target; i++) {
     await new Promise((r) => setTimeout(r, 100));
