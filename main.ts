@@ -161,7 +161,7 @@ function meanStd(x: Float32Array) {
 export async function patchCovariance(gpu: Gpu, imgs: GpuImages, norm: ChannelStats): Promise<number[][]> {
   const mark = gpu.allocated.length;
   const out = tensor(gpu, [imgs.count, 90]);
-  submit(gpu, [patchMoments(gpu, imgs, norm, out)]);
+  submit(gpu, patchMoments(gpu, imgs, norm, out));
   await gpu.profiler?.collect();
   const m = await readTensor(gpu, out);
   freeSince(gpu, mark);
@@ -223,8 +223,8 @@ const batchNormHyp = (h: Hyp): BatchNormHyp => ({ momentum: h.net.batchNormMomen
 
 /** conv1 -> 2x2 max pool of group G: fused, or the stored full-size conv output pooled by its own kernel. */
 function convMaxPool(gpu: Gpu, x: Tensor, w: Tensor, G: GroupActs, k: NetKernels): Dispatch[] {
-  if (k.fuseConvPool) return [conv2dMaxPool(gpu, x, w, G.p1, G.argmax1!, 1, k.conv)];
-  return [conv2d(gpu, x, w, G.c1!, 1, k.conv), maxPool2(gpu, G.c1!, G.p1)];
+  if (k.fuseConvPool) return conv2dMaxPool(gpu, x, w, G.p1, G.argmax1!, 1, k.conv);
+  return [...conv2d(gpu, x, w, G.c1!, 1, k.conv), ...maxPool2(gpu, G.c1!, G.p1)];
 }
 
 /** batch norm, then GELU: a = gelu(n), n = batchnorm(x) (n is not written when fused). */
@@ -240,7 +240,7 @@ function normGelu(
   k: NetKernels,
 ) {
   if (k.fuseNormGelu) return batchNorm(gpu, x, p, a, stats, training, "gelu", batchNormHyp(h));
-  return [...batchNorm(gpu, x, p, n, stats, training, undefined, batchNormHyp(h)), gelu(gpu, n, a)];
+  return [...batchNorm(gpu, x, p, n, stats, training, undefined, batchNormHyp(h)), ...gelu(gpu, n, a)];
 }
 
 /** x -> logits. `training`: batch-norm uses (and updates) batch statistics. */
@@ -253,8 +253,8 @@ export function forward(
 ): Dispatch[] {
   const k = A.kernels;
   const ops: Dispatch[] = [
-    conv2d(gpu, A.x, P["initial_block.whiten.weight"], A.w0, 0, k.conv),
-    gelu(gpu, A.w0, A.a0),
+    ...conv2d(gpu, A.x, P["initial_block.whiten.weight"], A.w0, 0, k.conv),
+    ...gelu(gpu, A.w0, A.a0),
   ];
   let input = A.a0;
   GROUPS.forEach((g, i) => {
@@ -262,13 +262,13 @@ export function forward(
     ops.push(
       ...convMaxPool(gpu, input, P[`${g}.conv1.weight`], G, k),
       ...normGelu(gpu, G.p1, normParams(P, `${g}.norm1`), G.n1, G.a1, G.stats1, training, h, k),
-      conv2d(gpu, G.a1, P[`${g}.conv2.weight`], G.c2, 1, k.conv),
+      ...conv2d(gpu, G.a1, P[`${g}.conv2.weight`], G.c2, 1, k.conv),
       ...normGelu(gpu, G.c2, normParams(P, `${g}.norm2`), G.n2, G.a2, G.stats2, training, h, k),
     );
     input = G.a2;
   });
   ops.push(
-    globalMaxPool(gpu, input, A.feats),
+    ...globalMaxPool(gpu, input, A.feats),
     linear(gpu, A.feats, P["linear.weight"], A.logits, h.opt.scalingFactor),
   );
   return ops;
@@ -295,7 +295,7 @@ export function backward(
   };
   const last = A.groups[2].a2;
   let d = view(cur, 0, last.shape, A.dtype);
-  ops.push(globalMaxPoolBackward(gpu, last, A.dfeats, d));
+  ops.push(...globalMaxPoolBackward(gpu, last, A.dfeats, d));
   // d(norm input) from d(GELU output) `da`: fused, or through the stored norm output n
   const normGeluBackward = (x: Tensor, n: Tensor, da: Tensor, stats: Tensor, norm: string) => {
     const p = normParams(P, norm), [dbias, dweight] = [G[`${norm}.bias`], G[`${norm}.weight`]];
@@ -305,7 +305,7 @@ export function backward(
       return dx;
     }
     const dn = next(n.shape);
-    ops.push(geluBackward(gpu, n, da, dn));
+    ops.push(...geluBackward(gpu, n, da, dn));
     const dx = next(x.shape);
     ops.push(...batchNormBackward(gpu, x, dn, stats, p, dx, dbias, dweight));
     return dx;
@@ -315,15 +315,15 @@ export function backward(
     d = normGeluBackward(S.c2, S.n2, d, S.stats2, `${g}.norm2`);
     ops.push(...conv2dBackwardWeight(gpu, S.a1, d, G[`${g}.conv2.weight`], 1, k.conv));
     const da1 = next(S.a1.shape);
-    ops.push(conv2dBackwardData(gpu, d, P[`${g}.conv2.weight`], da1, 1, k.conv));
+    ops.push(...conv2dBackwardData(gpu, d, P[`${g}.conv2.weight`], da1, 1, k.conv));
     const dp = normGeluBackward(S.p1, S.n1, da1, S.stats1, `${g}.norm1`);
     const dc = next([...input.shape.slice(0, 3), S.p1.shape[3]]); // conv1 keeps the size (3x3, pad 1)
-    ops.push(k.fuseConvPool ? maxPool2Unpool(gpu, S.argmax1!, dp, dc) : maxPool2Backward(gpu, S.c1!, dp, dc));
+    ops.push(...(k.fuseConvPool ? maxPool2Unpool(gpu, S.argmax1!, dp, dc) : maxPool2Backward(gpu, S.c1!, dp, dc)));
     ops.push(...conv2dBackwardWeight(gpu, input, dc, G[`${g}.conv1.weight`], 1, k.conv));
     if (i > 0) {
       // the whitening conv is frozen and the data needs no gradient: group 1 stops here
       const din = next(input.shape);
-      ops.push(conv2dBackwardData(gpu, dc, P[`${g}.conv1.weight`], din, 1, k.conv));
+      ops.push(...conv2dBackwardData(gpu, dc, P[`${g}.conv1.weight`], din, 1, k.conv));
       d = din;
     }
   }
@@ -478,7 +478,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
         const list = [...run.trainForward, ...(s === 0 ? [run.firstBatchMetrics] : []), ...run.update];
         submit(
           gpu,
-          emaNow && emaExists ? [...list, run.emaStep] : list,
+          emaNow && emaExists ? [...list, ...run.emaStep] : list,
           emaNow && !emaExists ? run.copyToEma : undefined,
         );
         if (emaNow) emaExists = true;
@@ -537,7 +537,7 @@ function buildRun(
   const metrics = createBuffer(gpu, METRICS_FLOATS * 4);
 
   const trainForward = [
-    augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets, h.net),
+    ...augmentTrain(gpu, data.train, data.norm, perm, augParams, A.x, A.targets, h.net),
     ...forward(gpu, A, P, true, h),
     crossEntropy(
       gpu,
@@ -556,14 +556,17 @@ function buildRun(
     weights: h.opt.weightDecayPerSample * B,
     biases: h.opt.weightDecayPerSample * B * h.opt.biasDecayScaler,
   };
-  const update = [...backward(gpu, A, P, G, h), sgdNesterov(gpu, layout, state, grads, momentum, wd, h.opt.momentum)];
+  const update = [
+    ...backward(gpu, A, P, G, h),
+    ...sgdNesterov(gpu, layout, state, grads, momentum, wd, h.opt.momentum),
+  ];
   const emaStep = emaUpdate(gpu, layout, state, ema);
   const copyToEma = (enc: GPUCommandEncoder) => enc.copyBufferToBuffer(state, 0, ema, 0, stateBytes);
 
   const { half, nTest, evalOf, gather } = evalPrograms(gpu, data, A, metrics, h);
-  const evalNet = [gather, ...evalOf(P, METRIC_SLOTS.val)];
+  const evalNet = [...gather, ...evalOf(P, METRIC_SLOTS.val)];
   const evalEma = evalOf(PE, METRIC_SLOTS.ema);
-  const programs = [...trainForward, firstBatchMetrics, ...update, emaStep, ...evalNet, ...evalEma];
+  const programs = [...trainForward, firstBatchMetrics, ...update, ...emaStep, ...evalNet, ...evalEma];
   return {
     B,
     nTest,
@@ -729,7 +732,10 @@ export async function evaluateWeights(
     gpu.device.queue.writeBuffer(state, 0, values);
     const A = makeActivations(gpu, batchSize, depth, precision);
     const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics, hyp);
-    await evaluateTestSet(gpu, data.test.count, half, [gather, ...evalOf(stateViews(state, layout), METRIC_SLOTS.val)]);
+    await evaluateTestSet(gpu, data.test.count, half, [
+      ...gather,
+      ...evalOf(stateViews(state, layout), METRIC_SLOTS.val),
+    ]);
     const val = metricSlot(await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4), "val");
     return { valLoss: val.loss / data.test.count, valAcc: val.correct / data.test.count };
   } finally {
@@ -774,7 +780,7 @@ export interface Gpu {
   device: GPUDevice;
   adapterName: string;
   hasF16: boolean;
-  limits: { maxBinding: number; maxBuffer: number };
+  limits: GpuLimits; // what this run may use: the device's, or less (--spec-limits, tests)
   kernelDir: string; // the folder the kernels were read from (KERNEL_DIR), for the run log
   sources: Map<string, string>; // kernel file -> WGSL text as compiled: the file, then common.wgsl
   structs: Map<string, StructField[]>; // common.wgsl's uniform structs, packed by field name (packStruct)
@@ -787,6 +793,15 @@ export interface Gpu {
   convKernels: ConvKernels; // which conv kernel set this device runs (see CONV_KERNELS)
   convChoice?: string; // how it was chosen, when a timed trial chose it (an adapter that names nothing)
 }
+
+/** The limits a run plans its buffers for (bytes): a larger batch tensor is bound in slices (batchSlices). */
+export interface GpuLimits {
+  maxBinding: number; // maxStorageBufferBindingSize: the most one storage binding may cover
+  maxBuffer: number; // maxBufferSize: the largest buffer
+  align: number; // minStorageBufferOffsetAlignment: where a binding may start
+}
+/** WebGPU's default limits, what every adapter grants (128 MiB per binding, 256 MiB per buffer): --spec-limits. */
+export const SPEC_LIMITS: GpuLimits = { maxBinding: 2 ** 27, maxBuffer: 2 ** 28, align: 256 };
 
 /**
  * The conv kernel sets, each computing the same three passes: "tiled" (kernels/conv_tiled.wgsl,
@@ -824,6 +839,8 @@ export type KernelTexts = { dir: string; files: Record<string, string> };
 /**
  * The device, its limits and the kernel sources. `convKernels` overrides the conv kernel set chosen from the
  * adapter; `kernelDir` the kernel folder (default KERNEL_DIR, next to this file), or `kernels` their texts.
+ * `limits`: "spec" asks for WebGPU's default limits only (SPEC_LIMITS), as a browser or small GPU grants; numbers
+ * lower what the run plans for below the device's (tests force a few MiB per binding to exercise the slicing).
  */
 export async function initGpu(
   opts: {
@@ -832,6 +849,7 @@ export async function initGpu(
     kernelDir?: string | URL;
     kernels?: KernelTexts;
     featureLevel?: FeatureLevel;
+    limits?: "spec" | Partial<GpuLimits>;
   } = {},
 ): Promise<Gpu> {
   const noAdapter = "no WebGPU adapter found: install or update your GPU driver (Vulkan, Metal or D3D12); " +
@@ -855,11 +873,12 @@ export async function initGpu(
         `${a.maxComputeWorkgroupSizeX}); the kernels need ${WORKGROUP_THREADS}: use another GPU or browser`,
     );
   }
+  const spec = opts.limits === "spec", forced = typeof opts.limits === "object" ? opts.limits : {};
   const device = await adapter.requestDevice({
     requiredFeatures: [...(hasF16 ? ["shader-f16" as const] : []), ...(profile ? ["timestamp-query" as const] : [])],
     requiredLimits: {
-      maxStorageBufferBindingSize: a.maxStorageBufferBindingSize,
-      maxBufferSize: a.maxBufferSize,
+      maxStorageBufferBindingSize: spec ? SPEC_LIMITS.maxBinding : a.maxStorageBufferBindingSize,
+      maxBufferSize: spec ? SPEC_LIMITS.maxBuffer : a.maxBufferSize,
       maxStorageBuffersPerShaderStage: Math.min(a.maxStorageBuffersPerShaderStage, 10),
       maxComputeInvocationsPerWorkgroup: WORKGROUP_THREADS,
       maxComputeWorkgroupSizeX: WORKGROUP_THREADS,
@@ -881,7 +900,11 @@ export async function initGpu(
     device,
     adapterName,
     hasF16,
-    limits: { maxBinding: a.maxStorageBufferBindingSize, maxBuffer: a.maxBufferSize },
+    limits: {
+      maxBinding: Math.min(device.limits.maxStorageBufferBindingSize, forced.maxBinding ?? Infinity),
+      maxBuffer: Math.min(device.limits.maxBufferSize, forced.maxBuffer ?? Infinity),
+      align: Math.max(device.limits.minStorageBufferOffsetAlignment, forced.align ?? 0),
+    },
     kernelDir: texts.dir,
     sources,
     structs,
@@ -939,10 +962,10 @@ async function timeConvKernels(gpu: Gpu): Promise<[ConvKernels, string]> {
     const x = tensor(gpu, [32, 16, 16, 64]), w = tensor(gpu, [3, 3, 64, 64]), y = tensor(gpu, [32, 16, 16, 64]);
     for (const set of ["wide", "tiled"] as const) {
       const d = conv2d(gpu, x, w, y, 1, set);
-      submit(gpu, [d]);
+      submit(gpu, d);
       await gpu.device.queue.onSubmittedWorkDone();
       const t0 = performance.now();
-      for (let i = 0; i < 3; i++) submit(gpu, [d]);
+      for (let i = 0; i < 3; i++) submit(gpu, d);
       await gpu.device.queue.onSubmittedWorkDone();
       ms[set] = (performance.now() - t0) / 3;
     }
@@ -973,13 +996,15 @@ export function checkGpu(gpu: Gpu) {
   if (gpu.error) throw new Error(gpu.error);
 }
 
-/** A storage buffer; every one of ours is bound whole somewhere, so it must fit one binding as well as one buffer. */
+const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(bytes < 2 ** 20 ? 2 : 0)} MiB`;
+
+/** A storage buffer. One larger than a binding is bound in slices (batchSlices), or not at all (kernel refuses it). */
 export function createBuffer(gpu: Gpu, bytes: number, usage = 0): GPUBuffer {
-  const limit = Math.min(gpu.limits.maxBuffer, gpu.limits.maxBinding);
-  if (bytes > limit) {
+  if (bytes > gpu.limits.maxBuffer) {
     throw new Error(
-      `a ${(bytes / 2 ** 20).toFixed(0)} MiB buffer exceeds this GPU's limit of ` +
-        `${(limit / 2 ** 20).toFixed(0)} MiB: lower --batch-size or --base-depth`,
+      `a ${mib(bytes)} buffer exceeds this GPU's limit of ${
+        mib(gpu.limits.maxBuffer)
+      }: lower --batch-size or --base-depth`,
     );
   }
   const buffer = gpu.device.createBuffer({
@@ -997,14 +1022,7 @@ const BYTES: Record<Storage, number> = { f32: 4, f16: 2, u32: 4 };
 const tensorBytes = (shape: number[], dtype: Storage) => Math.ceil((numel(shape) * BYTES[dtype]) / 4) * 4;
 
 export function tensor(gpu: Gpu, shape: number[], dtype: Storage = "f32"): Tensor {
-  const bytes = tensorBytes(shape, dtype);
-  if (bytes > gpu.limits.maxBinding) {
-    throw new Error(
-      `a [${shape}] tensor needs ${(bytes / 2 ** 20).toFixed(0)} MiB but this GPU binds at most ` +
-        `${(gpu.limits.maxBinding / 2 ** 20).toFixed(0)} MiB: lower --batch-size`,
-    );
-  }
-  return { buffer: createBuffer(gpu, bytes), offset: 0, shape, dtype };
+  return { buffer: createBuffer(gpu, tensorBytes(shape, dtype)), offset: 0, shape, dtype };
 }
 
 /** A new tensor holding `data` (rounded to f16 if dtype is f16). */
@@ -1028,6 +1046,45 @@ export const view = (buffer: GPUBuffer, offset: number, shape: number[], dtype: 
 
 /** The same tensor with another leading (batch) dimension. */
 export const withRows = (t: Tensor, rows: number): Tensor => ({ ...t, shape: [rows, ...t.shape.slice(1)] });
+
+// ---- batch slices: a pass whose tensors are larger than one binding runs in slices of the batch
+
+/** Rows [start, start + rows) of a pass over the batch. */
+export type Slice = { start: number; rows: number };
+const rowBytes = (t: Tensor) => numel(t.shape.slice(1)) * BYTES[t.dtype];
+/** Rows `s` of a batch tensor [B, ...], bound at their own offset. */
+export const rowsOf = (t: Tensor, s: Slice): Tensor => ({
+  ...t,
+  offset: t.offset + s.start * rowBytes(t),
+  shape: [s.rows, ...t.shape.slice(1)],
+});
+const gcd = (a: number, b: number): number => (b ? gcd(b, a % b) : a);
+/** The fewest rows a slice of these tensors may start at a multiple of: then every binding starts aligned. */
+const sliceGranule = (gpu: Gpu, tensors: Tensor[]) =>
+  Math.max(1, ...tensors.map((t) => gpu.limits.align / gcd(rowBytes(t), gpu.limits.align)));
+// Slices hold a multiple of 256 images where they can: each slice's batch-norm chunks (NORM_ROWS_PER_CHUNK pixel
+// rows) are then the whole pass's, and its statistics come out bit for bit the same.
+const SLICE_IMAGES = 256;
+
+/**
+ * The slices of a pass over the rows of `tensors` (all [B, ...]): the whole batch when each fits one binding (and B
+ * <= maxRows), else as many rows as fit, slice after slice. Per-image work is the same, bit for bit, either way.
+ */
+export function batchSlices(gpu: Gpu, tensors: Tensor[], maxRows = Infinity): Slice[] {
+  const B = tensors[0].shape[0], widest = Math.max(...tensors.map(rowBytes));
+  if (B <= maxRows && tensors.every((t) => tensorBytes(t.shape, t.dtype) <= gpu.limits.maxBinding)) {
+    return [{ start: 0, rows: B }];
+  }
+  const granule = sliceGranule(gpu, tensors), fit = Math.min(maxRows, Math.floor(gpu.limits.maxBinding / widest));
+  const unit = fit >= Math.max(SLICE_IMAGES, granule) ? Math.max(SLICE_IMAGES, granule) : granule;
+  const rows = fit - (fit % unit);
+  if (rows < 1) {
+    throw new Error(`${granule} rows of [${tensors[0].shape}] do not fit one ${mib(gpu.limits.maxBinding)} binding`);
+  }
+  const slices: Slice[] = [];
+  for (let start = 0; start < B; start += rows) slices.push({ start, rows: Math.min(rows, B - start) });
+  return slices;
+}
 
 export async function readBuffer(gpu: Gpu, buffer: GPUBuffer, offsetBytes: number, bytes: number) {
   const staging = gpu.device.createBuffer({ size: bytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
@@ -1183,12 +1240,20 @@ function kernel(
     return alias;
   });
   const p = pipeline(gpu, file, entryPoint, halves.sort());
-  const entries = Object.entries(bindings).map(([binding, b]) => ({
-    binding: Number(binding),
-    resource: "shape" in b
-      ? { buffer: b.buffer, offset: b.offset, size: tensorBytes(b.shape, b.dtype) }
-      : { buffer: b },
-  }));
+  const entries = Object.entries(bindings).map(([binding, b]) => {
+    const size = "shape" in b ? tensorBytes(b.shape, b.dtype) : b.size, offset = "shape" in b ? b.offset : 0;
+    const uniform = !("shape" in b) && (b.usage & GPUBufferUsage.UNIFORM) !== 0;
+    // the op should have sliced it (batchSlices), and checkFits refused what cannot be: a bug if either shows
+    if (!uniform && size > gpu.limits.maxBinding) {
+      throw new Error(
+        `${file}.${entryPoint}: binding ${binding} is ${mib(size)}, over the ${mib(gpu.limits.maxBinding)} limit`,
+      );
+    }
+    if (offset % gpu.limits.align) {
+      throw new Error(`${file}.${entryPoint}: binding ${binding} starts at byte ${offset}`);
+    }
+    return { binding: Number(binding), resource: "shape" in b ? { buffer: b.buffer, offset, size } : { buffer: b } };
+  });
   const bindGroup = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries });
   if (grid[0] > MAX_GROUPS || grid[1] > MAX_GROUPS || grid[2] > MAX_GROUPS) {
     throw new Error(`${file}:${entryPoint} needs a grid of [${grid}] workgroups: lower --batch-size`);
@@ -1393,17 +1458,7 @@ export function makeActivations(
 ): Activations {
   const classes = h.misc.numClasses, side = IMAGE_SIDE - h.net.whitening.kernelSize + 1;
   const { fuseConvPool, fuseNormGelu } = kernels;
-  // The widest activation per image (group 1's conv output, the whitening output or the image) sets the largest batch
-  // one binding holds: checked first, so that the line names the batch that fits rather than the first tensor over.
-  const widest = [side, side, Math.max(groupWidths(baseDepth)[0], whitenOut(h))];
-  const rowBytes = Math.max(numel(widest), IMAGE_SIDE * IMAGE_SIDE * 3) * BYTES[dtype];
-  if (batch * rowBytes > gpu.limits.maxBinding) {
-    const fits = Math.floor(gpu.limits.maxBinding / rowBytes), mib = (b: number) => (b / 2 ** 20).toFixed(0);
-    throw new Error(
-      `a batch of ${batch} needs ${mib(batch * rowBytes)} MiB for one [${batch},${widest}] activation but this GPU ` +
-        `binds at most ${mib(gpu.limits.maxBinding)} MiB: use --batch-size ${fits} or less, or a smaller --base-depth`,
-    );
-  }
+  checkFits(gpu, batch, baseDepth, dtype, h); // first: the line names the size that fits, not a tensor that does not
   const groups: GroupActs[] = [];
   let hw = side, largest = [0]; // hw: the group's input height and width; the largest activation gradient's shape
   for (const c of groupWidths(baseDepth)) {
@@ -1444,6 +1499,80 @@ export function makeActivations(
     dtype,
     kernels,
   };
+}
+
+/**
+ * The shapes of the network's batch tensors, per image: those bound in slices (images and targets, activations and
+ * their gradients, the largest first), and those bound whole (the loss's rows: targets, logits, features).
+ */
+function perImageShapes(baseDepth: number, dtype: DType, h: Hyp) {
+  const side = IMAGE_SIDE - h.net.whitening.kernelSize + 1, sliced: { shape: number[]; dtype: Storage }[] = [];
+  sliced.push({ shape: [IMAGE_SIDE, IMAGE_SIDE, 3], dtype }, { shape: [side, side, whitenOut(h)], dtype });
+  sliced.push({ shape: [h.misc.numClasses], dtype: "f32" }); // the data kernels write targets with the images
+  let hw = side;
+  for (const c of groupWidths(baseDepth)) {
+    const pooled = [hw >> 1, hw >> 1];
+    sliced.push({ shape: [hw, hw, c], dtype }, { shape: [...pooled, c], dtype });
+    sliced.push({ shape: [...pooled, Math.ceil(c / 4)], dtype: "u32" });
+    hw >>= 1;
+  }
+  const bytes = (t: { shape: number[]; dtype: Storage }) => numel(t.shape) * BYTES[t.dtype];
+  sliced.sort((a, b) => bytes(b) - bytes(a));
+  const whole = [h.misc.numClasses, groupWidths(baseDepth)[2]].map((c) => ({ shape: [c], dtype: "f32" as Storage }));
+  return { sliced, whole, bytes };
+}
+
+/**
+ * Refuses, in one line naming the flag and the largest value that fits, a network these limits cannot run. A batch
+ * tensor larger than a binding is bound in slices (batchSlices), so any batch fits whose buffers do; what must fit one
+ * binding is a slice of the fewest images, each weight, the loss's rows and the norm statistics' partials.
+ */
+export function checkFits(gpu: Gpu, batch: number, baseDepth: number, dtype: DType = "f32", h: Hyp = hyp) {
+  const { maxBinding, maxBuffer, align } = gpu.limits, binds = `this GPU binds at most ${mib(maxBinding)}`;
+  const depthFits = (d: number) => {
+    const { sliced, bytes } = perImageShapes(d, dtype, h);
+    const granule = Math.max(...sliced.map((t) => align / gcd(bytes(t), align)));
+    const c3 = groupWidths(d)[2], weight = 9 * c3 * c3 * 4; // the largest weight: group 3's second conv
+    return { ok: granule * bytes(sliced[0]) <= maxBinding && weight <= maxBinding, granule, weight, widest: sliced[0] };
+  };
+  const here = depthFits(baseDepth);
+  if (!here.ok) {
+    let d = baseDepth;
+    while (d > 1 && !depthFits(d).ok) d--;
+    const what = here.weight > maxBinding
+      ? `its largest weight [3,3,${groupWidths(baseDepth)[2]},${groupWidths(baseDepth)[2]}] takes ${mib(here.weight)}`
+      : `a slice of ${here.granule} image${here.granule > 1 ? "s" : ""} (the fewest a binding can start at) needs ` +
+        `${mib(here.granule * numel(here.widest.shape) * BYTES[here.widest.dtype])} for one [${here.granule},` +
+        `${here.widest.shape}] activation`;
+    const fix = depthFits(d).ok ? `use --base-depth ${d} or less` : "use another GPU";
+    throw new Error(`at base depth ${baseDepth}, ${what}, but ${binds}: ${fix}`);
+  }
+  // bound whole: the loss's rows (targets, logits, features: at most a few KiB an image), and the norm partials
+  const { sliced, whole, bytes } = perImageShapes(baseDepth, dtype, h);
+  const side = IMAGE_SIDE - h.net.whitening.kernelSize + 1;
+  // a norm's partials: a (4 x f32) per chunk of NORM_ROWS_PER_CHUNK pixels and channel, and at most one more chunk
+  // per slice, so per image at most
+  const partsPerImage = Math.max(
+    ...groupWidths(baseDepth).map((c, i) => ((side >> (i + 1)) ** 2 / NORM_ROWS_PER_CHUNK + 1) * c * 16),
+  );
+  const limits = [
+    { bytes: Math.max(...whole.map(bytes)), cap: maxBinding, what: "its features (bound whole)", binds },
+    { bytes: partsPerImage, cap: maxBinding, what: "its batch-norm partial sums", binds },
+    {
+      bytes: bytes(sliced[0]),
+      cap: maxBuffer,
+      what: `one [${batch},${sliced[0].shape}] activation`,
+      binds: `this GPU's buffers hold at most ${mib(maxBuffer)}`,
+    },
+  ];
+  for (const l of limits) {
+    if (batch * l.bytes > l.cap) {
+      throw new Error(
+        `a batch of ${batch} needs ${mib(batch * l.bytes)} for ${l.what} but ${l.binds}: ` +
+          `use --batch-size ${Math.floor(l.cap / l.bytes)} or less`,
+      );
+    }
+  }
 }
 
 /** The same buffers seen with another batch size (<= the allocated one), e.g. for evaluation. */
@@ -1623,14 +1752,19 @@ function convGrid(
 }
 
 // Every conv op takes the kernel set last (default: the device's, gpu.convKernels); all sets give the same results.
+// Each runs in batch slices when its tensors are larger than one binding (batchSlices): every output pixel is
+// computed as in one pass, except the weight gradient's sum over the batch (conv2dBackwardWeight).
 
 /** y = conv(x, w), stride 1, zero padding `pad`. */
-export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number, set = gpu.convKernels): Dispatch {
-  const c = convShape(x.shape, w.shape, y.shape, pad);
-  const m = c.batch * c.ho * c.wo, n = c.cout;
-  const { file, suffix, grid } = convPlan(gpu, m, n, set);
-  const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y };
-  return kernel(gpu, file, `forward${suffix}`, bindings, grid, convInfo(c));
+export function conv2d(gpu: Gpu, x: Tensor, w: Tensor, y: Tensor, pad: number, set = gpu.convKernels): Dispatch[] {
+  convShape(x.shape, w.shape, y.shape, pad);
+  return batchSlices(gpu, [x, y]).map((r) => {
+    const c = convShape(rowsOf(x, r).shape, w.shape, rowsOf(y, r).shape, pad);
+    const m = c.batch * c.ho * c.wo, n = c.cout;
+    const { file, suffix, grid } = convPlan(gpu, m, n, set);
+    const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: rowsOf(x, r), 2: w, 3: rowsOf(y, r) };
+    return kernel(gpu, file, `forward${suffix}`, bindings, grid, convInfo(c));
+  });
 }
 
 /**
@@ -1646,20 +1780,28 @@ export function conv2dMaxPool(
   argmax: Tensor,
   pad: number,
   set = gpu.convKernels,
-): Dispatch {
+): Dispatch[] {
   const [batch, h, wd] = x.shape, [kh, kw, , cout] = w.shape;
   const full = [batch, h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1, cout];
-  const c = convShape(x.shape, w.shape, full, pad);
-  const pooled = [batch, c.ho >> 1, c.wo >> 1, cout];
+  const pooled = [batch, full[1] >> 1, full[2] >> 1, cout];
   if (y.shape.join() !== pooled.join() || argmax.shape.join() !== [...pooled.slice(0, 3), Math.ceil(cout / 4)].join()) {
     throw new Error(`conv2dMaxPool: x [${x.shape}] w [${w.shape}] -> y [${y.shape}], argmax [${argmax.shape}]`);
   }
   if (argmax.dtype !== "u32") throw new Error("conv2dMaxPool: argmax must be a u32 tensor");
-  const m = 4 * numel(pooled.slice(0, 3)), n = cout; // rows: the 4 pixels of every pool window
-  const { file, suffix, grid } = convPlan(gpu, m, n, set);
-  const bindings = { 0: convUniform(gpu, c, pad, m, n), 1: x, 2: w, 3: y, 4: argmax };
-  const info = { label: convInfo(c).label, flop: (convInfo(c).flop / (c.ho * c.wo)) * 4 * pooled[1] * pooled[2] };
-  return kernel(gpu, file, `forward_pool${suffix}`, bindings, grid, info);
+  return batchSlices(gpu, [x, y, argmax]).map((r) => {
+    const c = convShape(rowsOf(x, r).shape, w.shape, [r.rows, ...full.slice(1)], pad);
+    const m = 4 * r.rows * pooled[1] * pooled[2], n = cout; // rows: the 4 pixels of every pool window
+    const { file, suffix, grid } = convPlan(gpu, m, n, set);
+    const bindings = {
+      0: convUniform(gpu, c, pad, m, n),
+      1: rowsOf(x, r),
+      2: w,
+      3: rowsOf(y, r),
+      4: rowsOf(argmax, r),
+    };
+    const info = { label: convInfo(c).label, flop: (convInfo(c).flop / (c.ho * c.wo)) * 4 * pooled[1] * pooled[2] };
+    return kernel(gpu, file, `forward_pool${suffix}`, bindings, grid, info);
+  });
 }
 
 /** dx = d conv / dx, given dy. */
@@ -1670,15 +1812,42 @@ export function conv2dBackwardData(
   dx: Tensor,
   pad: number,
   set = gpu.convKernels,
-): Dispatch {
-  const c = convShape(dx.shape, w.shape, dy.shape, pad);
-  const m = c.batch * c.h * c.w, n = c.cin;
-  const { file, suffix, grid } = convPlan(gpu, m, n, set);
-  const u = convUniform(gpu, c, pad, m, n);
-  return kernel(gpu, file, `backward_data${suffix}`, { 0: u, 1: dy, 2: w, 3: dx }, grid, convInfo(c));
+): Dispatch[] {
+  convShape(dx.shape, w.shape, dy.shape, pad);
+  return batchSlices(gpu, [dy, dx]).map((r) => {
+    const c = convShape(rowsOf(dx, r).shape, w.shape, rowsOf(dy, r).shape, pad);
+    const m = c.batch * c.h * c.w, n = c.cin;
+    const { file, suffix, grid } = convPlan(gpu, m, n, set);
+    const u = convUniform(gpu, c, pad, m, n);
+    return kernel(
+      gpu,
+      file,
+      `backward_data${suffix}`,
+      { 0: u, 1: rowsOf(dy, r), 2: w, 3: rowsOf(dx, r) },
+      grid,
+      convInfo(c),
+    );
+  });
 }
 
-/** dw = d conv / dw, given x and dy: split-K over the pixels into partials, then a sum over the splits. */
+/** How many splits sum the `pixels` of a weight gradient m x n, and how many pixels each sums (kps). */
+function weightSplits(gpu: Gpu, set: ConvKernels, m: number, n: number, pixels: number) {
+  let splits = Math.min(CONV_SPLIT_K.max, Math.ceil(pixels / CONV_SPLIT_K.target));
+  if (set === "tiled") {
+    const { rows, cols } = convBlock(gpu, set), tiles = Math.ceil(m / rows) * Math.ceil(n / cols);
+    splits = Math.min(Math.ceil(CONV_SPLIT_K.tiledWorkgroups / tiles), Math.floor(pixels / CONV_SPLIT_K.tiledLeast));
+  }
+  // the partials [splits][m][n] are bound whole: no more splits than one binding holds
+  const fit = Math.floor(gpu.limits.maxBinding / (m * n * 4));
+  splits = Math.min(fit, Math.max(1, splits, Math.ceil(pixels / CONV_SPLIT_K.longest)));
+  const kps = Math.ceil(pixels / splits);
+  return { splits: Math.ceil(pixels / kps), kps };
+}
+
+/**
+ * dw = d conv / dw, given x and dy: split-K over the pixels into partials, then a sum over the splits. A batch in
+ * slices sums each slice's splits into dw in turn (same terms, another order: equal within f32 rounding).
+ */
 export function conv2dBackwardWeight(
   gpu: Gpu,
   x: Tensor,
@@ -1687,18 +1856,35 @@ export function conv2dBackwardWeight(
   pad: number,
   set = gpu.convKernels,
 ): Dispatch[] {
-  const c = convShape(x.shape, dw.shape, dy.shape, pad);
-  const m = c.kh * c.kw * c.cin, n = c.cout, pixels = c.batch * c.ho * c.wo;
-  let splits = Math.min(CONV_SPLIT_K.max, Math.ceil(pixels / CONV_SPLIT_K.target));
-  if (set === "tiled") {
-    const { rows, cols } = convBlock(gpu, set), tiles = Math.ceil(m / rows) * Math.ceil(n / cols);
-    splits = Math.min(Math.ceil(CONV_SPLIT_K.tiledWorkgroups / tiles), Math.floor(pixels / CONV_SPLIT_K.tiledLeast));
-  }
-  splits = Math.max(1, splits, Math.ceil(pixels / CONV_SPLIT_K.longest));
-  const kps = Math.ceil(pixels / splits);
-  splits = Math.ceil(pixels / kps);
-  const partials = tensor(gpu, [splits, m, n]);
-  // The wide set runs its 32 x 16 block where the input channels fill 32 rows (of one tap) and the output channels
+  const whole = convShape(x.shape, dw.shape, dy.shape, pad);
+  const m = whole.kh * whole.kw * whole.cin, n = whole.cout, perImage = whole.ho * whole.wo;
+  // as many images per slice as its splits can sum within lavapipe's loop limit
+  const fit = Math.floor(gpu.limits.maxBinding / (m * n * 4));
+  const slices = batchSlices(gpu, [x, dy], Math.max(1, Math.floor((fit * CONV_SPLIT_K.longest) / perImage)));
+  const plans = slices.map((r) => weightSplits(gpu, set, m, n, r.rows * perImage));
+  const partials = tensor(gpu, [Math.max(...plans.map((p) => p.splits)), m, n]);
+  return slices.flatMap((r, i) => {
+    const { splits, kps } = plans[i], c = convShape(rowsOf(x, r).shape, dw.shape, rowsOf(dy, r).shape, pad);
+    return weightGradient(gpu, c, pad, m, n, splits, kps, rowsOf(x, r), rowsOf(dy, r), partials, dw, set, i > 0);
+  });
+}
+
+/** One pass of the weight gradient: the splits into `partials`, then their sum into dw (or added to it). */
+function weightGradient(
+  gpu: Gpu,
+  c: ReturnType<typeof convShape>,
+  pad: number,
+  m: number,
+  n: number,
+  splits: number,
+  kps: number,
+  x: Tensor,
+  dy: Tensor,
+  partials: Tensor,
+  dw: Tensor,
+  set: ConvKernels,
+  accumulate: boolean,
+): Dispatch[] { // The wide set runs its 32 x 16 block where the input channels fill 32 rows (of one tap) and the output channels
   // 16 columns; else its 16 x 8 block, whose 16 rows are two units of 8 channels, of one tap or two.
   const wide2 = set === "wide" && fills(c.cin, kernelConst(gpu, "conv", "WIDE2_ROWS"));
   const pick = wide2 && convPick(gpu, n, set) === "wide2" ? "wide2" : set;
@@ -1712,14 +1898,15 @@ export function conv2dBackwardWeight(
     ? Math.ceil((taps * Math.ceil(c.cin / unit)) / 2)
     : taps * Math.ceil(c.cin / rows);
   const grid = convGrid(gpu, rowBlocks, n, splits, pick);
-  const bindings = { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: partials };
+  const bindings = { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: withRows(partials, splits) };
+  const sum = uniform(gpu, [m * n, splits, 0, 0, accumulate ? 1 : 0, 0, 0, 0]);
   return [
     kernel(gpu, file, `backward_weight${suffix}`, bindings, grid, convInfo(c)),
     kernel(
       gpu,
       "reduce",
       "sum_splits",
-      { 0: uniform(gpu, [m * n, splits, 0, 0]), 1: partials, 2: dw },
+      { 0: sum, 1: withRows(partials, splits), 2: dw },
       grid1d(gpu, "reduce", m * n),
       {
         label: convInfo(c).label,
@@ -1732,26 +1919,32 @@ function poolUniform(gpu: Gpu, x: number[], y: number[], count: number) {
   return uniform(gpu, [x[0], x[1], x[2], x[3], y[1], y[2], count, 0]);
 }
 
-/** 2x2 max pool, stride 2, floor (an odd last row/column is dropped). */
-export function maxPool2(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
-  const [b, h, w, c] = x.shape;
-  if (y.shape.join() !== [b, h >> 1, w >> 1, c].join()) throw new Error(`maxPool2: [${x.shape}] -> [${y.shape}]`);
-  return kernel(
-    gpu,
-    "pool",
-    "maxpool2_forward",
-    { 0: poolUniform(gpu, x.shape, y.shape, numel(y.shape)), 1: x, 3: y },
-    grid1d(gpu, "pool", numel(y.shape)),
+/** `build` once per batch slice of `tensors` (binding number -> tensor), each bound to its rows of the slice. */
+function perSlice(gpu: Gpu, tensors: Record<number, Tensor>, build: (b: Record<number, Tensor>) => Dispatch) {
+  return batchSlices(gpu, Object.values(tensors)).map((r) =>
+    build(Object.fromEntries(Object.entries(tensors).map(([k, t]) => [k, rowsOf(t, r)])))
   );
 }
 
-export function maxPool2Backward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
-  const u = poolUniform(gpu, x.shape, dy.shape, numel(x.shape));
-  return kernel(gpu, "pool", "maxpool2_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(gpu, "pool", numel(x.shape)));
+/** 2x2 max pool, stride 2, floor (an odd last row/column is dropped). */
+export function maxPool2(gpu: Gpu, x: Tensor, y: Tensor): Dispatch[] {
+  const [b, h, w, c] = x.shape;
+  if (y.shape.join() !== [b, h >> 1, w >> 1, c].join()) throw new Error(`maxPool2: [${x.shape}] -> [${y.shape}]`);
+  return perSlice(gpu, { 1: x, 3: y }, (t) => {
+    const u = poolUniform(gpu, t[1].shape, t[3].shape, numel(t[3].shape));
+    return kernel(gpu, "pool", "maxpool2_forward", { 0: u, ...t }, grid1d(gpu, "pool", numel(t[3].shape)));
+  });
+}
+
+export function maxPool2Backward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch[] {
+  return perSlice(gpu, { 1: x, 2: dy, 3: dx }, (t) => {
+    const u = poolUniform(gpu, t[1].shape, t[2].shape, numel(t[1].shape));
+    return kernel(gpu, "pool", "maxpool2_backward", { 0: u, ...t }, grid1d(gpu, "pool", numel(t[1].shape)));
+  });
 }
 
 /** The backward of conv2dMaxPool's pool: dx (full size) = dy at each window's argmax, else 0. */
-export function maxPool2Unpool(gpu: Gpu, argmax: Tensor, dy: Tensor, dx: Tensor): Dispatch {
+export function maxPool2Unpool(gpu: Gpu, argmax: Tensor, dy: Tensor, dx: Tensor): Dispatch[] {
   const [b, h, w, c] = dx.shape;
   if (
     dy.shape.join() !== [b, h >> 1, w >> 1, c].join() ||
@@ -1759,41 +1952,40 @@ export function maxPool2Unpool(gpu: Gpu, argmax: Tensor, dy: Tensor, dx: Tensor)
   ) {
     throw new Error(`maxPool2Unpool: dy [${dy.shape}], argmax [${argmax.shape}] -> dx [${dx.shape}]`);
   }
-  const u = poolUniform(gpu, dx.shape, dy.shape, numel(dx.shape));
-  return kernel(
-    gpu,
-    "pool",
-    "maxpool2_unpool",
-    { 0: u, 2: dy, 3: dx, 4: argmax },
-    grid1d(gpu, "pool", numel(dx.shape)),
-  );
+  return perSlice(gpu, { 2: dy, 3: dx, 4: argmax }, (t) => {
+    const u = poolUniform(gpu, t[3].shape, t[2].shape, numel(t[3].shape));
+    return kernel(gpu, "pool", "maxpool2_unpool", { 0: u, ...t }, grid1d(gpu, "pool", numel(t[3].shape)));
+  });
 }
 
 /** y[b][c] = max over the image of x[b][:][:][c]. */
-export function globalMaxPool(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
-  const u = poolUniform(gpu, x.shape, [y.shape[0], 1, 1, y.shape[1]], numel(y.shape));
-  return kernel(gpu, "pool", "global_max_forward", { 0: u, 1: x, 3: y }, grid1d(gpu, "pool", numel(y.shape)));
+export function globalMaxPool(gpu: Gpu, x: Tensor, y: Tensor): Dispatch[] {
+  return perSlice(gpu, { 1: x, 3: y }, (t) => {
+    const u = poolUniform(gpu, t[1].shape, [t[3].shape[0], 1, 1, t[3].shape[1]], numel(t[3].shape));
+    return kernel(gpu, "pool", "global_max_forward", { 0: u, ...t }, grid1d(gpu, "pool", numel(t[3].shape)));
+  });
 }
 
-export function globalMaxPoolBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
-  const u = poolUniform(gpu, x.shape, [dy.shape[0], 1, 1, dy.shape[1]], numel(x.shape));
-  return kernel(gpu, "pool", "global_max_backward", { 0: u, 1: x, 2: dy, 3: dx }, grid1d(gpu, "pool", numel(x.shape)));
+export function globalMaxPoolBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch[] {
+  return perSlice(gpu, { 1: x, 2: dy, 3: dx }, (t) => {
+    const u = poolUniform(gpu, t[1].shape, [t[2].shape[0], 1, 1, t[2].shape[1]], numel(t[1].shape));
+    return kernel(gpu, "pool", "global_max_backward", { 0: u, ...t }, grid1d(gpu, "pool", numel(t[1].shape)));
+  });
 }
 
 /** y = gelu(x), exact (erf) GELU, elementwise. */
-export function gelu(gpu: Gpu, x: Tensor, y: Tensor): Dispatch {
-  return kernel(
-    gpu,
-    "norm",
-    "gelu_forward",
-    { 0: normSetup(gpu, x).u, 1: x, 9: y },
-    grid1d(gpu, "norm", numel(x.shape)),
-  );
+export function gelu(gpu: Gpu, x: Tensor, y: Tensor): Dispatch[] {
+  return perSlice(gpu, { 1: x, 9: y }, (t) => {
+    const u = normUniform(gpu, t[1], [], { momentum: 0, eps: 0 });
+    return kernel(gpu, "norm", "gelu_forward", { 0: u, ...t }, grid1d(gpu, "norm", numel(t[1].shape)));
+  });
 }
 
-export function geluBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch {
-  const u = normSetup(gpu, x).u;
-  return kernel(gpu, "norm", "gelu_backward", { 0: u, 1: x, 2: dy, 9: dx }, grid1d(gpu, "norm", numel(x.shape)));
+export function geluBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch[] {
+  return perSlice(gpu, { 1: x, 2: dy, 9: dx }, (t) => {
+    const u = normUniform(gpu, t[1], [], { momentum: 0, eps: 0 });
+    return kernel(gpu, "norm", "gelu_backward", { 0: u, ...t }, grid1d(gpu, "norm", numel(t[1].shape)));
+  });
 }
 
 /** Batch-norm parameters of one layer: scale (frozen at 1), shift, running mean and variance. */
@@ -1812,22 +2004,57 @@ export interface BatchNormHyp {
   eps: number;
 }
 
-/** norm.wgsl's uniform, partials and grids for x [..][C]; the GELU kernels read neither momentum nor eps. */
-function normSetup(gpu: Gpu, x: Tensor, withPartials = false, bn: BatchNormHyp = { momentum: 0, eps: 0 }) {
-  const c = x.shape[x.shape.length - 1], rows = numel(x.shape) / c;
-  const chunks = Math.ceil(rows / NORM_ROWS_PER_CHUNK);
-  const u = uniform(gpu, [rows, c, NORM_ROWS_PER_CHUNK, chunks, f32(bn.momentum), f32(bn.eps), numel(x.shape), 0]);
-  const part = withPartials ? tensor(gpu, [chunks, c, 4]) : undefined;
+/** Pixel rows ([B][H][W][C] seen as rows of C channels) of a tensor, per image. */
+const pixelRows = (x: Tensor) => numel(x.shape.slice(1, -1));
+
+/**
+ * norm.wgsl's NormShape for rows `r` of x (the whole batch when `slices` is empty): its statistics chunks start
+ * after those of the slices before it, and the finalize kernels merge all of them.
+ */
+function normUniform(gpu: Gpu, x: Tensor, slices: Slice[], bn: BatchNormHyp, r?: Slice) {
+  const c = x.shape[x.shape.length - 1], per = pixelRows(x), B = x.shape[0];
+  const chunksOf = (rows: number) => Math.ceil((rows * per) / NORM_ROWS_PER_CHUNK);
+  const all = slices.length ? slices : [{ start: 0, rows: B }], mine = r ?? all[0];
+  const chunks = all.reduce((n, q) => n + chunksOf(q.rows), 0);
+  const base = all.filter((q) => q.start < mine.start).reduce((n, q) => n + chunksOf(q.rows), 0);
+  const rows = mine.rows * per;
+  return uniform(gpu, [
+    rows,
+    c,
+    NORM_ROWS_PER_CHUNK,
+    chunks,
+    f32(bn.momentum),
+    f32(bn.eps),
+    rows * c,
+    base,
+    B * per,
+    0,
+    0,
+    0,
+  ]);
+}
+
+/** The slices of a norm pass over `tensors` (x first), its partials [chunks][C][4], and its grids. */
+function normSlices(gpu: Gpu, tensors: Tensor[], bn: BatchNormHyp) {
+  const x = tensors[0], c = x.shape[x.shape.length - 1], slices = batchSlices(gpu, tensors);
+  const chunks = slices.reduce((n, r) => n + Math.ceil((r.rows * pixelRows(x)) / NORM_ROWS_PER_CHUNK), 0);
   const channelGroups = Math.ceil(c / kernelConst(gpu, "norm", "WG_C")); // per-channel kernels: a thread per channel
-  const perChannel: [number, number, number] = [channelGroups, 1, 1];
-  const perChunk: [number, number, number] = [channelGroups, chunks, 1];
-  return { u, part, perChannel, perChunk, count: numel(x.shape) };
+  return {
+    slices,
+    part: () => tensor(gpu, [chunks, c, 4]),
+    u: (r: Slice) => normUniform(gpu, x, slices, bn, r),
+    perChannel: [channelGroups, 1, 1] as [number, number, number],
+    perChunk: (r: Slice) =>
+      [channelGroups, Math.ceil((r.rows * pixelRows(x)) / NORM_ROWS_PER_CHUNK), 1] as [number, number, number],
+    elementwise: (r: Slice) => grid1d(gpu, "norm", r.rows * numel(x.shape.slice(1))),
+  };
 }
 
 /**
  * y = batchnorm(x), or gelu(batchnorm(x)) in the same pass with `then` = "gelu". Training: normalise
  * with the batch statistics and update the running ones; eval: normalise with the running statistics.
- * `stats` [C][2] keeps (mean, 1/std) for backward.
+ * `stats` [C][2] keeps (mean, 1/std) for backward. Statistics are always over the whole batch: in slices, each
+ * slice sums its chunks and one pass merges them all (the same bits where each slice holds a multiple of 256 images).
  */
 export function batchNorm(
   gpu: Gpu,
@@ -1838,32 +2065,37 @@ export function batchNorm(
   training: boolean,
   then?: "gelu",
   bn: BatchNormHyp = batchNormHyp(hyp),
-) {
-  const s = normSetup(gpu, x, training, bn);
-  const apply = kernel(gpu, "norm", then === "gelu" ? "apply_gelu" : "apply", {
-    0: s.u,
-    1: x,
-    3: stats,
-    4: p.weight,
-    5: p.bias,
-    9: y,
-  }, grid1d(gpu, "norm", s.count));
+): Dispatch[] {
+  const s = normSlices(gpu, [x, y], bn), first = s.slices[0];
+  const apply = s.slices.map((r) =>
+    kernel(gpu, "norm", then === "gelu" ? "apply_gelu" : "apply", {
+      0: s.u(r),
+      1: rowsOf(x, r),
+      3: stats,
+      4: p.weight,
+      5: p.bias,
+      9: rowsOf(y, r),
+    }, s.elementwise(r))
+  );
   if (!training) {
     return [
-      kernel(gpu, "norm", "eval_stats", { 0: s.u, 3: stats, 6: p.runningMean, 7: p.runningVar }, s.perChannel),
-      apply,
+      kernel(gpu, "norm", "eval_stats", { 0: s.u(first), 3: stats, 6: p.runningMean, 7: p.runningVar }, s.perChannel),
+      ...apply,
     ];
   }
+  const part = s.part();
   return [
-    kernel(gpu, "norm", "stats_partial", { 0: s.u, 1: x, 8: s.part! }, s.perChunk),
+    ...s.slices.map((r) =>
+      kernel(gpu, "norm", "stats_partial", { 0: s.u(r), 1: rowsOf(x, r), 8: part }, s.perChunk(r))
+    ),
     kernel(
       gpu,
       "norm",
       "stats_finalize",
-      { 0: s.u, 3: stats, 6: p.runningMean, 7: p.runningVar, 8: s.part! },
+      { 0: s.u(first), 3: stats, 6: p.runningMean, 7: p.runningVar, 8: part },
       s.perChannel,
     ),
-    apply,
+    ...apply,
   ];
 }
 
@@ -1871,6 +2103,7 @@ export function batchNorm(
  * dx, dbias (= sum g) and dweight (= sum g * xhat) of a training-mode batch norm with parameters p,
  * g = dL/d(its output). With `then` = "gelu", dy is the gradient of gelu(batchnorm(x)) (batchNorm's
  * "gelu"): g = dy * gelu'(n) with n recomputed from x, so the norm's output never had to be stored.
+ * In slices as batchNorm: the sums over the batch are merged from every slice's chunks.
  */
 export function batchNormBackward(
   gpu: Gpu,
@@ -1883,17 +2116,20 @@ export function batchNormBackward(
   dweight: Tensor,
   then?: "gelu",
 ): Dispatch[] {
-  const s = normSetup(gpu, x, true), fused = then === "gelu" ? "_gelu" : "";
-  const inputs = { 0: s.u, 1: x, 2: dy, 3: stats, 4: p.weight, 5: p.bias };
+  const s = normSlices(gpu, [x, dy, dx], { momentum: 0, eps: 0 }), fused = then === "gelu" ? "_gelu" : "";
+  const part = s.part();
+  const inputs = (r: Slice) => ({ 0: s.u(r), 1: rowsOf(x, r), 2: rowsOf(dy, r), 3: stats, 4: p.weight, 5: p.bias });
   return [
-    kernel(gpu, "norm", `backward_partial${fused}`, { ...inputs, 8: s.part! }, s.perChunk),
-    kernel(gpu, "norm", "backward_finalize", { 0: s.u, 8: s.part!, 10: dbias, 11: dweight }, s.perChannel),
-    kernel(
-      gpu,
-      "norm",
-      `backward_apply${fused}`,
-      { ...inputs, 9: dx, 10: dbias, 11: dweight },
-      grid1d(gpu, "norm", s.count),
+    ...s.slices.map((r) => kernel(gpu, "norm", `backward_partial${fused}`, { ...inputs(r), 8: part }, s.perChunk(r))),
+    kernel(gpu, "norm", "backward_finalize", { 0: s.u(s.slices[0]), 8: part, 10: dbias, 11: dweight }, s.perChannel),
+    ...s.slices.map((r) =>
+      kernel(
+        gpu,
+        "norm",
+        `backward_apply${fused}`,
+        { ...inputs(r), 9: rowsOf(dx, r), 10: dbias, 11: dweight },
+        s.elementwise(r),
+      )
     ),
   ];
 }
@@ -1956,13 +2192,13 @@ export function ttaAverage(gpu: Gpu, logits: Tensor, out: Tensor): Dispatch {
 
 /** flags[slot] = min(flags[slot], frame.step) if any loss[0..rows) is NaN or infinite (u32 view of the buffer). */
 export function flagNonFinite(gpu: Gpu, loss: Tensor, flags: GPUBuffer, slot: number): Dispatch {
-  const u = uniform(gpu, [0, 0, loss.shape[0], slot]);
+  const u = uniform(gpu, [0, 0, loss.shape[0], slot, 0, 0, 0, 0]);
   return kernel(gpu, "reduce", "flag_nonfinite", { 0: u, 3: loss, 6: flags, 7: gpu.frame }, [1, 1, 1]);
 }
 
 /** metrics[2 slot] += sum(loss), metrics[2 slot + 1] += sum(correct), over `rows` rows. */
 export function accumulateMetrics(gpu: Gpu, loss: Tensor, correct: Tensor, metrics: GPUBuffer, slot: number) {
-  const u = uniform(gpu, [0, 0, loss.shape[0], slot]);
+  const u = uniform(gpu, [0, 0, loss.shape[0], slot, 0, 0, 0, 0]);
   return kernel(gpu, "reduce", "accumulate_metrics", { 0: u, 3: loss, 4: correct, 5: metrics }, [1, 1, 1]);
 }
 
@@ -1975,7 +2211,26 @@ export interface StateLayout {
   nTotal: number; // [nCopy, nTotal): frozen batch-norm scales and whitening conv
 }
 
-/** Nesterov SGD (momentum `mu`) with coupled weight decay over every trainable parameter, in one dispatch. */
+/**
+ * Index ranges [base, end) of `end` floats of the flat state, each within one binding and starting aligned: the
+ * whole range as one when it fits (the buffers are then bound whole).
+ */
+function stateSlices(gpu: Gpu, end: number): { base: number; end: number }[] {
+  if (end * 4 <= gpu.limits.maxBinding) return [{ base: 0, end }];
+  const step = Math.floor(gpu.limits.maxBinding / gpu.limits.align) * (gpu.limits.align / 4);
+  const slices = [];
+  for (let base = 0; base < end; base += step) slices.push({ base, end: Math.min(end, base + step) });
+  return slices;
+}
+
+/** Each state buffer bound at range r: whole when r is the whole state, else the floats [r.base, r.end). */
+function stateBindings(buffers: Record<number, GPUBuffer>, r: { base: number; end: number }, whole: boolean) {
+  return Object.fromEntries(
+    Object.entries(buffers).map(([k, b]) => [k, whole ? b : view(b, r.base, [r.end - r.base])]),
+  );
+}
+
+/** Nesterov SGD (momentum `mu`) with coupled weight decay over every trainable parameter, in one dispatch a slice. */
 export function sgdNesterov(
   gpu: Gpu,
   layout: StateLayout,
@@ -1984,36 +2239,36 @@ export function sgdNesterov(
   momentum: GPUBuffer,
   wd: { weights: number; biases: number },
   mu = hyp.opt.momentum,
-): Dispatch {
-  const u = uniform(gpu, [
-    layout.nWeights,
-    layout.nTrainable,
-    layout.nCopy,
-    layout.nTotal,
-    f32(wd.weights),
-    f32(wd.biases),
-    f32(mu),
-    0,
-  ]);
-  return kernel(
-    gpu,
-    "optim",
-    "sgd_nesterov",
-    { 0: u, 1: gpu.frame, 2: params, 3: grads, 4: momentum },
-    grid1d(gpu, "optim", layout.nTrainable),
-  );
+): Dispatch[] {
+  const slices = stateSlices(gpu, layout.nTrainable);
+  return slices.map((r) => {
+    const u = uniform(gpu, [
+      layout.nWeights,
+      layout.nTrainable,
+      layout.nCopy,
+      layout.nTotal,
+      f32(wd.weights),
+      f32(wd.biases),
+      f32(mu),
+      r.base,
+      r.end,
+      0,
+      0,
+      0,
+    ]);
+    const state = stateBindings({ 2: params, 3: grads, 4: momentum }, r, slices.length === 1);
+    return kernel(gpu, "optim", "sgd_nesterov", { 0: u, 1: gpu.frame, ...state }, grid1d(gpu, "optim", r.end - r.base));
+  });
 }
 
 /** ema = d ema + (1 - d) params over the whole state (d = frame.emaDecay), then params = ema except frozen tensors. */
-export function emaUpdate(gpu: Gpu, layout: StateLayout, params: GPUBuffer, ema: GPUBuffer): Dispatch {
-  const u = uniform(gpu, [layout.nWeights, layout.nTrainable, layout.nCopy, layout.nTotal, 0, 0, 0, 0]);
-  return kernel(
-    gpu,
-    "optim",
-    "ema_update",
-    { 0: u, 1: gpu.frame, 2: params, 5: ema },
-    grid1d(gpu, "optim", layout.nTotal),
-  );
+export function emaUpdate(gpu: Gpu, layout: StateLayout, params: GPUBuffer, ema: GPUBuffer): Dispatch[] {
+  const slices = stateSlices(gpu, layout.nTotal);
+  return slices.map((r) => {
+    const u = uniform(gpu, [layout.nWeights, layout.nTrainable, layout.nCopy, layout.nTotal, 0, 0, 0, r.base, r.end]);
+    const state = stateBindings({ 2: params, 5: ema }, r, slices.length === 1);
+    return kernel(gpu, "optim", "ema_update", { 0: u, 1: gpu.frame, ...state }, grid1d(gpu, "optim", r.end - r.base));
+  });
 }
 
 /** A split of raw images on the GPU (see data.wgsl): u8 CHW records packed in u32, labels as u32. */
@@ -2034,9 +2289,11 @@ export interface ChannelStats {
 /** The training augmentation's numbers (hyp.net); evaluation and the whitening statistics use neither. */
 type AugmentHyp = Pick<Hyp["net"], "cutmixSize" | "padAmount">;
 
+/** data.wgsl's DataShape for rows `r` (of a batch of `batchRows`): the slice's own output rows start at r.start. */
 function dataUniform(
   gpu: Gpu,
-  rows: number,
+  r: Slice,
+  batchRows: number,
   imgs: GpuImages,
   norm: ChannelStats,
   classes: number,
@@ -2045,7 +2302,7 @@ function dataUniform(
   const { cutmixSize } = aug, even = cutmixSize % 2 === 0 ? 1 : 0, half = Math.floor(cutmixSize / 2);
   const inv = norm.std.map((s) => 1 / s);
   return uniform(gpu, [
-    rows,
+    r.rows,
     imgs.imagesPerPart,
     imgs.count,
     classes,
@@ -2057,6 +2314,10 @@ function dataUniform(
     f32(0),
     ...inv.map(f32),
     f32(0),
+    r.start,
+    batchRows,
+    0,
+    0,
   ]);
 }
 
@@ -2073,41 +2334,47 @@ export function augmentTrain(
   images: Tensor,
   targets: Tensor,
   aug: AugmentHyp = hyp.net,
-): Dispatch {
-  const rows = images.shape[0];
-  const u = dataUniform(gpu, rows, imgs, norm, targets.shape[1], aug);
-  const b = {
-    0: u,
-    1: gpu.frame,
-    2: imgs.part0,
-    3: imgs.part1,
-    4: perm,
-    5: params,
-    6: imgs.labels,
-    7: images,
-    8: targets,
-  };
-  return kernel(gpu, "data", "augment_train", b, grid1d(gpu, "data", rows * IMAGE_SIDE * IMAGE_SIDE));
+): Dispatch[] {
+  return batchSlices(gpu, [images, targets]).map((r) => {
+    const u = dataUniform(gpu, r, images.shape[0], imgs, norm, targets.shape[1], aug);
+    const b = {
+      0: u,
+      1: gpu.frame,
+      2: imgs.part0,
+      3: imgs.part1,
+      4: perm,
+      5: params,
+      6: imgs.labels,
+      7: rowsOf(images, r),
+      8: rowsOf(targets, r),
+    };
+    return kernel(gpu, "data", "augment_train", b, grid1d(gpu, "data", r.rows * IMAGE_SIDE * IMAGE_SIDE));
+  });
 }
 
 /** Eval batch for flip TTA: rows [0, rows/2) are images frame.offset.., rows [rows/2, rows) their mirrors. */
-export function gatherEval(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, images: Tensor, targets: Tensor): Dispatch {
-  const rows = images.shape[0];
-  const u = dataUniform(gpu, rows, imgs, norm, targets.shape[1]);
-  const b = { 0: u, 1: gpu.frame, 2: imgs.part0, 3: imgs.part1, 6: imgs.labels, 7: images, 8: targets };
-  return kernel(gpu, "data", "gather_eval", b, grid1d(gpu, "data", rows * IMAGE_SIDE * IMAGE_SIDE));
+export function gatherEval(
+  gpu: Gpu,
+  imgs: GpuImages,
+  norm: ChannelStats,
+  images: Tensor,
+  targets: Tensor,
+): Dispatch[] {
+  return batchSlices(gpu, [images, targets]).map((r) => {
+    const u = dataUniform(gpu, r, images.shape[0], imgs, norm, targets.shape[1]);
+    const [x, t] = [rowsOf(images, r), rowsOf(targets, r)];
+    const b = { 0: u, 1: gpu.frame, 2: imgs.part0, 3: imgs.part1, 6: imgs.labels, 7: x, 8: t };
+    return kernel(gpu, "data", "gather_eval", b, grid1d(gpu, "data", r.rows * IMAGE_SIDE * IMAGE_SIDE));
+  });
 }
 
 /** Per image: sums and products of its normalised 2x2 patches (12-vectors) -> out [count][90]. */
-export function patchMoments(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, out: Tensor): Dispatch {
-  const u = dataUniform(gpu, 0, imgs, norm, 0);
-  return kernel(
-    gpu,
-    "data",
-    "patch_moments",
-    { 0: u, 2: imgs.part0, 3: imgs.part1, 7: out },
-    grid1d(gpu, "data", imgs.count * 90),
-  );
+export function patchMoments(gpu: Gpu, imgs: GpuImages, norm: ChannelStats, out: Tensor): Dispatch[] {
+  return batchSlices(gpu, [out]).map((r) => {
+    const u = dataUniform(gpu, r, imgs.count, imgs, norm, 0);
+    const b = { 0: u, 2: imgs.part0, 3: imgs.part1, 7: rowsOf(out, r) };
+    return kernel(gpu, "data", "patch_moments", b, grid1d(gpu, "data", r.rows * 90));
+  });
 }
 
 // =================================================================================================
@@ -3030,6 +3297,7 @@ export interface CliOptions {
   convKernels?: ConvKernels; // default: chosen from the adapter (initGpu)
   featureLevel: FeatureLevel; // which WebGPU adapter to ask for first (a core one by default)
   precision: DType;
+  specLimits: boolean; // plan for WebGPU's default limits only (SPEC_LIMITS), as any device grants
   explicit: string[]; // the flags given on the command line (--eval's defaults come from the file otherwise)
   web: boolean; // serve the training page instead of training here (section 11)
   port?: number; // of the page's server (default: a free one)
@@ -3074,6 +3342,9 @@ usage: deno run -A main.ts [flags]
                       (compatibility: an OpenGL ES-class one, such as Chromium's through ANGLE)
   --precision P       f32, or f16: images, activations and their gradients stored in f16 (needs
                       shader-f16), arithmetic, weights and optimiser state in f32 (default f32)
+  --spec-limits       use only WebGPU's default limits (128 MiB a binding, 256 MiB a buffer), as every device
+                      grants: shows that a configuration runs on any GPU or browser (tensors over a binding
+                      are processed in batch slices, on any device)
   --profile           time every kernel with GPU timestamps and print the table after training
                       (one readback per submit: the run is slower, the table's times are not)
   --web               serve a page on localhost that trains in the browser, on its WebGPU, with the other
@@ -3086,6 +3357,7 @@ usage: deno run -A main.ts [flags]
 const FLAG_OPTIONS = {
   help: { type: "boolean", short: "h" },
   profile: { type: "boolean" },
+  "spec-limits": { type: "boolean" },
   web: { type: "boolean" },
   static: { type: "string" },
   "log-dir": { type: "string" },
@@ -3220,6 +3492,7 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
     convKernels: convKernels as ConvKernels | undefined,
     featureLevel,
     precision,
+    specLimits: Boolean(v["spec-limits"]),
     data: v.data as string | undefined,
     json: v.json as string | undefined,
     runs: num("runs") ?? 1,
@@ -3262,9 +3535,10 @@ export async function main(argv: string[]) {
   if (o.save) await checkWritableFile("--save", o.save);
   const logDir = o.logDir ?? defaultLogDir();
   if (!o.noLog) await checkWritableFolder("--log-dir", logDir);
-  const gpu = await initGpu({ profile: o.profile, convKernels: o.convKernels, featureLevel: o.featureLevel }); // first: no GPU, no download
+  const gpu = await initGpu({ ...gpuOptions(o), profile: o.profile }); // first: no GPU, no download
   if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
   checkPrecision(gpu, o.precision);
+  checkFits(gpu, o.batchSize, o.baseDepth, o.precision); // before any download, table or run log
   const { dir, source } = await datasetDir(o);
   const cifar = await loadCifar10(dir, { trainSubset: o.trainSubset, testSubset: o.testSubset, source });
   if (o.batchSize > cifar.trainLabels.length) {
@@ -3378,10 +3652,21 @@ export async function main(argv: string[]) {
 /** The line above the tables: device, precision, kernels, sizes (the same in a terminal and on the page). */
 function headerLine(gpu: Gpu, o: CliOptions, data: GpuData) {
   const conv = gpu.convKernels + (gpu.convChoice ? ` (${gpu.convChoice})` : "");
+  const { sliced, bytes } = perImageShapes(o.baseDepth, o.precision, hyp);
+  const slices = o.batchSize * bytes(sliced[0]) > gpu.limits.maxBinding
+    ? ` (in slices: a binding holds ${mib(gpu.limits.maxBinding)}${o.specLimits ? ", --spec-limits" : ""})`
+    : "";
   return `device: ${gpu.adapterName} | precision: ${precisionText(o.precision)} | conv kernels: ${conv} | ` +
-    `train ${data.train.count} / test ${data.test.count} images | batch ${o.batchSize} | epochs ${o.epochs} | ` +
-    `base depth ${o.baseDepth}`;
+    `train ${data.train.count} / test ${data.test.count} images | batch ${o.batchSize}${slices} | ` +
+    `epochs ${o.epochs} | base depth ${o.baseDepth}`;
 }
+
+/** What the flags tell initGpu. */
+const gpuOptions = (o: CliOptions) => ({
+  convKernels: o.convKernels,
+  featureLevel: o.featureLevel,
+  limits: o.specLimits ? "spec" as const : undefined,
+});
 
 /** What a run's flags tell train(). */
 function trainOptions(gpu: Gpu, data: GpuData, o: CliOptions, seed: number): TrainOptions {
@@ -3486,7 +3771,7 @@ async function evalMain(o: CliOptions) {
   const file = o.eval!;
   if (o.json) await checkWritableFile("--json", o.json);
   const saved = await readSavedNetwork(file); // before the GPU and the dataset: a bad file costs no download
-  const gpu = await initGpu({ convKernels: o.convKernels, featureLevel: o.featureLevel });
+  const gpu = await initGpu(gpuOptions(o));
   const batchSize = o.explicit.includes("batch-size") ? o.batchSize : saved.evalBatchSize;
   const precision = o.explicit.includes("precision") ? o.precision : saved.precision;
   checkPrecision(gpu, precision);

@@ -78,8 +78,8 @@ for (const [name, h, cin, cout, k, pad] of shapes) {
   const flop = 2 * batch * ho * ho * cout * cin * k * k;
   for (const set of sets) {
     const passes: [string, Dispatch[]][] = [
-      ["forward", [conv2d(gpu, x, w, y, pad, set)]],
-      ["backward data", [conv2dBackwardData(gpu, y, w, x, pad, set)]],
+      ["forward", conv2d(gpu, x, w, y, pad, set)],
+      ["backward data", conv2dBackwardData(gpu, y, w, x, pad, set)],
       ["backward weight", conv2dBackwardWeight(gpu, x, y, w, pad, set)],
     ];
     for (const [pass, list] of passes) {
@@ -93,10 +93,13 @@ for (const [name, h, cin, cout, k, pad] of shapes) {
   const argmax = tensor(gpu, [...pooled.slice(0, 3), Math.ceil(cout / 4)], "u32");
   for (const set of sets) {
     const group = `${name} + max pool forward [${set}]`;
-    bench(`${name} + max pool [${set}, separate]`, group, true, [conv2d(gpu, x, w, y, pad, set), maxPool2(gpu, y, p)]);
-    bench(`${name} + max pool [${set}, fused]`, group, false, [conv2dMaxPool(gpu, x, w, p, argmax, pad, set)]);
+    bench(`${name} + max pool [${set}, separate]`, group, true, [
+      ...conv2d(gpu, x, w, y, pad, set),
+      ...maxPool2(gpu, y, p),
+    ]);
+    bench(`${name} + max pool [${set}, fused]`, group, false, conv2dMaxPool(gpu, x, w, p, argmax, pad, set));
   }
   const group = `${name} max pool backward`, dy = tensor(gpu, y.shape);
-  bench(`${name} max pool backward [separate]`, group, true, [maxPool2Backward(gpu, y, p, dy)]);
-  bench(`${name} max pool backward [unpool]`, group, false, [maxPool2Unpool(gpu, argmax, p, dy)]);
+  bench(`${name} max pool backward [separate]`, group, true, maxPool2Backward(gpu, y, p, dy));
+  bench(`${name} max pool backward [unpool]`, group, false, maxPool2Unpool(gpu, argmax, p, dy));
 }

@@ -11,12 +11,13 @@
 //   from the partner image, itself cropped and flipped with its own parameters.
 //   targets[r] = (1 - mix) * onehot(label) + mix * onehot(partner label) when cutmix is on.
 //   params[image] = (bits: dy 0-1, dx 2-3, flip 4, cutmix 5, cy 6-10, cx 11-15; partner index).
+// Each kernel writes the rows of one batch slice (first_row, rows), or of the whole batch.
 // gather_eval, one thread per output pixel of rows r < 2*half: image = offset + (r mod half),
 //   unflipped for r < half and mirrored for r >= half (flip TTA); one-hot targets for r < half.
 //   Images past the end repeat the last one; the loss kernel masks them out (frame.valid).
-// patch_moments, one thread per (image i, moment q < 90): over the image's 31*31 2x2 patches taken
+// patch_moments, one thread per (image i = first_row + t / 90, moment q < 90): over the image's 31*31 2x2 patches taken
 //   as 12-vectors (channel, row, column order), the sum of component q (q < 12) or of the product
-//   pair q - 12 (upper triangle, row-major) -> moments[i * 90 + q]; the whitening covariance is
+//   pair q - 12 (upper triangle, row-major) -> moments[t] (the bound slice); the whitening covariance is
 //   summed from these on the CPU. (One thread per moment keeps every thread's loop short: lavapipe
 //   silently stops a shader after about 65,535 loop iterations.)
 // Layouts: images out [rows][32][32][3] (NHWC), targets [rows][classes].
@@ -27,11 +28,15 @@ const WG: u32 = 256u;
 const SIDE: u32 = 32u;
 const IMAGE_BYTES: u32 = 3072u;
 
+// rows: rows of the bound output (a batch slice, or the whole batch); first_row: the slice's first row
+// in the batch; batch_rows: rows of the whole batch (gather_eval's half). patch_moments: images
+// first_row .. first_row + rows.
 struct DataShape {
   rows: u32, images_per_part: u32, n_images: u32, classes: u32,
   mix: f32, cut_lo: i32, cut_hi: i32, pad: i32,
   mean: vec4f,
   inv_std: vec4f,
+  first_row: u32, batch_rows: u32, _p0: u32, _p1: u32,
 }
 
 // Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
@@ -81,8 +86,8 @@ fn augment_train(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroup
   if (t >= s.rows * SIDE * SIDE) { return; }
   let x = t % SIDE;
   let y = (t / SIDE) % SIDE;
-  let r = t / (SIDE * SIDE);
-  let own = perm[frame.offset + r];
+  let r = t / (SIDE * SIDE); // row of the bound slice
+  let own = perm[frame.offset + s.first_row + r];
   let p = params[own];
   var src = own;
   var bits = p.x;
@@ -109,17 +114,18 @@ fn augment_train(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroup
 @compute @workgroup_size(WG)
 fn gather_eval(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
   let t = grid_index(g, nw);
-  let half = s.rows / 2u;
-  if (t >= 2u * half * SIDE * SIDE) { return; }
+  let half = s.batch_rows / 2u;
+  let local = t / (SIDE * SIDE); // row of the bound slice
+  let r = s.first_row + local; // row of the batch
+  if (local >= s.rows || r >= 2u * half) { return; }
   let x = t % SIDE;
   let y = (t / SIDE) % SIDE;
-  let r = t / (SIDE * SIDE);
   let image = min(frame.offset + r % half, s.n_images - 1u);
   var xx = x;
   if (r >= half) { xx = SIDE - 1u - x; }
   for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = IMAGES_T(pixel(image, c, y, xx)); }
   if (x == 0u && y == 0u && r < half) {
-    for (var k = 0u; k < s.classes; k++) { targets[r * s.classes + k] = select(0.0, 1.0, labels[image] == k); }
+    for (var k = 0u; k < s.classes; k++) { targets[local * s.classes + k] = select(0.0, 1.0, labels[image] == k); }
   }
 }
 
@@ -132,8 +138,8 @@ fn patch_component(image: u32, i: u32, y: u32, x: u32) -> f32 {
 fn patch_moments(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
   // one thread per (image, moment q): q < 12 is a sum, q >= 12 the product pair number q - 12
   let t = grid_index(g, nw);
-  if (t >= s.n_images * 90u) { return; }
-  let image = t / 90u;
+  if (t >= s.rows * 90u) { return; }
+  let image = s.first_row + t / 90u;
   let q = t % 90u;
   var i = q;
   var j = 12u; // 12 = no second factor

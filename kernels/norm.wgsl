@@ -5,7 +5,7 @@
 //
 // Training statistics, in two passes so that no sum of squares loses precision:
 //   stats_partial:   per (row chunk z, channel c): count, mean, M2 = sum (x - mean)^2 -> part[z*C + c]
-//                    Grid: x = ceil(C / WG_C), y = chunks.
+//                    Grid: x = ceil(C / WG_C), y = chunks (of the bound slice; z counts from chunk_base).
 //   stats_finalize:  per channel: merge the chunks (Chan et al.), stats[c] = (mean, 1/sqrt(var + eps))
 //                    with the biased variance; running_mean/var = (1 - momentum) * running +
 //                    momentum * batch (unbiased variance for running_var, as PyTorch).
@@ -30,9 +30,13 @@ const WG_C: u32 = 64u; // per-channel kernels: one thread per channel (and chunk
 const INV_SQRT2: f32 = 0.7071067811865476;
 const INV_SQRT_2PI: f32 = 0.3989422804014327;
 
+// rows, count: rows and elements of the bound x (one batch slice, or the whole batch); batch_rows: rows of
+// the whole batch (backward_apply's mean); chunks: all chunks in part (the finalize kernels); chunk_base:
+// the first chunk this slice's partial kernels write (a batch too large for one binding runs in slices).
 struct NormShape {
   rows: u32, c: u32, rows_per_chunk: u32, chunks: u32,
-  momentum: f32, eps: f32, count: u32, _p0: u32,
+  momentum: f32, eps: f32, count: u32, chunk_base: u32,
+  batch_rows: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
 // Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
@@ -71,7 +75,7 @@ fn stats_partial(@builtin(global_invocation_id) g: vec3u) {
     let d = f32(x[r * s.c + c]) - mean;
     m2 += d * d;
   }
-  part[z * s.c + c] = vec4f(n, mean, m2, 0.0);
+  part[(s.chunk_base + z) * s.c + c] = vec4f(n, mean, m2, 0.0);
 }
 
 @compute @workgroup_size(WG_C)
@@ -161,7 +165,7 @@ fn backward_partial_at(c: u32, z: u32, fused_gelu: bool) {
     sum_g += gr;
     sum_g_xhat += gr * xhat;
   }
-  part[z * s.c + c] = vec4f(sum_g, sum_g_xhat, 0.0, 0.0);
+  part[(s.chunk_base + z) * s.c + c] = vec4f(sum_g, sum_g_xhat, 0.0, 0.0);
 }
 
 @compute @workgroup_size(WG_C)
@@ -193,7 +197,7 @@ fn backward_apply_at(i: u32, fused_gelu: bool) {
   if (i >= s.count) { return; }
   let c = i % s.c;
   let xhat = xhat_at(i, c);
-  let n = f32(s.rows);
+  let n = f32(s.batch_rows);
   out[i] = OUT_T(weight[c] * stats[c].y * (grad_at(i, c, xhat, fused_gelu) - dbias[c] / n - xhat * dweight[c] / n));
 }
 

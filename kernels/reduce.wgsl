@@ -1,6 +1,7 @@
 // reduce.wgsl: sums for the conv weight gradient and for the per-epoch metrics.
 //
-// sum_splits:        out[i] = sum over z < splits of part[z * len + i]   (split-K partials of conv.wgsl)
+// sum_splits:        out[i] = sum over z < splits of part[z * len + i]   (split-K partials of conv.wgsl),
+//   or out[i] += that sum with `accumulate` (a batch run in slices adds each slice's partials in turn).
 //   Bindings: 0 uniform ReduceShape, 1 part (read), 2 out. Grid: 1-D over len (2-D if large).
 // accumulate_metrics: one workgroup adds sum(loss[0..rows)) and sum(correct[0..rows)) into
 //   metrics[2*slot] and metrics[2*slot + 1]. Rows a kernel masked out hold zeros.
@@ -12,7 +13,7 @@
 
 const WG: u32 = 256u;
 
-struct ReduceShape { len: u32, splits: u32, rows: u32, slot: u32 }
+struct ReduceShape { len: u32, splits: u32, rows: u32, slot: u32, accumulate: u32, _p0: u32, _p1: u32, _p2: u32 }
 
 @group(0) @binding(0) var<uniform> s: ReduceShape;
 @group(0) @binding(1) var<storage, read> part: array<f32>;
@@ -29,7 +30,11 @@ fn sum_splits(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) 
   if (i >= s.len) { return; }
   var acc = 0.0;
   for (var z = 0u; z < s.splits; z++) { acc += part[z * s.len + i]; }
-  out[i] = acc;
+  if (s.accumulate == 1u) {
+    out[i] += acc;
+  } else {
+    out[i] = acc;
+  }
 }
 
 var<workgroup> sum_loss: array<f32, WG>;

@@ -154,6 +154,26 @@ Deno.test("main: --precision f16 and --conv-kernels reach the run (header line, 
   }
 });
 
+Deno.test("main: --spec-limits trains a batch whose activations exceed a 128 MiB binding, in slices", async () => {
+  // base depth 4, batch 1536: the whitening output is [1536,31,31,24] f32, 135 MiB (7.7 s on lavapipe)
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = await writeFixtureDataset(dir), json = join(dir, "r.json");
+    const r = await runMain([
+      ...["--data", data, "--train-subset", "1536", "--test-subset", "256", "--base-depth", "4"],
+      ...["--batch-size", "1536", "--epochs", "1", "--seed", "1", "--no-log", "--json", json, "--spec-limits"],
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /\| batch 1536 \(in slices: a binding holds 128 MiB, --spec-limits\) \|/);
+    const out = JSON.parse(await Deno.readTextFile(json));
+    const [epoch] = out.runs[0].epochs;
+    assert.ok(Number.isFinite(epoch.trainLoss) && Number.isFinite(epoch.valLoss), JSON.stringify(epoch));
+    assert.equal(out.flags.specLimits, true);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomically", async () => {
   const dir = await Deno.makeTempDir();
   try {

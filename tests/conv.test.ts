@@ -149,7 +149,7 @@ async function runConv(
   const yt = upload(gpu, garbage(dy.length), ys, act);
   const dxt = upload(gpu, garbage(x.length), xs, act), dwt = upload(gpu, garbage(w.length), ws);
   const dwList = conv2dBackwardWeight(gpu, xt, dyt, dwt, c.pad);
-  submit(gpu, [conv2d(gpu, xt, wt, yt, c.pad), conv2dBackwardData(gpu, dyt, wt, dxt, c.pad), ...dwList]);
+  submit(gpu, [...conv2d(gpu, xt, wt, yt, c.pad), ...conv2dBackwardData(gpu, dyt, wt, dxt, c.pad), ...dwList]);
   const y = await readTensor(gpu, yt), dx = await readTensor(gpu, dxt), dw = await readTensor(gpu, dwt);
   checkGpu(gpu);
   freeSince(gpu, mark);
@@ -218,8 +218,8 @@ Deno.test("conv: 3x3 pad 1, Cin 37 Cout 70 (not multiples of 4/8/32) and Cin 28 
   gpu.convKernels = "wide";
   const x = tensor(gpu, [2, 5, 6, 28]), w = tensor(gpu, [3, 3, 28, 70]), y = tensor(gpu, [2, 5, 6, 70]);
   const labels = [
-    conv2d(gpu, x, w, y, 1),
-    conv2dBackwardData(gpu, y, w, x, 1),
+    ...conv2d(gpu, x, w, y, 1),
+    ...conv2dBackwardData(gpu, y, w, x, 1),
     ...conv2dBackwardWeight(gpu, x, y, w, 1),
   ]
     .map((d) => d.label.split(" ")[0]);
@@ -363,11 +363,11 @@ async function runConvPool(
     sepPooled = upload(gpu, garbage(dp.length), ps, act);
   const sepDx = upload(gpu, garbage(c.b * ho * wo * c.cout), ys, act);
   submit(gpu, [
-    conv2dMaxPool(gpu, xt, wt, pooled, argmax, c.pad),
-    maxPool2Unpool(gpu, argmax, dpt, dx),
-    conv2d(gpu, xt, wt, full, c.pad),
-    maxPool2(gpu, full, sepPooled),
-    maxPool2Backward(gpu, full, dpt, sepDx),
+    ...conv2dMaxPool(gpu, xt, wt, pooled, argmax, c.pad),
+    ...maxPool2Unpool(gpu, argmax, dpt, dx),
+    ...conv2d(gpu, xt, wt, full, c.pad),
+    ...maxPool2(gpu, full, sepPooled),
+    ...maxPool2Backward(gpu, full, dpt, sepDx),
   ]);
   const got = {
     pooled: await readTensor(gpu, pooled),

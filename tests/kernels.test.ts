@@ -183,7 +183,7 @@ async function checkMaxPool2(shape: number[], x: Float32Array, dy: Float32Array)
   const [b, h, w, c] = shape, ys = [b, h >> 1, w >> 1, c];
   const xt = upload(gpu, x, shape), yt = upload(gpu, garbage(dy.length), ys), dyt = upload(gpu, dy, ys);
   const dxt = upload(gpu, garbage(x.length), shape);
-  const [y, dx] = await run([maxPool2(gpu, xt, yt), maxPool2Backward(gpu, xt, dyt, dxt)], [yt, dxt], mark);
+  const [y, dx] = await run([...maxPool2(gpu, xt, yt), ...maxPool2Backward(gpu, xt, dyt, dxt)], [yt, dxt], mark);
   const ref = maxPool2Ref(x, shape);
   assertEach(`maxPool2 [${shape}]`, y, ref.y, 0, 0);
   assertEach(`maxPool2Backward [${shape}]`, dx, scatterRef(x.length, ref.arg, dy), 0, 0);
@@ -229,7 +229,11 @@ async function checkGlobalMax(shape: number[], x: Float32Array, dy: Float32Array
   const [b, , , c] = shape;
   const xt = upload(gpu, x, shape), yt = upload(gpu, garbage(b * c), [b, c]), dyt = upload(gpu, dy, [b, c]);
   const dxt = upload(gpu, garbage(x.length), shape);
-  const [y, dx] = await run([globalMaxPool(gpu, xt, yt), globalMaxPoolBackward(gpu, xt, dyt, dxt)], [yt, dxt], mark);
+  const [y, dx] = await run(
+    [...globalMaxPool(gpu, xt, yt), ...globalMaxPoolBackward(gpu, xt, dyt, dxt)],
+    [yt, dxt],
+    mark,
+  );
   const ref = globalMaxRef(x, shape);
   assertEach(`globalMaxPool [${shape}]`, y, ref.y, 0, 0);
   assertEach(`globalMaxPoolBackward [${shape}]`, dx, scatterRef(x.length, ref.arg, dy), 0, 0);
@@ -268,7 +272,7 @@ Deno.test("gelu: exact-erf forward and backward vs float64, incl. tails and zero
   const mark = gpu.allocated.length;
   const xt = upload(gpu, x, [x.length]), dyt = upload(gpu, dy, [x.length]);
   const yt = upload(gpu, garbage(x.length), [x.length]), dxt = upload(gpu, garbage(x.length), [x.length]);
-  const [y, dx] = await run([gelu(gpu, xt, yt), geluBackward(gpu, xt, dyt, dxt)], [yt, dxt], mark);
+  const [y, dx] = await run([...gelu(gpu, xt, yt), ...geluBackward(gpu, xt, dyt, dxt)], [yt, dxt], mark);
   const yRef = Array.from(x, geluRef), dxRef = Array.from(x, (v, i) => dy[i] * geluGradRef(v));
   assertEach("gelu", y, yRef, 1e-6, 1e-6);
   assertEach("geluBackward", dx, dxRef, 1e-6, 1e-6);
@@ -710,10 +714,10 @@ Deno.test("sgdNesterov: two steps, per-group lr and weight decay, nothing past n
   const params = stateBuffer(p0), grads = stateBuffer(g1), momentum = stateBuffer(m0);
   const step = sgdNesterov(gpu, LAYOUT, params, grads, momentum, wd);
   setFrame(gpu, lrs[0]);
-  submit(gpu, [step]);
+  submit(gpu, step);
   gpu.device.queue.writeBuffer(grads, 0, g2);
   setFrame(gpu, lrs[1]);
-  submit(gpu, [step]);
+  submit(gpu, step);
   const p = await readBuffer(gpu, params, 0, STATE_LEN * 4), m = await readBuffer(gpu, momentum, 0, STATE_LEN * 4);
   checkGpu(gpu);
   freeSince(gpu, mark);
@@ -742,7 +746,7 @@ Deno.test("emaUpdate: two steps, copy back below nCopy only, nothing past nTotal
   const upd = emaUpdate(gpu, LAYOUT, params, ema);
   for (const d of decays) {
     setFrame(gpu, { emaDecay: d });
-    submit(gpu, [upd]);
+    submit(gpu, upd);
   }
   const p = await readBuffer(gpu, params, 0, STATE_LEN * 4), e = await readBuffer(gpu, ema, 0, STATE_LEN * 4);
   checkGpu(gpu);
@@ -836,7 +840,7 @@ Deno.test("augmentTrain: crop offsets, reflect edges, flip, cutmix with partner 
     targets = upload(gpu, garbage(rows * 10), [rows, 10]);
   setFrame(gpu, { offset });
   const [got, tg] = await run(
-    [augmentTrain(gpu, imgs, NORM, permBuf, paramBuf, images, targets)],
+    augmentTrain(gpu, imgs, NORM, permBuf, paramBuf, images, targets),
     [images, targets],
     mark,
   );
@@ -869,7 +873,7 @@ Deno.test("gatherEval: rows < h unflipped from frame.offset (clamped), rows >= h
   const images = upload(gpu, garbage(2 * h * 3072), [2 * h, 32, 32, 3]),
     targets = upload(gpu, garbage(2 * h * 10), [2 * h, 10]);
   setFrame(gpu, { offset });
-  const [got, tg] = await run([gatherEval(gpu, imgs, NORM, images, targets)], [images, targets], mark);
+  const [got, tg] = await run(gatherEval(gpu, imgs, NORM, images, targets), [images, targets], mark);
   for (let r = 0; r < 2 * h; r++) {
     const img = Math.min(offset + (r % h), N_IMAGES - 1), mirror = r >= h;
     const ref = new Float64Array(3072);
@@ -894,7 +898,7 @@ Deno.test("patchMoments: per image sums and upper-triangle products of 2x2 patch
   const mark = gpu.allocated.length;
   const imgs = uploadSplit(raw, LABELS);
   const out = upload(gpu, garbage(N_IMAGES * 90), [N_IMAGES, 90]);
-  const [got] = await run([patchMoments(gpu, imgs, NORM, out)], [out], mark);
+  const [got] = await run(patchMoments(gpu, imgs, NORM, out), [out], mark);
   for (let i = 0; i < N_IMAGES; i++) {
     const ref = new Float64Array(90), v = new Float64Array(12);
     for (let y = 0; y < 31; y++) {
@@ -1088,7 +1092,7 @@ f16Test(gpu.hasF16, "f16 storage: gelu forward and backward read f16, compute f3
   const mark = gpu.allocated.length, n = [x.length];
   const xt = upload(gpu, x, n, "f16"), dyt = upload(gpu, dy, n, "f16");
   const yt = upload(gpu, garbage(x.length), n, "f16"), dxt = upload(gpu, garbage(x.length), n, "f16");
-  const [y, dx] = await run([gelu(gpu, xt, yt), geluBackward(gpu, xt, dyt, dxt)], [yt, dxt], mark);
+  const [y, dx] = await run([...gelu(gpu, xt, yt), ...geluBackward(gpu, xt, dyt, dxt)], [yt, dxt], mark);
   // one f16 rounding of the float64 result: relative error <= 2^-11, plus f16's subnormal spacing near 0
   assertEach("gelu f16", y, Array.from(x, geluRef), 1e-7, 2 ** -11);
   assertEach("geluBackward f16", dx, Array.from(x, (v, i) => dy[i] * geluGradRef(v)), 1e-7, 2 ** -11);
@@ -1112,10 +1116,10 @@ f16Test(
       const gdxt = upload(gpu, garbage(x.length), shape, "f16");
       const [y, dx, g, gdx] = await run(
         [
-          maxPool2(gpu, xt, yt),
-          maxPool2Backward(gpu, xt, dyt, dxt),
-          globalMaxPool(gpu, xt, gt),
-          globalMaxPoolBackward(gpu, xt, gdyt, gdxt),
+          ...maxPool2(gpu, xt, yt),
+          ...maxPool2Backward(gpu, xt, dyt, dxt),
+          ...globalMaxPool(gpu, xt, gt),
+          ...globalMaxPoolBackward(gpu, xt, gdyt, gdxt),
         ],
         [yt, dxt, gt, gdxt],
         mark,
@@ -1173,7 +1177,7 @@ f16Test(
     const targets = upload(gpu, garbage(40), [4, 10]);
     setFrame(gpu, { offset: 1 });
     const [a, b] = await run(
-      [gatherEval(gpu, imgs, NORM, i32, targets), gatherEval(gpu, imgs, NORM, i16, targets)],
+      [...gatherEval(gpu, imgs, NORM, i32, targets), ...gatherEval(gpu, imgs, NORM, i16, targets)],
       [i32, i16],
       mark,
     );

@@ -429,16 +429,23 @@ Deno.test("8. CIFAR10_DIR pointing nowhere names the variable; a fork without ke
   }
 });
 
-Deno.test("8. a network over the binding limit gets the flag line, not a WebGPU error", async () => {
-  const own = await initGpu(); // a device of its own: this test lowers its limit
-  own.limits.maxBinding = 128 * 2 ** 20; // as browsers and many GPUs bind at most by default
-  const images = new Uint8Array(3072 * 64).map((_, i) => (i * 37) % 251),
-    labels = new Uint8Array(64).map((_, i) => i % 10);
-  const data = uploadDataset(own, { trainImages: images, trainLabels: labels, testImages: images, testLabels: labels });
-  await assert.rejects(
-    () => train({ gpu: own, data, seed: 1, epochs: 1, baseDepth: 192, batchSize: 32 }),
-    /^Error: a \d+ MiB buffer exceeds this GPU's limit of 128 MiB: lower --batch-size or --base-depth$/,
-  );
+Deno.test("8. a network no binding can hold gets the flag line before the table, the download or the run log", async () => {
+  // --spec-limits: 128 MiB a binding, as browsers and many GPUs grant. Base depth 250's largest weight
+  // [3,3,2000,2000] takes 137 MiB; 241 is the largest that fits (its weight: 128 MiB)
+  const logDir = await Deno.makeTempDir();
+  try {
+    const r = await runMain(["--spec-limits", "--base-depth", "250", "--data", "/nonexistent", "--log-dir", logDir]);
+    assert.equal(r.code, 1);
+    assert.equal(
+      r.stderr,
+      "error: at base depth 250, its largest weight [3,3,2000,2000] takes 137 MiB, but this GPU binds at most 128 MiB: " +
+        "use --base-depth 241 or less",
+    );
+    assert.doesNotMatch(r.stdout, /epoch/);
+    assert.deepEqual([...Deno.readDirSync(logDir)], []);
+  } finally {
+    await Deno.remove(logDir, { recursive: true });
+  }
 });
 
 Deno.test("8. disk full says disk full", async () => {
