@@ -404,10 +404,25 @@ export interface TrainOptions {
   kernels?: Partial<NetKernels>; // how the GPU computes it (default: this device's conv set, hyp.kernels' fusions)
   precision?: DType; // storage of images, activations and their gradients (default f32); arithmetic is f32
   onEpochStart?: (epoch: number) => void;
-  onStep?: (epoch: number, step: number, steps: number) => void; // after each step is submitted (no GPU wait)
+  onStep?: (p: Progress) => void; // after each step is submitted (no GPU wait): where the run is, and its times
   onEpoch?: (m: EpochMetrics) => void | Promise<void>; // awaited: a run log can be written before the next epoch
   returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
   stop?: () => boolean; // asked after every step (the event loop runs in between); true ends the run there
+}
+
+/** Where a run is after a step was submitted, and what it measured so far: enough to say how long it has left. */
+export interface Progress {
+  epoch: number;
+  step: number; // steps submitted in this epoch (1-based), of
+  steps: number;
+  stepsDone: number; // steps submitted in the run, of
+  totalSteps: number;
+  trainSeconds: number; // the training clock now (steps only)
+  synced: { steps: number; seconds: number }; // steps finished on the GPU at the last epoch end, and the clock then
+  evalSeconds: number; // time spent evaluating so far, over
+  evaluated: number; // epochs evaluated, of
+  numEpochs: number;
+  wallSeconds: number; // since the run's first step (training, evaluation, everything)
 }
 
 export interface EpochMetrics {
@@ -457,8 +472,9 @@ export async function train(o: TrainOptions): Promise<RunResult> {
 
     // The epoch loop. The CPU waits for the GPU only at the end of each epoch's steps (for the clock) and for the
     // metrics after evaluating; a step is one submit of recorded programs, with this step's numbers in `frame`.
-    const epochs: EpochMetrics[] = [];
+    const epochs: EpochMetrics[] = [], started = performance.now();
     let trainSeconds = 0, step = 0, emaExists = false; // step: optimiser steps taken so far (the schedule's index)
+    let evalSeconds = 0, synced = { steps: 0, seconds: 0 };
     for (let epoch = 0; epoch < plan.numEpochs; epoch++) {
       o.onEpochStart?.(epoch);
       const t0 = performance.now();
@@ -483,15 +499,30 @@ export async function train(o: TrainOptions): Promise<RunResult> {
         );
         if (emaNow) emaExists = true;
         await gpu.profiler?.collect();
-        o.onStep?.(epoch, s + 1, plan.stepsIn(epoch));
+        o.onStep?.({
+          epoch,
+          step: s + 1,
+          steps: plan.stepsIn(epoch),
+          stepsDone: step + 1,
+          totalSteps: T,
+          trainSeconds: trainSeconds + (performance.now() - t0) / 1000,
+          synced,
+          evalSeconds,
+          evaluated: epoch,
+          numEpochs: plan.numEpochs,
+          wallSeconds: (performance.now() - started) / 1000,
+        });
         await nextTask(); // lets a Ctrl-C (or a page's Stop button) be heard between steps; no GPU wait
         if (o.stop?.()) return await stoppedRun(gpu, o.seed, epochs, trainSeconds, { epoch, steps: step + 1 });
       }
       await gpu.device.queue.onSubmittedWorkDone(); // the clock counts the GPU's work, not its submission
       trainSeconds += (performance.now() - t0) / 1000;
+      synced = { steps: step, seconds: trainSeconds };
       checkGpu(gpu);
 
+      const e0 = performance.now();
       const row = await evaluateEpoch(gpu, run, epoch, emaExists, trainSeconds, precision);
+      evalSeconds += (performance.now() - e0) / 1000;
       epochs.push(row);
       await o.onEpoch?.(row);
     }
@@ -787,10 +818,12 @@ export interface Gpu {
   pipelines: Map<string, GPUComputePipeline>;
   frame: GPUBuffer; // per-submit values (batch offset, valid rows, lr, EMA decay), see setFrame
   allocated: GPUBuffer[]; // every buffer we created, so a run can free its own
+  memory: { bytes: number; peak: number }; // the bytes of those buffers now, and the most they ever held
   error?: string; // first uncaptured WebGPU error or device loss, raised at the next check
   released?: boolean; // set by releaseGpu: a loss after it is ours, not an error
   profiler?: Profiler; // set by initGpu({ profile: true }) when the adapter has timestamp queries
   convKernels: ConvKernels; // which conv kernel set this device runs (see CONV_KERNELS)
+  cpu: boolean; // a software device running on the CPU (lavapipe, SwiftShader, WARP, or the fallback adapter)
   convChoice?: string; // how it was chosen, when a timed trial chose it (an adapter that names nothing)
 }
 
@@ -914,8 +947,10 @@ export async function initGpu(
       usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
     }),
     allocated: [],
+    memory: { bytes: 0, peak: 0 },
     profiler: profile ? new Profiler(device) : undefined,
     convKernels: opts.convKernels ?? defaultConvKernels(info),
+    cpu: defaultConvKernels(info) === "wide",
   };
   device.addEventListener("uncapturederror", (e) => {
     gpu.error ??= `WebGPU error: ${(e as GPUUncapturedErrorEvent).error.message}`;
@@ -1011,7 +1046,7 @@ export function createBuffer(gpu: Gpu, bytes: number, usage = 0): GPUBuffer {
     size: Math.max(16, Math.ceil(bytes / 16) * 16),
     usage: usage | GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
   });
-  gpu.allocated.push(buffer);
+  track(gpu, buffer);
   return buffer;
 }
 
@@ -1088,6 +1123,7 @@ export function batchSlices(gpu: Gpu, tensors: Tensor[], maxRows = Infinity): Sl
 
 export async function readBuffer(gpu: Gpu, buffer: GPUBuffer, offsetBytes: number, bytes: number) {
   const staging = gpu.device.createBuffer({ size: bytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  gpu.memory.peak = Math.max(gpu.memory.peak, gpu.memory.bytes + bytes); // a copy held while it is read
   const enc = gpu.device.createCommandEncoder();
   enc.copyBufferToBuffer(buffer, offsetBytes, staging, 0, bytes);
   gpu.device.queue.submit([enc.finish()]);
@@ -1133,8 +1169,15 @@ function uniformBuffer(gpu: Gpu, bytes: ArrayBuffer): GPUBuffer {
     usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
   });
   gpu.device.queue.writeBuffer(buffer, 0, bytes);
-  gpu.allocated.push(buffer);
+  track(gpu, buffer);
   return buffer;
+}
+
+/** Counts a new buffer as ours: freed by freeSince, and in gpu.memory. */
+function track(gpu: Gpu, buffer: GPUBuffer) {
+  gpu.allocated.push(buffer);
+  gpu.memory.bytes += buffer.size;
+  gpu.memory.peak = Math.max(gpu.memory.peak, gpu.memory.bytes);
 }
 
 /** One field of a WGSL uniform struct: its name and its 4-byte scalar type. */
@@ -1315,7 +1358,7 @@ export async function compilePipelines(gpu: Gpu, list: Dispatch[]) {
     if (!scratch.has(key)) {
       const usage = uniform ? GPUBufferUsage.UNIFORM : GPUBufferUsage.STORAGE;
       const buffer = gpu.device.createBuffer({ size: 256, usage }); // new buffers hold zeros
-      gpu.allocated.push(buffer);
+      track(gpu, buffer);
       scratch.set(key, buffer);
     }
     return scratch.get(key)!;
@@ -1410,7 +1453,10 @@ export class Profiler {
 
 /** Frees every buffer allocated since `mark = gpu.allocated.length`. */
 export function freeSince(gpu: Gpu, mark: number) {
-  for (const b of gpu.allocated.splice(mark)) b.destroy();
+  for (const b of gpu.allocated.splice(mark)) {
+    gpu.memory.bytes -= b.size;
+    b.destroy();
+  }
 }
 
 // ---- the network's activation buffers: one set per batch size, reused by every step
@@ -2906,8 +2952,49 @@ export function tableHeader(): string {
 /** The line under a run's table, the title above it, and the live step line (the terminal's and the page's). */
 export const tableRule = () => "-".repeat(tableHeader().indexOf("\n"));
 export const runTitle = (run: number, runs: number, seed: number) => `run ${run}/${runs}, seed ${seed}`;
-export const stepText = (epoch: number, step: number, steps: number) =>
-  `training epoch ${epoch}: ${step}/${steps} steps submitted`;
+/**
+ * How long a run has left, from what it measured: the time per step (over the steps finished at the last epoch end,
+ * and over all but the last submitted step, since a submit waits for the GPU to take the next one: the larger of the
+ * two, as the GPU may lag behind its submits) and the time per evaluation (the epochs evaluated so far). `run` is a
+ * whole run's time at that pace; `partial` says no evaluation was timed yet, so `seconds` leaves it out. Null until a
+ * step was timed.
+ */
+export function timeLeft(p: Progress): { seconds: number; run: number; partial: boolean } | null {
+  const finished = p.stepsDone - 1, rates: number[] = [];
+  if (p.synced.steps > 0) rates.push(p.synced.seconds / p.synced.steps);
+  if (finished > 0) rates.push(p.trainSeconds / finished);
+  if (!rates.length) return null;
+  const perStep = Math.max(...rates), perEval = p.evaluated ? p.evalSeconds / p.evaluated : 0;
+  return {
+    seconds: perStep * (p.totalSteps - finished) + perEval * (p.numEpochs - p.evaluated),
+    run: perStep * p.totalSteps + perEval * p.numEpochs,
+    partial: p.evaluated === 0,
+  };
+}
+
+/** 42 s, 12 min 5 s, 3 h 10 min. */
+export function durationText(seconds: number): string {
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+}
+
+/** The live line: the epoch's steps, the time so far and, once a step was timed, the time left (`runsAfter` more). */
+export function stepText(p: Progress, runsAfter = 0): string {
+  const head = `training epoch ${p.epoch}: ${p.step}/${p.steps} steps submitted | ${
+    durationText(p.wallSeconds)
+  } elapsed`;
+  const left = timeLeft(p);
+  if (!left) return head;
+  const all = runsAfter > 0
+    ? `, ${durationText(left.seconds + runsAfter * left.run)} for all ${runsAfter + 1} runs`
+    : "";
+  const run = left.partial
+    ? `over ${durationText(left.seconds)} left (evaluation not timed yet)`
+    : `about ${durationText(left.seconds)} left`;
+  return `${head} | ${run}${all}`;
+}
 
 export const rowValues = (m: EpochMetrics) => [
   m.epoch,
@@ -2936,10 +3023,14 @@ class Table {
   epochStart(epoch: number) {
     if (this.live) this.status(`training epoch ${epoch} ...`);
   }
-  step(epoch: number, step: number, steps: number) {
+  step(p: Progress, runsAfter: number) {
     // at most ~10 redraws a second, and always the epoch's last step
-    if (!this.live || (step < steps && performance.now() - this.lastDraw < 100)) return;
-    this.status(stepText(epoch, step, steps));
+    if (!this.live || (p.step < p.steps && performance.now() - this.lastDraw < 100)) return;
+    this.status(stepText(p, runsAfter));
+  }
+  /** A line of its own above the live line (which is drawn again at the next step). */
+  note(text: string) {
+    console.log((this.live ? "\r\x1b[2K" : "") + text);
   }
   row(m: EpochMetrics) {
     console.log((this.live ? "\r\x1b[2K" : "") + formatRow(rowValues(m)));
@@ -3088,7 +3179,7 @@ const SHA256_SEEN = new Map<string, Promise<string>>();
  * text as compiled (the file from gpu.kernelDir, then common.wgsl). The same in a terminal and in a browser tab.
  */
 export async function runLogContent(x: {
-  gpu: Pick<Gpu, "kernelDir" | "sources" | "adapterName" | "convKernels" | "convChoice">;
+  gpu: Pick<Gpu, "kernelDir" | "sources" | "adapterName" | "convKernels" | "convChoice" | "limits" | "memory">;
   flags: CliOptions;
   runs: RunResult[];
   startedAt: Date;
@@ -3112,6 +3203,9 @@ export async function runLogContent(x: {
     precision: x.flags.precision,
     convKernels: x.gpu.convKernels,
     convChoice: x.gpu.convChoice ?? null,
+    // what the run planned for (a tensor over a binding runs in slices), and the most its buffers ever held
+    limits: x.gpu.limits,
+    peakGpuBytes: x.gpu.memory.peak,
     flags: { ...x.flags, help: undefined, explicit: undefined },
     hyp,
     runs: x.runs.map(({ weights: _, ...r }) => r),
@@ -3571,7 +3665,7 @@ export async function main(argv: string[]) {
     }
   };
   const stop = listenForStop();
-  let status: RunStatus = "completed", thrown: unknown;
+  let status: RunStatus = "completed", thrown: unknown, cpuNoted = false;
   for (let r = 0; r < o.runs; r++) {
     const seed = (o.seed + r) >>> 0, table = new Table();
     partial = { run: r + 1, seed, epochs: [] };
@@ -3583,7 +3677,14 @@ export async function main(argv: string[]) {
       result = await train({
         ...trainOptions(gpu, data, o, seed),
         onEpochStart: (e) => table.epochStart(e),
-        onStep: (e, k, n) => table.step(e, k, n),
+        onStep: (p) => {
+          table.step(p, o.runs - r - 1);
+          const left = timeLeft(p);
+          if (gpu.cpu && left && !cpuNoted) {
+            cpuNoted = true;
+            table.note(cpuNote(gpu, left.run));
+          }
+        },
         onEpoch: async (m) => {
           table.row(m);
           partial!.epochs.push(m);
@@ -3660,6 +3761,11 @@ function headerLine(gpu: Gpu, o: CliOptions, data: GpuData) {
     `train ${data.train.count} / test ${data.test.count} images | batch ${o.batchSize}${slices} | ` +
     `epochs ${o.epochs} | base depth ${o.baseDepth}`;
 }
+
+/** On a CPU device, said once its first step is timed: what the run costs here, and the quicker way to look. */
+export const cpuNote = (gpu: Gpu, runSeconds: number) =>
+  `note: ${gpu.adapterName} runs on the CPU: at this pace the run takes about ${durationText(runSeconds)} here ` +
+  "(measured over its first step). For a quick look, the README's reduced run (under Output) does a small fraction of the work";
 
 /** What the flags tell initGpu. */
 const gpuOptions = (o: CliOptions) => ({
@@ -3971,7 +4077,7 @@ export type WebMessage =
   | { type: "status"; text: string }
   | { type: "device"; name: string; header: string }
   | { type: "run"; run: number; runs: number; seed: number }
-  | { type: "step"; epoch: number; step: number; steps: number }
+  | { type: "step"; progress: Progress; runsAfter: number }
   | { type: "row"; row: EpochMetrics }
   | { type: "result"; result: RunResult }
   | { type: "log"; log: unknown }
@@ -4019,7 +4125,7 @@ export function webWorker(scope: {
         scope.postMessage({ type: "run", run: r + 1, runs: o.runs, seed });
         const result = await train({
           ...trainOptions(gpu, data, o, seed),
-          onStep: (epoch, step, steps) => scope.postMessage({ type: "step", epoch, step, steps }),
+          onStep: (p) => scope.postMessage({ type: "step", progress: p, runsAfter: o.runs - r - 1 }),
           onEpoch: (row) => (partial!.epochs.push(row), scope.postMessage({ type: "row", row })),
           stop: () => stopRequested,
         });
@@ -4141,7 +4247,7 @@ if (flags) {
     if (m.type === "status") $("status").textContent = m.text;
     if (m.type === "device") { $("device").textContent = m.header; $("status").textContent = ""; }
     if (m.type === "run") { lines.push("", main.runTitle(m.run, m.runs, m.seed), main.tableHeader()); runs.push({ epochs: [] }); }
-    if (m.type === "step") live = "|  " + main.stepText(m.epoch, m.step, m.steps);
+    if (m.type === "step") live = "|  " + main.stepText(m.progress, m.runsAfter);
     if (m.type === "row") { live = ""; lines.push(main.formatRow(main.rowValues(m.row))); runs.at(-1).epochs.push(m.row); drawCurves(); }
     if (m.type === "result") {
       lines.push(main.tableRule());

@@ -1,7 +1,18 @@
 // End-to-end: a tiny training run on a synthetic, easily learnable dataset must lower the loss,
 // beat chance clearly, and be reproducible from its seed. Small enough for lavapipe in CI.
 import assert from "node:assert/strict";
-import { type Cifar10, freeSince, hyp, initGpu, makeActivations, train, uploadDataset } from "../main.ts";
+import {
+  type Cifar10,
+  durationText,
+  freeSince,
+  hyp,
+  initGpu,
+  makeActivations,
+  stepText,
+  timeLeft,
+  train,
+  uploadDataset,
+} from "../main.ts";
 import { f16Test } from "./util.ts";
 
 const gpu = await initGpu();
@@ -110,7 +121,7 @@ Deno.test("a lost GPU device ends the run with one clear line", async () => {
         epochs: 1,
         baseDepth: 4,
         batchSize: 64,
-        onStep: (_, step) => step === 2 && own.device.destroy(), // as a driver reset would
+        onStep: (p) => p.step === 2 && own.device.destroy(), // as a driver reset would
       }),
     /^Error: the GPU device was lost \(.*\): restart the run; if it happens again, update the GPU driver or lower --batch-size$/,
   );
@@ -157,4 +168,42 @@ Deno.test("train({ hyp }) runs that recipe down to the kernels, and leaves the m
   assert.equal(hyp.opt.labelSmoothing, 0.2);
   assert.equal(hyp.opt.nonBiasLr, 1.525 / 512);
   assert.deepEqual(hyp.kernels, { fuseNormGelu: true, fuseConvPool: true });
+});
+
+Deno.test("timeLeft: the step time from the finished steps (the slower of the synced and the submitted pace), plus the evaluations", () => {
+  const p = {
+    epoch: 0,
+    step: 3,
+    steps: 10,
+    stepsDone: 3, // steps 1 and 2 are finished: a submit waits for the GPU to take the step
+    totalSteps: 20,
+    trainSeconds: 4,
+    synced: { steps: 0, seconds: 0 },
+    evalSeconds: 0,
+    evaluated: 0,
+    numEpochs: 2,
+    wallSeconds: 5,
+  };
+  assert.deepEqual(timeLeft({ ...p, stepsDone: 1 }), null);
+  assert.deepEqual(timeLeft(p), { seconds: 2 * 18, run: 2 * 20, partial: true });
+  assert.equal(
+    stepText(p),
+    "training epoch 0: 3/10 steps submitted | 5 s elapsed | over 36 s left (evaluation not timed yet)",
+  );
+  // after epoch 0: 10 steps took 30 s (3 s a step, slower than the submits' 2 s), its evaluation 6 s
+  const later = { ...p, epoch: 1, stepsDone: 13, trainSeconds: 24, synced: { steps: 10, seconds: 30 } };
+  assert.deepEqual(timeLeft({ ...later, evalSeconds: 6, evaluated: 1 }), {
+    seconds: 3 * 8 + 6,
+    run: 3 * 20 + 12,
+    partial: false,
+  });
+  assert.equal(
+    stepText({ ...later, evalSeconds: 6, evaluated: 1, wallSeconds: 4000 }, 2),
+    "training epoch 1: 3/10 steps submitted | 1 h 7 min elapsed | about 30 s left, 2 min 54 s for all 3 runs",
+  );
+  assert.deepEqual([durationText(59.4), durationText(61), durationText(3 * 3600 + 600)], [
+    "59 s",
+    "1 min 1 s",
+    "3 h 10 min",
+  ]);
 });
