@@ -408,6 +408,24 @@ export interface TrainOptions {
   onEpoch?: (m: EpochMetrics) => void | Promise<void>; // awaited: a run log can be written before the next epoch
   returnWeights?: boolean; // read the final network back into RunResult.weights (for --save)
   stop?: () => boolean; // asked after every step (the event loop runs in between); true ends the run there
+  resume?: TrainState; // continue the run from the end of an epoch (a checkpoint), instead of starting it
+  onCheckpoint?: (s: TrainState) => void | Promise<void>; // awaited at the start and after every epoch's row
+}
+
+/**
+ * Everything that continues a run from the end of an epoch, on the same device with the same bits: the network
+ * (weights, shifts, running statistics), the momentum, the EMA, the generator, the step and the rows so far.
+ */
+export interface TrainState {
+  epoch: number; // the next epoch to run
+  step: number; // optimiser steps taken
+  rng: number[]; // Rng.save() at the end of the epoch
+  emaExists: boolean;
+  trainSeconds: number;
+  epochs: EpochMetrics[];
+  state: Float32Array; // flat, laid out by layoutState (so are the next two)
+  momentum: Float32Array;
+  ema: Float32Array;
 }
 
 /** Where a run is after a step was submitted, and what it measured so far: enough to say how long it has left. */
@@ -419,9 +437,9 @@ export interface Progress {
   totalSteps: number;
   trainSeconds: number; // the training clock now (steps only)
   synced: { steps: number; seconds: number }; // steps finished on the GPU at the last epoch end, and the clock then
-  evalSeconds: number; // time spent evaluating so far, over
-  evaluated: number; // epochs evaluated, of
-  numEpochs: number;
+  evalSeconds: number; // time spent evaluating so far (in this process), over
+  evaluated: number; // the epochs it evaluated
+  numEpochs: number; // the run's epochs (each evaluated at its end)
   wallSeconds: number; // since the run's first step (training, evaluation, everything)
 }
 
@@ -469,13 +487,45 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       () => buildRun(gpu, data, B, baseDepth, rng, h, kernels, precision),
     );
     await compilePipelines(gpu, run.programs);
+    const snapshot = async (epoch: number): Promise<TrainState> => ({
+      epoch,
+      step,
+      rng: rng.save(),
+      emaExists,
+      trainSeconds,
+      epochs: [...epochs],
+      state: await readBuffer(gpu, run.state, 0, run.layout.nTotal * 4),
+      momentum: await readBuffer(gpu, run.momentum, 0, run.layout.nTotal * 4),
+      ema: await readBuffer(gpu, run.ema, 0, run.layout.nTotal * 4),
+    });
 
     // The epoch loop. The CPU waits for the GPU only at the end of each epoch's steps (for the clock) and for the
     // metrics after evaluating; a step is one submit of recorded programs, with this step's numbers in `frame`.
     const epochs: EpochMetrics[] = [], started = performance.now();
     let trainSeconds = 0, step = 0, emaExists = false; // step: optimiser steps taken so far (the schedule's index)
-    let evalSeconds = 0, synced = { steps: 0, seconds: 0 };
-    for (let epoch = 0; epoch < plan.numEpochs; epoch++) {
+    let evalSeconds = 0, synced = { steps: 0, seconds: 0 }, first = 0;
+    if (o.resume) {
+      let steps = 0;
+      for (let e = 0; e < o.resume.epoch; e++) steps += plan.stepsIn(e);
+      if (o.resume.step !== steps || o.resume.epoch > plan.numEpochs) {
+        throw new Error(
+          `the checkpoint is at step ${o.resume.step} of epoch ${o.resume.epoch}, not a point of this run`,
+        );
+      }
+      ({ step, emaExists, trainSeconds, epoch: first } = o.resume);
+      epochs.push(...o.resume.epochs);
+      rng.restore(o.resume.rng);
+      for (
+        const [buffer, values] of [[run.state, o.resume.state], [run.momentum, o.resume.momentum], [
+          run.ema,
+          o.resume.ema,
+        ]] as const
+      ) {
+        gpu.device.queue.writeBuffer(buffer, 0, values as Float32Array<ArrayBuffer>);
+      }
+      synced = { steps: step, seconds: trainSeconds };
+    } else if (o.onCheckpoint) await o.onCheckpoint(await snapshot(0));
+    for (let epoch = first; epoch < plan.numEpochs; epoch++) {
       o.onEpochStart?.(epoch);
       const t0 = performance.now();
       startEpoch(gpu, run, epochAugmentation(rng, N, epoch >= plan.cutmixFrom, h.net));
@@ -508,7 +558,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
           trainSeconds: trainSeconds + (performance.now() - t0) / 1000,
           synced,
           evalSeconds,
-          evaluated: epoch,
+          evaluated: epoch - first,
           numEpochs: plan.numEpochs,
           wallSeconds: (performance.now() - started) / 1000,
         });
@@ -525,6 +575,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       evalSeconds += (performance.now() - e0) / 1000;
       epochs.push(row);
       await o.onEpoch?.(row);
+      if (o.onCheckpoint) await o.onCheckpoint(await snapshot(epoch + 1));
     }
     const last = epochs[epochs.length - 1];
     const weights = o.returnWeights ? await readWeights(gpu, run, emaExists ? run.ema : run.state) : undefined;
@@ -603,6 +654,7 @@ function buildRun(
     nTest,
     layout,
     state,
+    momentum,
     ema,
     perm,
     augParams,
@@ -1700,6 +1752,13 @@ export class Rng {
     s[2] = ((s[2] << 21) | (s[2] >>> 11)) >>> 0;
     s[2] = (s[2] + t) >>> 0;
     return t;
+  }
+  /** The generator's state, to continue it elsewhere (a checkpoint) with `restore`. */
+  save(): number[] {
+    return [...this.s];
+  }
+  restore(state: number[]) {
+    this.s.set(state);
   }
   /** Uniform in [0, 1). */
   next(): number {
@@ -2966,7 +3025,7 @@ export function timeLeft(p: Progress): { seconds: number; run: number; partial: 
   if (!rates.length) return null;
   const perStep = Math.max(...rates), perEval = p.evaluated ? p.evalSeconds / p.evaluated : 0;
   return {
-    seconds: perStep * (p.totalSteps - finished) + perEval * (p.numEpochs - p.evaluated),
+    seconds: perStep * (p.totalSteps - finished) + perEval * (p.numEpochs - p.epoch),
     run: perStep * p.totalSteps + perEval * p.numEpochs,
     partial: p.evaluated === 0,
   };
@@ -3187,10 +3246,9 @@ export async function runLogContent(x: {
   runtime: unknown; // Deno.version, or the browser's user agent
   status: RunStatus;
   partial?: PartialRun;
+  resumed?: unknown; // --resume: the checkpoint, and the run and epoch it continued from
 }) {
-  const kernels = await Promise.all(
-    [...x.gpu.sources].map(async ([file, text]) => [`${file}.wgsl`, await sha256(text)]),
-  );
+  const kernels = Object.entries(await kernelHashes(x.gpu));
   return {
     status: x.status,
     startedAt: x.startedAt.toISOString(),
@@ -3210,6 +3268,7 @@ export async function runLogContent(x: {
     hyp,
     runs: x.runs.map(({ weights: _, ...r }) => r),
     partial: x.partial ?? null,
+    resumed: x.resumed ?? null,
     ...emaStats(x.runs),
   };
 }
@@ -3231,7 +3290,7 @@ export async function writeRunLog(
   flags: CliOptions,
   runs: RunResult[],
   startedAt: Date,
-  at: { path?: string; status?: RunStatus; partial?: PartialRun } = {},
+  at: { path?: string; status?: RunStatus; partial?: PartialRun; resumed?: unknown } = {},
 ) {
   const status = at.status ?? (runs.some((r) => r.interrupted) ? "interrupted" : "completed");
   const script = { path: fileURLToPath(import.meta.url), source: await scriptSource() };
@@ -3327,12 +3386,16 @@ export function encodeSafetensors(weights: Weights, metadata: Record<string, str
   return out;
 }
 
-/** Reads a safetensors file of F32 tensors; anything malformed (or a NaN or infinite weight) is one line. */
+/**
+ * Reads a safetensors file of F32 tensors; anything malformed (or a NaN or infinite weight, overlapping tensors,
+ * bytes no tensor owns) is one line, ending in `fix`.
+ */
 export function decodeSafetensors(
   bytes: Uint8Array,
   file: string,
+  fix = "save it again with --save",
 ): { weights: Weights; metadata: Record<string, string> } {
-  const bad = (why: string) => new Error(`${file} is not a valid safetensors file (${why}): save it again with --save`);
+  const bad = (why: string) => new Error(`${file} is not a valid safetensors file (${why}): ${fix}`);
   if (bytes.length < 8) throw bad("shorter than its 8-byte header length");
   const n = Number(new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(0, true));
   if (8 + n > bytes.length) throw bad(`header of ${n} bytes but the file has ${bytes.length}`);
@@ -3345,7 +3408,8 @@ export function decodeSafetensors(
   if (typeof header !== "object" || header === null || Array.isArray(header)) throw bad("header is not a JSON object");
   const { __metadata__: metadata = {}, ...tensors } = header as Record<string, unknown>;
   if (typeof metadata !== "object" || metadata === null) throw bad("__metadata__ is not an object");
-  const data = bytes.subarray(8 + n), weights: Weights = new Map();
+  const data = bytes.subarray(8 + n), weights: Weights = new Map(), spans: [number, number, string][] = [];
+  if (!Object.values(metadata).every((v) => typeof v === "string")) throw bad("__metadata__ holds a non-string");
   for (const [name, entry] of Object.entries(tensors)) {
     const t = entry as { dtype?: unknown; shape?: unknown; data_offsets?: unknown } | null;
     if (typeof t !== "object" || t === null) throw bad(`${name} is not a tensor entry`);
@@ -3360,12 +3424,253 @@ export function decodeSafetensors(
     const [begin, end] = offsets as number[];
     if (!(begin >= 0 && end <= data.length && end - begin === numel(shape) * 4)) throw bad(`${name} is truncated`);
     if (begin % 4 !== 0) throw bad(`${name} starts at byte ${begin}, not on a 4-byte boundary`);
+    spans.push([begin, end, name]);
     const values = new Float32Array(data.slice(begin, end).buffer);
     const at = values.findIndex((v) => !Number.isFinite(v));
     if (at >= 0) throw bad(`${name}[${at}] is ${values[at]}`);
     weights.set(name, { shape, data: values });
   }
+  // as the format requires (and its reference reader checks): the tensors tile the data, in some order
+  spans.sort((a, b) => a[0] - b[0]);
+  let covered = 0;
+  for (const [begin, end, name] of spans) {
+    if (begin !== covered) {
+      throw bad(begin < covered ? `${name} overlaps another tensor` : `bytes ${covered}..${begin} belong to no tensor`);
+    }
+    covered = end;
+  }
+  if (covered !== data.length) throw bad(`${data.length - covered} bytes after the last tensor`);
   return { weights, metadata: metadata as Record<string, string> };
+}
+
+// ---- checkpoints (--checkpoint, --resume): a run continued from the end of an epoch, as safetensors
+
+export const CHECKPOINT_FORMAT = "hlb-cifar10-webgpu-checkpoint";
+/** The flags that define a run: a checkpoint continues only the run they describe. */
+const RUN_FLAGS = ["runs", "epochs", "base-depth", "batch-size", "train-subset", "test-subset", "seed", "precision"];
+
+/** A checkpoint: the run it continues (flags, recipe, script, kernels, data, device) and where it stands. */
+export interface Checkpoint {
+  flags: Record<string, string>; // RUN_FLAGS as the command line spells them
+  recipe: string; // JSON of hyp
+  script: string; // sha256 of main.ts
+  kernels: Record<string, string>; // kernel file -> sha256, as compiled
+  convKernels: ConvKernels;
+  device: string;
+  norm: ChannelStats;
+  startedAt: string; // when the first run of the invocation started
+  run: number; // the run `train` belongs to (1-based); `done` holds the runs before it
+  done: RunResult[];
+  train: TrainState;
+  interrupted: { epoch: number; steps: number } | null; // a Ctrl-C after `train` was written: its epoch runs again
+}
+
+/** The flags of a run that a checkpoint records (RUN_FLAGS), as strings. */
+export const runFlags = (o: CliOptions): Record<string, string> => ({
+  runs: String(o.runs),
+  epochs: String(o.epochs),
+  "base-depth": String(o.baseDepth),
+  "batch-size": String(o.batchSize),
+  "train-subset": String(o.trainSubset ?? 50_000),
+  "test-subset": String(o.testSubset ?? 10_000),
+  seed: String(o.seed),
+  precision: o.precision,
+});
+
+/**
+ * A checkpoint's guard against silent damage: sha256 of its metadata (as JSON, in order, less this sum) and then its
+ * tensors' bytes (the file's data section). A changed digit in a row or in the generator state would be a different
+ * run that looks fine.
+ */
+async function checkpointSum(metadata: Record<string, string>, data: Uint8Array) {
+  const head = new TextEncoder().encode(JSON.stringify(metadata)), all = new Uint8Array(head.length + data.length);
+  all.set(head);
+  all.set(data, head.length);
+  return hex(new Uint8Array(await crypto.subtle.digest("SHA-256", all)));
+}
+
+/**
+ * The safetensors bytes of a checkpoint: net.*, momentum.* (trainable tensors) and ema.* (once it exists), and in the
+ * metadata the rest, with the sha256 of the tensor bytes.
+ */
+export async function encodeCheckpoint(c: Checkpoint): Promise<Uint8Array> {
+  const layout = layoutState(stateSpec(Number(c.flags["base-depth"]))), t = c.train, tensors: Weights = new Map();
+  const add = (prefix: string, values: Float32Array, kinds: string[]) => {
+    for (const { name, kind } of stateSpec(Number(c.flags["base-depth"]))) {
+      if (!kinds.includes(kind)) continue;
+      const e = layout.entries.get(name)!;
+      tensors.set(`${prefix}.${name}`, { shape: e.shape, data: values.slice(e.offset, e.offset + numel(e.shape)) });
+    }
+  };
+  const all = ["weight", "bias", "running", "frozen"];
+  add("net", t.state, all);
+  add("momentum", t.momentum, ["weight", "bias"]);
+  if (t.emaExists) add("ema", t.ema, all);
+  const { state: _s, momentum: _m, ema: _e, ...train } = t;
+  const json = (v: unknown) => JSON.stringify(v);
+  const data = new Uint8Array([...tensors.values()].reduce((n, x) => n + x.data.byteLength, 0));
+  let at = 0;
+  for (const x of tensors.values()) {
+    data.set(new Uint8Array(x.data.buffer, x.data.byteOffset, x.data.byteLength), at);
+    at += x.data.byteLength;
+  }
+  const metadata: Record<string, string> = {
+    format: CHECKPOINT_FORMAT,
+    layout: "net.*: the network (conv weights HWIO, linear [out][in]); momentum.*: SGD's; ema.*: the EMA's",
+    flags: json(c.flags),
+    recipe: c.recipe,
+    script: c.script,
+    kernels: json(c.kernels),
+    convKernels: c.convKernels,
+    device: c.device,
+    norm: json(c.norm),
+    startedAt: c.startedAt,
+    run: String(c.run),
+    done: json(c.done.map(({ weights: _, ...r }) => r)),
+    train: json(train),
+    interrupted: json(c.interrupted),
+  };
+  return encodeSafetensors(tensors, { ...metadata, sha256: await checkpointSum(metadata, data) });
+}
+
+/**
+ * A checkpoint file, checked whole before anything runs: a truncated, corrupt or hand-made file is one line, and so is
+ * one whose parts disagree (its step count and epoch, its rows, its tensors and its base depth).
+ */
+export async function decodeCheckpoint(bytes: Uint8Array, file: string): Promise<Checkpoint> {
+  const fix = "it cannot be resumed (start the run again)";
+  const { weights, metadata: m } = decodeSafetensors(bytes, file, fix);
+  const bad = (why: string) => new Error(`${file} ${why}: ${fix}`);
+  if (m.format !== CHECKPOINT_FORMAT) {
+    throw bad(
+      m.format === SAVED_FORMAT ? "is saved weights (--save), not a checkpoint" : "is not a checkpoint of main.ts",
+    );
+  }
+  const header = Number(new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(0, true));
+  const { sha256: sum, ...rest } = m;
+  if (sum !== await checkpointSum(rest, bytes.subarray(8 + header))) throw bad("is damaged (its sha256 differs)");
+  const parse = (key: string) => {
+    try {
+      return JSON.parse(m[key]);
+    } catch {
+      throw bad(`has no valid ${key}`);
+    }
+  };
+  const isObject = (v: unknown): v is Record<string, unknown> =>
+    typeof v === "object" && v !== null && !Array.isArray(v);
+  const hex64 = (v: unknown) => typeof v === "string" && /^[0-9a-f]{64}$/.test(v);
+  const count = (v: unknown, min: number, max: number) =>
+    Number.isSafeInteger(v) && v as number >= min && v as number <= max;
+  const finite = (v: unknown) => typeof v === "number" && Number.isFinite(v);
+  // the flags, as strictly as on the command line
+  const flags = parse("flags");
+  if (!isObject(flags) || Object.keys(flags).sort().join() !== [...RUN_FLAGS].sort().join()) {
+    throw bad("has no valid flags");
+  }
+  let o: CliOptions;
+  try {
+    o = checkFlags(flags as Record<string, string>);
+  } catch (e) {
+    throw bad(`has bad flags (${errorText(e)})`);
+  }
+  const kernels = parse("kernels");
+  if (!isObject(kernels) || !Object.values(kernels).every(hex64)) throw bad("has no valid kernel hashes");
+  if (!hex64(m.script)) throw bad("has no valid script hash");
+  if (!CONV_KERNEL_SETS.includes(m.convKernels as ConvKernels)) throw bad(`has an unknown conv kernel set`);
+  const norm = parse("norm");
+  const stat = (xs: unknown, positive: boolean) =>
+    Array.isArray(xs) && xs.length === 3 && xs.every((x) => finite(x) && (!positive || x > 0));
+  if (!isObject(norm) || !stat(norm.mean, false) || !stat(norm.std, true)) {
+    throw bad("has bad normalisation statistics");
+  }
+  // where the run stands: its epoch and step agree with the plan of its flags, its rows with its epoch
+  const plan = trainingPlan(Math.min(o.trainSubset ?? 50_000, 50_000), o.batchSize, o.epochs);
+  const train = parse("train"), run = Number(m.run), done = parse("done"), interrupted = parse("interrupted");
+  if (!isObject(train) || !count(train.epoch, 0, plan.numEpochs)) throw bad("has no valid epoch");
+  const epoch = train.epoch as number;
+  let steps = 0;
+  for (let e = 0; e < epoch; e++) steps += plan.stepsIn(e);
+  if (train.step !== steps) throw bad(`says step ${train.step} at epoch ${epoch}, where its run takes ${steps}`);
+  if (!Array.isArray(train.rng) || train.rng.length !== 4 || !train.rng.every((x) => count(x, 0, 2 ** 32 - 1))) {
+    throw bad("has no valid generator state");
+  }
+  if (typeof train.emaExists !== "boolean" || !finite(train.trainSeconds) || (train.trainSeconds as number) < 0) {
+    throw bad("has no valid EMA flag or clock");
+  }
+  const row = (r: unknown, e: number) =>
+    isObject(r) && r.epoch === e &&
+    ["trainLoss", "trainAcc", "valLoss", "valAcc", "totalTimeSeconds"].every((k) => finite(r[k])) &&
+    ["emaValAcc", "emaValLoss"].every((k) => r[k] === null || finite(r[k]));
+  const rows = (xs: unknown, n?: number) =>
+    Array.isArray(xs) && (n === undefined || xs.length === n) && xs.every((r, e) => row(r, e));
+  if (!rows(train.epochs, epoch)) throw bad(`has no valid table rows for its ${epoch} epochs`);
+  if (!count(run, 1, o.runs) || String(run) !== m.run) throw bad(`has no valid run number (${m.run})`);
+  const result = (r: unknown) =>
+    isObject(r) && count(r.seed, 0, 2 ** 32 - 1) && finite(r.valAcc) && finite(r.trainSeconds) &&
+    (r.emaValAcc === null || finite(r.emaValAcc)) && rows(r.epochs, plan.numEpochs);
+  if (!Array.isArray(done) || done.length !== run - 1 || !done.every(result)) throw bad("has no valid earlier runs");
+  if (
+    !(interrupted === null ||
+      (isObject(interrupted) && count(interrupted.epoch, 0, 1000) && count(interrupted.steps, 0, 1e9)))
+  ) {
+    throw bad("has no valid interruption");
+  }
+  // the tensors: exactly those of its base depth, each of its shape
+  const spec = stateSpec(o.baseDepth), layout = layoutState(spec), expected = new Map<string, number[]>();
+  for (const { name, kind, shape } of spec) {
+    expected.set(`net.${name}`, shape);
+    if (kind === "weight" || kind === "bias") expected.set(`momentum.${name}`, shape);
+    if (train.emaExists) expected.set(`ema.${name}`, shape);
+  }
+  for (const name of weights.keys()) if (!expected.has(name)) throw bad(`holds ${name}, which its network has not`);
+  const flat = (prefix: string) => {
+    const out = new Float32Array(layout.nTotal);
+    for (const [name, e] of layout.entries) {
+      const t = weights.get(`${prefix}.${name}`);
+      if (!expected.has(`${prefix}.${name}`)) continue;
+      if (!t) throw bad(`lacks ${prefix}.${name}`);
+      if (t.shape.join() !== e.shape.join()) throw bad(`has ${prefix}.${name} of [${t.shape}], not [${e.shape}]`);
+      out.set(t.data, e.offset);
+    }
+    return out;
+  };
+  return {
+    flags: flags as Record<string, string>,
+    recipe: m.recipe,
+    script: m.script,
+    kernels: kernels as Record<string, string>,
+    convKernels: m.convKernels as ConvKernels,
+    device: String(m.device),
+    norm: norm as unknown as ChannelStats,
+    startedAt: String(m.startedAt),
+    run,
+    done: done as RunResult[],
+    train: { ...(train as unknown as TrainState), state: flat("net"), momentum: flat("momentum"), ema: flat("ema") },
+    interrupted: interrupted as Checkpoint["interrupted"],
+  };
+}
+
+/**
+ * Why a checkpoint cannot continue this run: the first difference between what it recorded and what is here (the
+ * script, the recipe, the kernels, the data), in one line; undefined when it can.
+ */
+export function checkpointMismatch(c: Checkpoint, here: { script: string; kernels: Record<string, string> }) {
+  if (c.script !== here.script) {
+    return `was written by another main.ts (sha256 ${c.script.slice(0, 12)}..., this one ${
+      here.script.slice(0, 12)
+    }...)`;
+  }
+  if (c.recipe !== JSON.stringify(hyp)) return "was written with another recipe (hyp)";
+  for (const [file, sha] of Object.entries(here.kernels)) {
+    if (c.kernels[file] !== sha) {
+      return `was written with another ${file} (sha256 ${String(c.kernels[file]).slice(0, 12)}..., this one ${
+        sha.slice(0, 12)
+      }...)`;
+    }
+  }
+  const extra = Object.keys(c.kernels).find((file) => !(file in here.kernels));
+  if (extra) return `was written with a kernel file this one has not (${extra})`;
+  return undefined;
 }
 
 // =================================================================================================
@@ -3388,6 +3693,8 @@ export interface CliOptions {
   noLog: boolean;
   save?: string;
   eval?: string;
+  checkpoint?: string; // written at the start and after every epoch (default with --resume: the file resumed)
+  resume?: string;
   convKernels?: ConvKernels; // default: chosen from the adapter (initGpu)
   featureLevel: FeatureLevel; // which WebGPU adapter to ask for first (a core one by default)
   precision: DType;
@@ -3428,6 +3735,10 @@ usage: deno run -A main.ts [flags]
                       hyperparameters, flags, device, every epoch's metrics
   --no-log            write no run log
   --save FILE         save the final EMA network of the last run as safetensors (NHWC, HWIO conv weights)
+  --checkpoint FILE   write everything needed to continue the run to FILE (safetensors) when it starts, after
+                      every epoch and on Ctrl-C
+  --resume FILE       continue the run FILE holds, from the end of its last epoch, with the same bits on the same
+                      device (its flags are the defaults; checkpoints go on to FILE unless --checkpoint says where)
   --eval FILE         no training: print the test accuracy and loss (flip TTA) of a network saved with --save,
                       normalised with its own statistics and evaluated at its run's batch size and precision
   --conv-kernels K    conv kernel set: tiled (workgroup-memory tiles, the GPU default), block (the
@@ -3458,6 +3769,8 @@ const FLAG_OPTIONS = {
   "no-log": { type: "boolean" },
   save: { type: "string" },
   eval: { type: "string" },
+  checkpoint: { type: "string" },
+  resume: { type: "string" },
   data: { type: "string" },
   json: { type: "string" },
   "conv-kernels": { type: "string" },
@@ -3535,7 +3848,7 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
     }
     return x;
   };
-  for (const name of ["data", "json", "log-dir", "save", "eval", "static"]) {
+  for (const name of ["data", "json", "log-dir", "save", "eval", "static", "checkpoint", "resume"]) {
     if (v[name] === "") throw new Error(`--${name} needs a value: see --help`);
   }
   const precision = (v.precision as string | undefined) ?? "f32";
@@ -3557,7 +3870,7 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
       `--eval evaluates saved weights without training: --${trainingOnly[0]} does not apply, leave it out`,
     );
   }
-  const notOnPage = explicit.filter((k) => ["json", "save", "eval", "profile"].includes(k));
+  const notOnPage = explicit.filter((k) => ["json", "save", "eval", "profile", "checkpoint", "resume"].includes(k));
   if (v.web && notOnPage.length) {
     throw new Error(
       `--web trains in the browser, which keeps only the run log: --${notOnPage[0]} does not apply there`,
@@ -3583,6 +3896,8 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
     noLog: Boolean(v["no-log"]),
     save: v.save as string | undefined,
     eval: v.eval as string | undefined,
+    checkpoint: v.checkpoint as string | undefined,
+    resume: v.resume as string | undefined,
     convKernels: convKernels as ConvKernels | undefined,
     featureLevel,
     precision,
@@ -3605,6 +3920,8 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
 
 /** Flags of training that --eval would ignore: it refuses them rather than leave a user believing they applied. */
 const EVAL_IGNORES = [
+  "checkpoint",
+  "resume",
   "runs",
   "epochs",
   "base-depth",
@@ -3620,18 +3937,28 @@ const EVAL_IGNORES = [
 const defaultLogDir = () => fileURLToPath(new URL("./runs", import.meta.url));
 
 export async function main(argv: string[]) {
-  const o = parseFlags(argv), startedAt = new Date();
-  if (o.help) return console.log(HELP);
-  if (o.eval) return await evalMain(o);
-  if (o.web) return await webMain(o);
+  const flags = parseFlags(argv), startedAt = new Date();
+  if (flags.help) return console.log(HELP);
+  if (flags.eval) return await evalMain(flags);
+  if (flags.web) return await webMain(flags);
+  // --resume: the checkpoint is read and checked whole first (a bad file costs no GPU and no download), and its run's
+  // flags become the defaults
+  const resumed = flags.resume ? await readCheckpoint(flags.resume) : undefined;
+  const o = resumed ? resumeFlags(flags, resumed) : flags, checkpointFile = o.checkpoint ?? o.resume;
   // Every output is checked before anything long starts: hours of training never end in a file that cannot be written.
   if (o.json) await checkWritableFile("--json", o.json);
   if (o.save) await checkWritableFile("--save", o.save);
+  if (checkpointFile) await checkWritableFile("--checkpoint", checkpointFile);
   const logDir = o.logDir ?? defaultLogDir();
   if (!o.noLog) await checkWritableFolder("--log-dir", logDir);
   const gpu = await initGpu({ ...gpuOptions(o), profile: o.profile }); // first: no GPU, no download
   if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
   checkPrecision(gpu, o.precision);
+  const here = { script: await sha256(await scriptSource()), kernels: await kernelHashes(gpu) };
+  if (resumed) {
+    const why = checkpointMismatch(resumed, here);
+    if (why) throw new Error(`--resume ${o.resume} ${why}: a checkpoint continues only the run that wrote it`);
+  }
   checkFits(gpu, o.batchSize, o.baseDepth, o.precision); // before any download, table or run log
   const { dir, source } = await datasetDir(o);
   const cifar = await loadCifar10(dir, { trainSubset: o.trainSubset, testSubset: o.testSubset, source });
@@ -3641,17 +3968,34 @@ export async function main(argv: string[]) {
     );
   }
   const data = uploadDataset(gpu, cifar);
+  if (resumed && JSON.stringify(resumed.norm) !== JSON.stringify(data.norm)) {
+    throw new Error(
+      `--resume ${o.resume} was written for other training images (their statistics differ): pass its --data`,
+    );
+  }
   console.log(headerLine(gpu, o, data));
+  if (resumed) console.log(resumeText(o.resume!, resumed, gpu));
 
   // The outputs, each written on its own: one that fails never keeps the others from being written. The run log is
   // created as the first run starts and rewritten after every epoch and every run, so whatever ends the process keeps
   // what was measured.
-  const runs: RunResult[] = [], failed = new Set<string>();
+  const runs: RunResult[] = resumed ? [...resumed.done] : [], failed = new Set<string>();
   let logPath: string | undefined, logError: string | undefined, partial: PartialRun | undefined;
+  const resumedAt = resumed && {
+    checkpoint: o.resume!,
+    run: resumed.run,
+    epoch: resumed.train.epoch,
+    interrupted: resumed.interrupted,
+  };
   const writeLog = async (status: RunStatus) => {
     if (o.noLog) return;
     try {
-      logPath = await writeRunLog(logDir, gpu, o, runs, startedAt, { path: logPath, status, partial });
+      logPath = await writeRunLog(logDir, gpu, o, runs, startedAt, {
+        path: logPath,
+        status,
+        partial,
+        resumed: resumedAt,
+      });
       logError = undefined;
     } catch (e) {
       logError = errorText(e);
@@ -3665,25 +4009,45 @@ export async function main(argv: string[]) {
     }
   };
   const stop = listenForStop();
-  let status: RunStatus = "completed", thrown: unknown, cpuNoted = false;
-  for (let r = 0; r < o.runs; r++) {
-    const seed = (o.seed + r) >>> 0, table = new Table();
-    partial = { run: r + 1, seed, epochs: [] };
+  let status: RunStatus = "completed", thrown: unknown, cpuNoted = false, last: Checkpoint | undefined;
+  const writeCheckpoint = (c: Checkpoint) =>
+    output(async () => writeBytesAtomic(checkpointFile!, await encodeCheckpoint(c)));
+  for (let r = resumed ? resumed.run - 1 : 0; r < o.runs; r++) {
+    const seed = (o.seed + r) >>> 0, table = new Table(), from = r === (resumed?.run ?? 0) - 1 ? resumed : undefined;
+    partial = { run: r + 1, seed, epochs: from ? [...from.train.epochs] : [] };
     await writeLog("running");
     console.log(`\n${runTitle(r + 1, o.runs, seed)}`);
     table.header();
+    for (const m of from?.train.epochs ?? []) table.row(m); // the rows of the epochs before the checkpoint
     let result: RunResult;
     try {
       result = await train({
         ...trainOptions(gpu, data, o, seed),
+        resume: from?.train,
+        onCheckpoint: checkpointFile
+          ? async (state) => {
+            last = {
+              flags: runFlags(o),
+              recipe: JSON.stringify(hyp),
+              ...here,
+              convKernels: gpu.convKernels,
+              device: gpu.adapterName,
+              norm: data.norm,
+              startedAt: resumed?.startedAt ?? startedAt.toISOString(),
+              run: r + 1,
+              done: [...runs],
+              train: state,
+              interrupted: null,
+            };
+            await writeCheckpoint(last);
+          }
+          : undefined,
         onEpochStart: (e) => table.epochStart(e),
         onStep: (p) => {
           table.step(p, o.runs - r - 1);
-          const left = timeLeft(p);
-          if (gpu.cpu && left && !cpuNoted) {
-            cpuNoted = true;
-            table.note(cpuNote(gpu, left.run));
-          }
+          const left = timeLeft(p), note = left && !cpuNoted ? cpuNote(gpu, left.run) : undefined;
+          if (left) cpuNoted = true;
+          if (note) table.note(note);
         },
         onEpoch: async (m) => {
           table.row(m);
@@ -3713,6 +4077,15 @@ export async function main(argv: string[]) {
     if (o.json) await output(() => writeResultsJson(o.json!, gpu, o, runs, "running"));
   }
   stop.remove();
+  if (status === "interrupted" && last) {
+    // the checkpoint keeps the end of the last epoch, and says the next one was cut short: it runs again on --resume
+    const { epoch, steps } = runs[runs.length - 1].interrupted!;
+    await writeCheckpoint({ ...last, interrupted: { epoch, steps } });
+    console.log(
+      `checkpoint: ${checkpointFile} holds run ${last.run} at the end of epoch ${last.train.epoch - 1}: ` +
+        `--resume ${checkpointFile} continues from there`,
+    );
+  }
 
   if (o.runs > 1 && status === "completed") console.log(`\n${summaryText(runs)}`);
   const saved = status === "completed" ? runs[runs.length - 1].weights : undefined;
@@ -3762,10 +4135,79 @@ function headerLine(gpu: Gpu, o: CliOptions, data: GpuData) {
     `epochs ${o.epochs} | base depth ${o.baseDepth}`;
 }
 
-/** On a CPU device, said once its first step is timed: what the run costs here, and the quicker way to look. */
-export const cpuNote = (gpu: Gpu, runSeconds: number) =>
-  `note: ${gpu.adapterName} runs on the CPU: at this pace the run takes about ${durationText(runSeconds)} here ` +
-  "(measured over its first step). For a quick look, the README's reduced run (under Output) does a small fraction of the work";
+/**
+ * On a CPU device, said once its first step is timed when the run will take more than CPU_NOTE_SECONDS: what it costs
+ * here, and the quicker way to look. The user decides; nothing is refused.
+ */
+export function cpuNote(gpu: Pick<Gpu, "cpu" | "adapterName">, runSeconds: number): string | undefined {
+  if (!gpu.cpu || runSeconds < CPU_NOTE_SECONDS) return undefined;
+  return `note: ${gpu.adapterName} runs on the CPU: at this pace the run takes about ${durationText(runSeconds)} ` +
+    "here (measured over its first step); for a quick look, the README's reduced run (under Output) takes minutes";
+}
+const CPU_NOTE_SECONDS = 600;
+
+/** A --resume file, read and checked whole. */
+async function readCheckpoint(file: string): Promise<Checkpoint> {
+  let bytes: Uint8Array;
+  try {
+    bytes = await Deno.readFile(file);
+  } catch (e) {
+    throw new Error(`cannot read --resume ${file} (${errorText(e)}): check the path`);
+  }
+  return await decodeCheckpoint(bytes, file);
+}
+
+/**
+ * The flags of a resumed run: the checkpoint's run flags (RUN_FLAGS) and conv kernel set, unless given, and given ones
+ * only where they agree (another batch, precision or seed would be another run).
+ */
+function resumeFlags(o: CliOptions, c: Checkpoint): CliOptions {
+  const saved = checkFlags(c.flags), given = runFlags(o);
+  for (const name of RUN_FLAGS) {
+    if (o.explicit.includes(name) && given[name] !== c.flags[name]) {
+      throw new Error(
+        `--resume ${o.resume} continues a run with --${name} ${c.flags[name]}, not ${given[name]}: leave --${name} out`,
+      );
+    }
+  }
+  if (o.convKernels && o.convKernels !== c.convKernels) {
+    throw new Error(
+      `--resume ${o.resume} continues a run with --conv-kernels ${c.convKernels}, not ${o.convKernels}: leave --conv-kernels out`,
+    );
+  }
+  const { runs, epochs, baseDepth, batchSize, trainSubset, testSubset, seed, precision } = saved;
+  return {
+    ...o,
+    runs,
+    epochs,
+    baseDepth,
+    batchSize,
+    trainSubset,
+    testSubset,
+    seed,
+    precision,
+    convKernels: c.convKernels,
+  };
+}
+
+/** The line a resumed run starts with: from where, and what runs again. */
+function resumeText(file: string, c: Checkpoint, gpu: Gpu) {
+  const at = `resuming ${file}: run ${c.run}, from the end of epoch ${c.train.epoch - 1}` +
+    (c.train.epoch === 0 ? " (its start)" : "");
+  const cut = c.interrupted
+    ? `; it was interrupted in epoch ${c.interrupted.epoch} (after step ${c.interrupted.steps} of the run), which runs again from its start`
+    : "";
+  const device = c.device === gpu.adapterName
+    ? ""
+    : `; written on ${c.device}, so here the run goes on with other roundings, not the same bits`;
+  return at + cut + device;
+}
+
+/** sha256 of each kernel file as compiled (for run logs and checkpoints). */
+async function kernelHashes(gpu: Pick<Gpu, "sources">): Promise<Record<string, string>> {
+  const pairs = await Promise.all([...gpu.sources].map(async ([file, text]) => [`${file}.wgsl`, await sha256(text)]));
+  return Object.fromEntries(pairs);
+}
 
 /** What the flags tell initGpu. */
 const gpuOptions = (o: CliOptions) => ({

@@ -3,6 +3,7 @@
 import assert from "node:assert/strict";
 import {
   type Cifar10,
+  cpuNote,
   durationText,
   freeSince,
   hyp,
@@ -206,4 +207,13 @@ Deno.test("timeLeft: the step time from the finished steps (the slower of the sy
     "1 min 1 s",
     "3 h 10 min",
   ]);
+  // a CPU device says what a long run costs there, once its first step is timed; a GPU, or a short run, nothing
+  const lavapipe = { cpu: true, adapterName: "llvmpipe" };
+  assert.equal(
+    cpuNote(lavapipe, 10 * 3600 + 1200),
+    "note: llvmpipe runs on the CPU: at this pace the run takes about 10 h 20 min here (measured over its first step); " +
+      "for a quick look, the README's reduced run (under Output) takes minutes",
+  );
+  assert.equal(cpuNote(lavapipe, 599), undefined);
+  assert.equal(cpuNote({ cpu: false, adapterName: "NVIDIA H100" }, 10 * 3600), undefined);
 });
