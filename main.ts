@@ -3465,6 +3465,30 @@ export interface Checkpoint {
   interrupted: { epoch: number; steps: number } | null; // a Ctrl-C after `train` was written: its epoch runs again
 }
 
+/** The checkpoint of run `run` at `train` (the terminal's and the page's). */
+export const checkpointOf = (x: {
+  o: CliOptions;
+  gpu: Gpu;
+  here: { script: string; kernels: Record<string, string> };
+  norm: ChannelStats;
+  startedAt: string;
+  run: number;
+  done: RunResult[];
+  train: TrainState;
+}): Checkpoint => ({
+  flags: runFlags(x.o),
+  recipe: JSON.stringify(hyp),
+  ...x.here,
+  convKernels: x.gpu.convKernels,
+  device: x.gpu.adapterName,
+  norm: x.norm,
+  startedAt: x.startedAt,
+  run: x.run,
+  done: [...x.done],
+  train: x.train,
+  interrupted: null,
+});
+
 /** The flags of a run that a checkpoint records (RUN_FLAGS), as strings. */
 export const runFlags = (o: CliOptions): Record<string, string> => ({
   runs: String(o.runs),
@@ -4025,20 +4049,9 @@ export async function main(argv: string[]) {
         ...trainOptions(gpu, data, o, seed),
         resume: from?.train,
         onCheckpoint: checkpointFile
-          ? async (state) => {
-            last = {
-              flags: runFlags(o),
-              recipe: JSON.stringify(hyp),
-              ...here,
-              convKernels: gpu.convKernels,
-              device: gpu.adapterName,
-              norm: data.norm,
-              startedAt: resumed?.startedAt ?? startedAt.toISOString(),
-              run: r + 1,
-              done: [...runs],
-              train: state,
-              interrupted: null,
-            };
+          ? async (train) => {
+            const first = resumed?.startedAt ?? startedAt.toISOString();
+            last = checkpointOf({ o, gpu, here, norm: data.norm, startedAt: first, run: r + 1, done: runs, train });
             await writeCheckpoint(last);
           }
           : undefined,
@@ -4517,6 +4530,7 @@ export async function bundleForBrowser(path: string): Promise<string> {
 /** The message a page's worker posts (see webWorker). */
 export type WebMessage =
   | { type: "status"; text: string }
+  | { type: "note"; text: string } // a line of its own above the table, as the terminal prints it
   | { type: "device"; name: string; header: string }
   | { type: "run"; run: number; runs: number; seed: number }
   | { type: "step"; progress: Progress; runsAfter: number }
@@ -4535,7 +4549,62 @@ export type WebStart = {
   config: Omit<WebConfig, "main" | "plot">;
   tarball?: File;
   page: string;
+  resume?: Uint8Array; // the checkpoint this browser kept (keptCheckpoint), to continue its run
 };
+
+// The page's checkpoint: one file in the origin's private file system (OPFS), rewritten at the start and after every
+// epoch (createWritable commits on close: a reload mid-write keeps the previous one), removed when the runs are done.
+const KEPT_CHECKPOINT = "hlb-cifar10-checkpoint.safetensors";
+const KEPT = "the checkpoint kept in this browser";
+
+/** The little of the File System API the page uses (Deno's types have none of it). */
+interface OpfsDirectory {
+  getFileHandle(name: string, o?: { create?: boolean }): Promise<{
+    getFile(): Promise<Blob>;
+    createWritable(): Promise<{ write(b: Uint8Array<ArrayBuffer>): Promise<void>; close(): Promise<void> }>;
+  }>;
+  removeEntry(name: string): Promise<void>;
+}
+/** The origin's private file system, where the browser has one for this page. */
+function opfs(): Promise<OpfsDirectory> {
+  const storage = (navigator as unknown as { storage?: { getDirectory?(): Promise<OpfsDirectory> } }).storage;
+  if (!storage?.getDirectory) throw new Error("no origin private file system here");
+  return storage.getDirectory();
+}
+
+/** The checkpoint this browser keeps for the page, if any (undefined where the page has no origin storage). */
+export async function keptCheckpoint(): Promise<Uint8Array | undefined> {
+  try {
+    const dir = await opfs();
+    return new Uint8Array(await (await (await dir.getFileHandle(KEPT_CHECKPOINT)).getFile()).arrayBuffer());
+  } catch {
+    return undefined;
+  }
+}
+
+/** Keeps `bytes` as the page's checkpoint (or, with none, removes it). */
+export async function keepCheckpoint(bytes?: Uint8Array) {
+  const dir = await opfs();
+  if (!bytes) return await dir.removeEntry(KEPT_CHECKPOINT).catch(() => {});
+  const file = await (await dir.getFileHandle(KEPT_CHECKPOINT, { create: true })).createWritable();
+  await file.write(bytes as Uint8Array<ArrayBuffer>);
+  await file.close();
+}
+
+/**
+ * Whether the page can offer to resume checkpoint `c` with the flags of its address: the run not finished, and every
+ * flag the address gives the checkpoint's (those it leaves out come from the checkpoint, as with --resume).
+ */
+export function resumable(c: Checkpoint, flags: CliOptions): boolean {
+  const o = checkFlags(c.flags), plan = trainingPlan(o.trainSubset ?? 50_000, o.batchSize, o.epochs);
+  if (c.run === o.runs && c.train.epoch >= plan.numEpochs) return false;
+  try {
+    resumeFlags({ ...flags, resume: KEPT }, c);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /**
  * The worker's side of the page: trains as `main` does, with the flags the page sends (a WebStart), on data from the
@@ -4550,23 +4619,62 @@ export function webWorker(scope: {
   scope.addEventListener("message", async (e: MessageEvent) => {
     if (e.data?.type === "stop") stopRequested = true;
     if (e.data?.type !== "start") return;
-    const { flags: o, config, tarball, page } = e.data as WebStart, startedAt = new Date(), runs: RunResult[] = [];
-    let gpu: Gpu | undefined, partial: PartialRun | undefined, status: RunStatus = "completed";
+    const { flags, config, tarball, page, resume } = e.data as WebStart, startedAt = new Date(), runs: RunResult[] = [];
+    let gpu: Gpu | undefined, partial: PartialRun | undefined, status: RunStatus = "completed", resumedAt, o = flags;
     try {
+      const resumed = resume ? await decodeCheckpoint(resume, KEPT) : undefined;
+      if (resumed) o = resumeFlags({ ...flags, resume: KEPT }, resumed);
       gpu = await initGpu({ convKernels: o.convKernels, featureLevel: o.featureLevel, kernels: config.kernels });
       checkPrecision(gpu, o.precision);
+      const here = { script: await sha256(config.script.source), kernels: await kernelHashes(gpu) };
+      const why = resumed && checkpointMismatch(resumed, here);
+      if (why) throw new Error(`${KEPT} ${why}: start over`);
       if (tarball) scope.postMessage({ type: "status", text: `checking and unpacking ${tarball.name}` });
       const cifar = tarball
         ? await cifarFromTarball(tarball, { trainSubset: o.trainSubset, testSubset: o.testSubset, md5: config.md5 })
         : await serverCifar(o, page);
       const data = uploadDataset(gpu, cifar);
+      if (resumed && JSON.stringify(resumed.norm) !== JSON.stringify(data.norm)) {
+        throw new Error(`${KEPT} was written for other training images: start over`);
+      }
       scope.postMessage({ type: "device", name: gpu.adapterName, header: headerLine(gpu, o, data) });
-      for (let r = 0; r < o.runs && !stopRequested; r++) {
-        const seed = (o.seed + r) >>> 0;
-        partial = { run: r + 1, seed, epochs: [] };
+      if (resumed) {
+        scope.postMessage({ type: "note", text: resumeText(KEPT, resumed, gpu) });
+        resumedAt = { checkpoint: KEPT, run: resumed.run, epoch: resumed.train.epoch, interrupted: null };
+        runs.push(...resumed.done);
+      }
+      let keeping = true; // false once this browser refused to keep one (no origin storage, say): said once
+      const keep = async (c: Checkpoint) => {
+        if (!keeping) return;
+        try {
+          await keepCheckpoint(await encodeCheckpoint(c));
+        } catch (err) {
+          keeping = false;
+          scope.postMessage({ type: "note", text: `this browser keeps no checkpoint of the run (${errorText(err)})` });
+        }
+      };
+      for (let r = resumed ? resumed.run - 1 : 0; r < o.runs && !stopRequested; r++) {
+        const seed = (o.seed + r) >>> 0, from = r === (resumed?.run ?? 0) - 1 ? resumed : undefined;
+        partial = { run: r + 1, seed, epochs: from ? [...from.train.epochs] : [] };
         scope.postMessage({ type: "run", run: r + 1, runs: o.runs, seed });
+        for (const row of from?.train.epochs ?? []) scope.postMessage({ type: "row", row });
+        const first = resumed?.startedAt ?? startedAt.toISOString();
         const result = await train({
           ...trainOptions(gpu, data, o, seed),
+          resume: from?.train,
+          onCheckpoint: (state) =>
+            keep(
+              checkpointOf({
+                o,
+                gpu: gpu!,
+                here,
+                norm: data.norm,
+                startedAt: first,
+                run: r + 1,
+                done: runs,
+                train: state,
+              }),
+            ),
           onStep: (p) => scope.postMessage({ type: "step", progress: p, runsAfter: o.runs - r - 1 }),
           onEpoch: (row) => (partial!.epochs.push(row), scope.postMessage({ type: "row", row })),
           stop: () => stopRequested,
@@ -4576,6 +4684,7 @@ export function webWorker(scope: {
         scope.postMessage({ type: "result", result });
         if (result.interrupted) status = "interrupted";
       }
+      if (status === "completed" && keeping) await keepCheckpoint().catch(() => {}); // nothing left to resume
     } catch (err) {
       status = err instanceof TrainingDiverged ? "diverged" : "failed";
       if (partial) partial.error = errorText(err);
@@ -4593,6 +4702,7 @@ export function webWorker(scope: {
         runtime,
         status,
         partial,
+        resumed: resumedAt,
       });
       scope.postMessage({ type: "log", log });
       releaseGpu(gpu);
@@ -4637,6 +4747,8 @@ const WEB_PAGE = `<!doctype html>
 <div id="pick" hidden>This page has no server: choose the official CIFAR-10 tarball, <code id="tarname"></code>
   (170 MB, from <a id="tarurl"></a>), or drop it here. It is checked (md5) and unpacked in this tab; nothing is uploaded.
   <p><input type="file" id="tarball" accept=".gz,.tgz,application/gzip"></p></div>
+<p id="resume" hidden><span id="resumetext"></span> <button id="resumebtn">Resume</button>
+  <button id="fresh">Start over</button></p>
 <p><button id="stop" disabled>Stop</button> <a id="download" hidden download="run-log.json">download the run log</a>
   <span id="status"></span></p>
 <pre id="table"></pre>
@@ -4676,17 +4788,20 @@ if (flags) {
     return channel.port1;
   }
   const { main: _, plot: __, ...shared } = config;
+  // a checkpoint this browser kept of this address's run (a reload, a closed tab): offered before anything starts
+  let resume;
   const start = (tarball) => {
     $("pick").hidden = true;
     $("stop").disabled = false;
     $("device").textContent = "asking for a WebGPU adapter...";
     // browsers give a page opened from a file no module Worker: the run shares this page's thread
     if (location.protocol === "file:") $("status").textContent = "opened from a file: training on the page's thread";
-    worker.postMessage({ type: "start", flags, config: shared, tarball, page: location.href });
+    worker.postMessage({ type: "start", flags, config: shared, tarball, page: location.href, resume });
   };
   $("stop").onclick = () => { worker.postMessage({ type: "stop" }); $("status").textContent = "stopping after the current step"; };
   worker.onmessage = async ({ data: m }) => {
     if (m.type === "status") $("status").textContent = m.text;
+    if (m.type === "note") lines.push(m.text);
     if (m.type === "device") { $("device").textContent = m.header; $("status").textContent = ""; }
     if (m.type === "run") { lines.push("", main.runTitle(m.run, m.runs, m.seed), main.tableHeader()); runs.push({ epochs: [] }); }
     if (m.type === "step") live = "|  " + main.stepText(m.progress, m.runsAfter);
@@ -4716,8 +4831,28 @@ if (flags) {
     show();
   };
   worker.onerror = (e) => fail(e.message);
-  if (config.server) start();
-  else {
+  const begin = () => {
+    if (config.server) start();
+    else pickTarball();
+  };
+  const kept = await main.keptCheckpoint();
+  let offer;
+  try {
+    offer = kept && (await main.decodeCheckpoint(kept, "the checkpoint kept in this browser"));
+  } catch (e) {
+    $("status").textContent = e.message + " (it is removed)";
+    await main.keepCheckpoint().catch(() => {});
+  }
+  if (offer && main.resumable(offer, flags)) {
+    $("resumetext").textContent = "This browser keeps a checkpoint of this run: run " + offer.run + ", seed " +
+      ((Number(offer.flags.seed) + offer.run - 1) >>> 0) + ", at the end of epoch " + (offer.train.epoch - 1) +
+      " (started " + offer.startedAt + ").";
+    $("device").textContent = "";
+    $("resume").hidden = false;
+    $("resumebtn").onclick = () => { $("resume").hidden = true; resume = kept; begin(); };
+    $("fresh").onclick = async () => { $("resume").hidden = true; await main.keepCheckpoint().catch(() => {}); begin(); };
+  } else begin();
+  function pickTarball() {
     const name = main.CIFAR10_URL.split("/").pop();
     $("tarname").textContent = name;
     $("tarurl").textContent = $("tarurl").href = main.CIFAR10_URL;

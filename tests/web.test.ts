@@ -127,6 +127,74 @@ chromiumTest("--web: the Stop button stops the page's run after the current step
 });
 
 chromiumTest(
+  "--web: a reloaded tab resumes from the checkpoint the browser kept, and ends with the same table",
+  async () => {
+    const dir = await Deno.makeTempDir();
+    try {
+      const data = await writeFixtureDataset(dir), logs = join(dir, "logs");
+      // 8 steps of batch 32 per epoch, 3 epochs
+      const flags = ["--train-subset", "256", "--test-subset", "32", "--base-depth", "4", "--batch-size", "32"]
+        .concat(["--epochs", "3", "--seed", "4"]);
+      const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
+      await server.until(/training page: \S+/);
+      const url = (await server.stdoutSoFar()).match(/training page: (\S+)/)![1];
+      const done = "document.title.startsWith('done: ')";
+      // the rows of a finished page, less their clock (the last cell)
+      const rows = async (page: Page) =>
+        String(await page.evaluate("document.getElementById('table').textContent")).split("\n")
+          .filter((l) => /^\|\s+\d+\s+\|/.test(l)).map((l) => l.replace(/\|[^|]*\|$/, "|"));
+      let alone: string[] = [], resumed: string[] = [], text = "";
+      const first = await chromiumPage(chromium!, url); // a profile of its own: nothing kept
+      try {
+        await waitFor(first, done, "the page did not finish");
+        alone = await rows(first);
+      } finally {
+        await first.close();
+      }
+      const page = await chromiumPage(chromium!, url);
+      try {
+        await waitFor(
+          page,
+          "/\\|\\s+1\\s+\\|/.test(document.body.textContent)",
+          "the page printed no epoch 1",
+          180_000,
+        );
+        await page.evaluate("location.reload()");
+        await waitFor(page, "!document.getElementById('resume').hidden", "the reloaded page offered no resume", 60_000);
+        assert.match(
+          String(await page.evaluate("document.getElementById('resumetext').textContent")),
+          /^This browser keeps a checkpoint of this run: run 1, seed 4, at the end of epoch (1|2) \(started /,
+        );
+        await page.evaluate("document.getElementById('resumebtn').click()");
+        await waitFor(page, done, "the resumed page did not finish");
+        resumed = await rows(page);
+        text = String(await page.evaluate("document.getElementById('table').textContent"));
+        // done: the checkpoint is gone, a reload starts afresh
+        assert.equal(
+          await page.evaluate(
+            "(async () => { try { await (await navigator.storage.getDirectory()).getFileHandle('hlb-cifar10-checkpoint.safetensors'); return true; } catch { return false; } })()",
+          ),
+          false,
+        );
+      } finally {
+        await page.close();
+        server.child.kill("SIGTERM");
+        await server.finish();
+      }
+      assert.match(text, /resuming the checkpoint kept in this browser: run 1, from the end of epoch (1|2)/);
+      assert.equal(alone.length, 3);
+      assert.deepEqual(resumed, alone);
+      const resumedLog = [...Deno.readDirSync(logs)].map((e) => JSON.parse(Deno.readTextFileSync(join(logs, e.name))))
+        .find((l) => l.resumed);
+      assert.equal(resumedLog?.status, "completed");
+      assert.equal(resumedLog.runs[0].epochs.length, 3);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
+
+chromiumTest(
   "--web --static: the page needs no server: it checks the tarball chosen on it, unpacks it, trains",
   async () => {
     const dir = await Deno.makeTempDir();
