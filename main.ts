@@ -487,44 +487,20 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       () => buildRun(gpu, data, B, baseDepth, rng, h, kernels, precision),
     );
     await compilePipelines(gpu, run.programs);
-    const snapshot = async (epoch: number): Promise<TrainState> => ({
-      epoch,
-      step,
-      rng: rng.save(),
-      emaExists,
-      trainSeconds,
-      epochs: [...epochs],
-      state: await readBuffer(gpu, run.state, 0, run.layout.nTotal * 4),
-      momentum: await readBuffer(gpu, run.momentum, 0, run.layout.nTotal * 4),
-      ema: await readBuffer(gpu, run.ema, 0, run.layout.nTotal * 4),
-    });
 
     // The epoch loop. The CPU waits for the GPU only at the end of each epoch's steps (for the clock) and for the
     // metrics after evaluating; a step is one submit of recorded programs, with this step's numbers in `frame`.
-    const epochs: EpochMetrics[] = [], started = performance.now();
-    let trainSeconds = 0, step = 0, emaExists = false; // step: optimiser steps taken so far (the schedule's index)
-    let evalSeconds = 0, synced = { steps: 0, seconds: 0 }, first = 0;
-    if (o.resume) {
-      let steps = 0;
-      for (let e = 0; e < o.resume.epoch; e++) steps += plan.stepsIn(e);
-      if (o.resume.step !== steps || o.resume.epoch > plan.numEpochs) {
-        throw new Error(
-          `the checkpoint is at step ${o.resume.step} of epoch ${o.resume.epoch}, not a point of this run`,
-        );
-      }
-      ({ step, emaExists, trainSeconds, epoch: first } = o.resume);
-      epochs.push(...o.resume.epochs);
-      rng.restore(o.resume.rng);
-      for (
-        const [buffer, values] of [[run.state, o.resume.state], [run.momentum, o.resume.momentum], [
-          run.ema,
-          o.resume.ema,
-        ]] as const
-      ) {
-        gpu.device.queue.writeBuffer(buffer, 0, values as Float32Array<ArrayBuffer>);
-      }
-      synced = { steps: step, seconds: trainSeconds };
-    } else if (o.onCheckpoint) await o.onCheckpoint(await snapshot(0));
+    // A run resumed from a checkpoint goes on from the end of its epoch, with its generator, buffers and rows.
+    const at = o.resume
+      ? resumeRun(gpu, run, rng, plan, o.resume)
+      : { epoch: 0, step: 0, emaExists: false, trainSeconds: 0 };
+    const first = at.epoch, epochs: EpochMetrics[] = [...(o.resume?.epochs ?? [])], started = performance.now();
+    let { step, emaExists, trainSeconds } = at; // step: optimiser steps taken so far (the schedule's index)
+    let evalSeconds = 0, synced = { steps: step, seconds: trainSeconds }; // for the time left (Progress)
+    const checkpoint = async (epoch: number) =>
+      o.onCheckpoint &&
+      await o.onCheckpoint(await trainState(gpu, run, rng, { epoch, step, emaExists, trainSeconds, epochs }));
+    if (!o.resume) await checkpoint(0);
     for (let epoch = first; epoch < plan.numEpochs; epoch++) {
       o.onEpochStart?.(epoch);
       const t0 = performance.now();
@@ -575,7 +551,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       evalSeconds += (performance.now() - e0) / 1000;
       epochs.push(row);
       await o.onEpoch?.(row);
-      if (o.onCheckpoint) await o.onCheckpoint(await snapshot(epoch + 1));
+      await checkpoint(epoch + 1);
     }
     const last = epochs[epochs.length - 1];
     const weights = o.returnWeights ? await readWeights(gpu, run, emaExists ? run.ema : run.state) : undefined;
@@ -679,6 +655,38 @@ function startEpoch(gpu: Gpu, run: Run, aug: ReturnType<typeof epochAugmentation
   const reset = new Uint32Array(METRICS_FLOATS); // 0.0f is all zero bits
   reset[NONFINITE_FLAG] = NO_BAD_STEP;
   gpu.device.queue.writeBuffer(run.metrics, 0, reset);
+}
+
+/** A run's state at the end of an epoch, read back: what a checkpoint keeps (see TrainState). */
+async function trainState(
+  gpu: Gpu,
+  run: Run,
+  rng: Rng,
+  at: Pick<TrainState, "epoch" | "step" | "emaExists" | "trainSeconds" | "epochs">,
+): Promise<TrainState> {
+  const read = (buffer: GPUBuffer) => readBuffer(gpu, buffer, 0, run.layout.nTotal * 4);
+  return {
+    ...at,
+    epochs: [...at.epochs],
+    rng: rng.save(),
+    state: await read(run.state),
+    momentum: await read(run.momentum),
+    ema: await read(run.ema),
+  };
+}
+
+/** Puts a checkpoint's state back (buffers, generator) after checking it is a point of this run's plan. */
+function resumeRun(gpu: Gpu, run: Run, rng: Rng, plan: ReturnType<typeof trainingPlan>, s: TrainState) {
+  let steps = 0;
+  for (let e = 0; e < s.epoch; e++) steps += plan.stepsIn(e);
+  if (s.step !== steps || s.epoch > plan.numEpochs) {
+    throw new Error(`the checkpoint is at step ${s.step} of epoch ${s.epoch}, not a point of this run`);
+  }
+  rng.restore(s.rng);
+  for (const [buffer, values] of [[run.state, s.state], [run.momentum, s.momentum], [run.ema, s.ema]] as const) {
+    gpu.device.queue.writeBuffer(buffer, 0, values as Float32Array<ArrayBuffer>);
+  }
+  return { epoch: s.epoch, step: s.step, emaExists: s.emaExists, trainSeconds: s.trainSeconds };
 }
 
 /** The result of a run that `stop` ended after `interrupted.steps` steps: the epochs it finished. */
