@@ -3978,6 +3978,7 @@ export async function main(argv: string[]) {
   const resumed = flags.resume ? await readCheckpoint(flags.resume) : undefined;
   const o = resumed ? resumeFlags(flags, resumed) : flags, checkpointFile = o.checkpoint ?? o.resume;
   // Every output is checked before anything long starts: hours of training never end in a file that cannot be written.
+  distinctOutputs({ "--json": o.json, "--save": o.save, [o.checkpoint ? "--checkpoint" : "--resume"]: checkpointFile });
   if (o.json) await checkWritableFile("--json", o.json);
   if (o.save) await checkWritableFile("--save", o.save);
   if (checkpointFile) await checkWritableFile("--checkpoint", checkpointFile);
@@ -4167,15 +4168,67 @@ export function cpuNote(gpu: Pick<Gpu, "cpu" | "adapterName">, runSeconds: numbe
 }
 const CPU_NOTE_SECONDS = 600;
 
+/** Refuses two outputs named by one path: the second written would silently replace the first. */
+export function distinctOutputs(outputs: Record<string, string | undefined>) {
+  const seen = new Map<string, string>();
+  for (const [flag, path] of Object.entries(outputs)) {
+    if (!path) continue;
+    const other = seen.get(resolve(path));
+    if (other) throw new Error(`${other} and ${flag} name the same file ${path}: give each its own`);
+    seen.set(resolve(path), flag);
+  }
+}
+
 /** A --resume file, read and checked whole. */
 async function readCheckpoint(file: string): Promise<Checkpoint> {
-  let bytes: Uint8Array;
+  return await decodeCheckpoint(await readSafetensorsFile("--resume", file), file);
+}
+
+/**
+ * A safetensors file named by `flag`, read no further than its header says it reaches: a folder, a device (such as
+ * /dev/zero) or a FIFO is refused before it is opened, and so is a file whose size is not the header's.
+ */
+export async function readSafetensorsFile(flag: string, file: string): Promise<Uint8Array> {
+  const fail = (why: string) => new Error(`cannot read ${flag} ${file} (${why}): check the path`);
+  let f: Deno.FsFile | undefined;
   try {
-    bytes = await Deno.readFile(file);
-  } catch (e) {
-    throw new Error(`cannot read --resume ${file} (${errorText(e)}): check the path`);
+    const info = await Deno.stat(file).catch((e) => {
+      throw fail(errorText(e));
+    });
+    if (!info.isFile) throw fail("not a regular file");
+    f = await Deno.open(file);
+    const head = new Uint8Array(8);
+    if (info.size < 8 || (await f.read(head)) !== 8) return new Uint8Array(0); // the decoder says what is wrong
+    const n = Number(new DataView(head.buffer).getBigUint64(0, true));
+    if (8 + n > info.size) return head; // likewise: a header longer than the file
+    const header = new Uint8Array(n);
+    for (let at = 0; at < n;) at += (await f.read(header.subarray(at))) ?? n;
+    // the end of the data the header describes; a file longer than that is not what it says it is
+    let end = 0;
+    try {
+      for (const [k, t] of Object.entries(JSON.parse(new TextDecoder().decode(header)))) {
+        const offsets = (t as { data_offsets?: unknown })?.data_offsets;
+        if (k !== "__metadata__" && Array.isArray(offsets) && Number.isSafeInteger(offsets[1])) {
+          end = Math.max(end, offsets[1]);
+        }
+      }
+    } catch {
+      end = info.size - 8 - n; // not JSON: the decoder says so
+    }
+    if (info.size !== 8 + n + end) {
+      throw new Error(
+        `${file} is not a valid safetensors file (${info.size} bytes where its header describes ${8 + n + end}): ` +
+          (flag === "--resume" ? "it cannot be resumed (start the run again)" : "save it again with --save"),
+      );
+    }
+    const bytes = new Uint8Array(info.size);
+    bytes.set(head);
+    bytes.set(header, 8);
+    for (let at = 8 + n; at < info.size;) at += (await f.read(bytes.subarray(at))) ?? info.size;
+    return bytes;
+  } finally {
+    f?.close();
   }
-  return await decodeCheckpoint(bytes, file);
 }
 
 /**
@@ -4371,12 +4424,7 @@ async function evalMain(o: CliOptions) {
 
 /** A file written by --save, checked whole (tensors, values and metadata) before anything else runs. */
 export async function readSavedNetwork(file: string) {
-  let bytes: Uint8Array;
-  try {
-    bytes = await Deno.readFile(file);
-  } catch (e) {
-    throw new Error(`cannot read --eval ${file} (${errorText(e)}): check the path`);
-  }
+  const bytes = await readSafetensorsFile("--eval", file);
   const { weights, metadata } = decodeSafetensors(bytes, file);
   const bad = (why: string) => new Error(`${file} ${why}: save the network again with --save`);
   if (metadata.format !== SAVED_FORMAT) throw bad(`is not a network saved by main.ts (format ${metadata.format})`);

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
-import { PAGE_FLAGS, parseFlags, parseQuery } from "../main.ts";
+import { encodeSafetensors, PAGE_FLAGS, parseFlags, parseQuery } from "../main.ts";
 import { childEnv, ROOT, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
 
 Deno.test("flags: defaults follow hyp, values parse", () => {
@@ -169,6 +169,37 @@ Deno.test("main: --spec-limits trains a batch whose activations exceed a 128 MiB
     const [epoch] = out.runs[0].epochs;
     assert.ok(Number.isFinite(epoch.trainLoss) && Number.isFinite(epoch.valLoss), JSON.stringify(epoch));
     assert.equal(out.flags.specLimits, true);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("main: two outputs at one path, and --eval or --resume of what is no regular file, are refused at once", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const same = join(dir, "out.file");
+    const two = await runMain(["--data", "/nonexistent", "--save", same, "--json", same, "--no-log"]);
+    assert.equal(two.code, 1);
+    assert.equal(two.stderr, `error: --json and --save name the same file ${same}: give each its own`);
+    const ck = await runMain(["--data", "/nonexistent", "--checkpoint", same, "--json", same, "--no-log"]);
+    assert.equal(ck.stderr, `error: --json and --checkpoint name the same file ${same}: give each its own`);
+    // a device and a FIFO are refused before they are opened (a FIFO would block, /dev/zero never ends)
+    const fifo = join(dir, "fifo");
+    assert.ok((await new Deno.Command("mkfifo", { args: [fifo] }).output()).success);
+    for (const [flag, file] of [["--eval", "/dev/zero"], ["--eval", fifo], ["--resume", fifo], ["--eval", dir]]) {
+      const r = await runMain([flag, file]);
+      assert.equal(r.code, 1);
+      assert.equal(r.stderr, `error: cannot read ${flag} ${file} (not a regular file): check the path`);
+    }
+    // a file longer than its header says
+    const w = join(dir, "w.safetensors");
+    await Deno.writeFile(w, encodeSafetensors(new Map([["a", { shape: [2], data: Float32Array.of(1, 2) }]]), {}));
+    await Deno.writeFile(w, new Uint8Array(4), { append: true });
+    const long = await runMain(["--eval", w]);
+    assert.match(
+      long.stderr,
+      /^error: .*w\.safetensors is not a valid safetensors file \(\d+ bytes where its header describes \d+\): save it again with --save$/,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
