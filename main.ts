@@ -496,7 +496,7 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       : { epoch: 0, step: 0, emaExists: false, trainSeconds: 0 };
     const first = at.epoch, epochs: EpochMetrics[] = [...(o.resume?.epochs ?? [])], started = performance.now();
     let { step, emaExists, trainSeconds } = at; // step: optimiser steps taken so far (the schedule's index)
-    let evalSeconds = 0, synced = { steps: step, seconds: trainSeconds }; // for the time left (Progress)
+    let evalSeconds = 0; // for the time left (Progress)
     const checkpoint = async (epoch: number) =>
       o.onCheckpoint &&
       await o.onCheckpoint(await trainState(gpu, run, rng, { epoch, step, emaExists, trainSeconds, epochs }));
@@ -525,25 +525,25 @@ export async function train(o: TrainOptions): Promise<RunResult> {
         );
         if (emaNow) emaExists = true;
         await gpu.profiler?.collect();
+        const now = performance.now(), synced = { steps: step - s, seconds: trainSeconds }; // as of the epoch's start
         o.onStep?.({
           epoch,
           step: s + 1,
           steps: plan.stepsIn(epoch),
           stepsDone: step + 1,
           totalSteps: T,
-          trainSeconds: trainSeconds + (performance.now() - t0) / 1000,
+          trainSeconds: trainSeconds + (now - t0) / 1000,
           synced,
           evalSeconds,
           evaluated: epoch - first,
           numEpochs: plan.numEpochs,
-          wallSeconds: (performance.now() - started) / 1000,
+          wallSeconds: (now - started) / 1000,
         });
         await nextTask(); // lets a Ctrl-C (or a page's Stop button) be heard between steps; no GPU wait
         if (o.stop?.()) return await stoppedRun(gpu, o.seed, epochs, trainSeconds, { epoch, steps: step + 1 });
       }
       await gpu.device.queue.onSubmittedWorkDone(); // the clock counts the GPU's work, not its submission
       trainSeconds += (performance.now() - t0) / 1000;
-      synced = { steps: step, seconds: trainSeconds };
       checkGpu(gpu);
 
       const e0 = performance.now();
@@ -1977,55 +1977,31 @@ export function conv2dBackwardWeight(
   const plans = slices.map((r) => weightSplits(gpu, set, m, n, r.rows * perImage));
   const partials = tensor(gpu, [Math.max(...plans.map((p) => p.splits)), m, n]);
   return slices.flatMap((r, i) => {
-    const { splits, kps } = plans[i], c = convShape(rowsOf(x, r).shape, dw.shape, rowsOf(dy, r).shape, pad);
-    return weightGradient(gpu, c, pad, m, n, splits, kps, rowsOf(x, r), rowsOf(dy, r), partials, dw, set, i > 0);
-  });
-}
-
-/** One pass of the weight gradient: the splits into `partials`, then their sum into dw (or added to it). */
-function weightGradient(
-  gpu: Gpu,
-  c: ReturnType<typeof convShape>,
-  pad: number,
-  m: number,
-  n: number,
-  splits: number,
-  kps: number,
-  x: Tensor,
-  dy: Tensor,
-  partials: Tensor,
-  dw: Tensor,
-  set: ConvKernels,
-  accumulate: boolean,
-): Dispatch[] { // The wide set runs its 32 x 16 block where the input channels fill 32 rows (of one tap) and the output channels
-  // 16 columns; else its 16 x 8 block, whose 16 rows are two units of 8 channels, of one tap or two.
-  const wide2 = set === "wide" && fills(c.cin, kernelConst(gpu, "conv", "WIDE2_ROWS"));
-  const pick = wide2 && convPick(gpu, n, set) === "wide2" ? "wide2" : set;
-  const { file, rows, suffix } = convBlock(gpu, pick);
-  // rows of threads: a conv_tiled.wgsl workgroup owns TILE_M rows (tap, channel); a block or wide2 thread `rows`
-  // channels of one tap; a wide thread two units of `rows` / 2 channels
-  const taps = c.kh * c.kw, unit = rows / 2;
-  const rowBlocks = pick === "tiled"
-    ? Math.ceil(m / rows)
-    : pick === "wide"
-    ? Math.ceil((taps * Math.ceil(c.cin / unit)) / 2)
-    : taps * Math.ceil(c.cin / rows);
-  const grid = convGrid(gpu, rowBlocks, n, splits, pick);
-  const bindings = { 0: convUniform(gpu, c, pad, m, n, kps), 1: x, 2: dy, 3: withRows(partials, splits) };
-  const sum = uniform(gpu, [m * n, splits, 0, 0, accumulate ? 1 : 0, 0, 0, 0]);
-  return [
-    kernel(gpu, file, `backward_weight${suffix}`, bindings, grid, convInfo(c)),
-    kernel(
-      gpu,
-      "reduce",
-      "sum_splits",
-      { 0: sum, 1: withRows(partials, splits), 2: dw },
-      grid1d(gpu, "reduce", m * n),
-      {
+    const { splits, kps } = plans[i], [xs, dys] = [rowsOf(x, r), rowsOf(dy, r)];
+    const c = convShape(xs.shape, dw.shape, dys.shape, pad), part = withRows(partials, splits);
+    // The wide set runs its 32 x 16 block where the input channels fill 32 rows (of one tap) and the output channels
+    // 16 columns; else its 16 x 8 block, whose 16 rows are two units of 8 channels, of one tap or two.
+    const wide2 = set === "wide" && fills(c.cin, kernelConst(gpu, "conv", "WIDE2_ROWS"));
+    const pick = wide2 && convPick(gpu, n, set) === "wide2" ? "wide2" : set;
+    const { file, rows, suffix } = convBlock(gpu, pick);
+    // rows of threads: a conv_tiled.wgsl workgroup owns TILE_M rows (tap, channel); a block or wide2 thread `rows`
+    // channels of one tap; a wide thread two units of `rows` / 2 channels
+    const taps = c.kh * c.kw, unit = rows / 2;
+    const rowBlocks = pick === "tiled"
+      ? Math.ceil(m / rows)
+      : pick === "wide"
+      ? Math.ceil((taps * Math.ceil(c.cin / unit)) / 2)
+      : taps * Math.ceil(c.cin / rows);
+    const grid = convGrid(gpu, rowBlocks, n, splits, pick);
+    const bindings = { 0: convUniform(gpu, c, pad, m, n, kps), 1: xs, 2: dys, 3: part };
+    const sum = uniform(gpu, [m * n, splits, 0, 0, i > 0 ? 1 : 0, 0, 0, 0]); // slices after the first add to dw
+    return [
+      kernel(gpu, file, `backward_weight${suffix}`, bindings, grid, convInfo(c)),
+      kernel(gpu, "reduce", "sum_splits", { 0: sum, 1: part, 2: dw }, grid1d(gpu, "reduce", m * n), {
         label: convInfo(c).label,
-      },
-    ),
-  ];
+      }),
+    ];
+  });
 }
 
 function poolUniform(gpu: Gpu, x: number[], y: number[], count: number) {
@@ -2089,14 +2065,14 @@ export function globalMaxPoolBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tenso
 /** y = gelu(x), exact (erf) GELU, elementwise. */
 export function gelu(gpu: Gpu, x: Tensor, y: Tensor): Dispatch[] {
   return perSlice(gpu, { 1: x, 9: y }, (t) => {
-    const u = normUniform(gpu, t[1], [], { momentum: 0, eps: 0 });
+    const u = normUniform(gpu, t[1], { momentum: 0, eps: 0 });
     return kernel(gpu, "norm", "gelu_forward", { 0: u, ...t }, grid1d(gpu, "norm", numel(t[1].shape)));
   });
 }
 
 export function geluBackward(gpu: Gpu, x: Tensor, dy: Tensor, dx: Tensor): Dispatch[] {
   return perSlice(gpu, { 1: x, 2: dy, 9: dx }, (t) => {
-    const u = normUniform(gpu, t[1], [], { momentum: 0, eps: 0 });
+    const u = normUniform(gpu, t[1], { momentum: 0, eps: 0 });
     return kernel(gpu, "norm", "gelu_backward", { 0: u, ...t }, grid1d(gpu, "norm", numel(t[1].shape)));
   });
 }
@@ -2121,46 +2097,32 @@ export interface BatchNormHyp {
 const pixelRows = (x: Tensor) => numel(x.shape.slice(1, -1));
 
 /**
- * norm.wgsl's NormShape for rows `r` of x (the whole batch when `slices` is empty): its statistics chunks start
- * after those of the slices before it, and the finalize kernels merge all of them.
+ * norm.wgsl's NormShape for the first `rows` images of x (all of it by default): its statistics chunks are written
+ * from `base` on, of `chunks` in all (the finalize kernels merge every slice's).
  */
-function normUniform(gpu: Gpu, x: Tensor, slices: Slice[], bn: BatchNormHyp, r?: Slice) {
-  const c = x.shape[x.shape.length - 1], per = pixelRows(x), B = x.shape[0];
-  const chunksOf = (rows: number) => Math.ceil((rows * per) / NORM_ROWS_PER_CHUNK);
-  const all = slices.length ? slices : [{ start: 0, rows: B }], mine = r ?? all[0];
-  const chunks = all.reduce((n, q) => n + chunksOf(q.rows), 0);
-  const base = all.filter((q) => q.start < mine.start).reduce((n, q) => n + chunksOf(q.rows), 0);
-  const rows = mine.rows * per;
-  return uniform(gpu, [
-    rows,
-    c,
-    NORM_ROWS_PER_CHUNK,
-    chunks,
-    f32(bn.momentum),
-    f32(bn.eps),
-    rows * c,
-    base,
-    B * per,
-    0,
-    0,
-    0,
-  ]);
+function normUniform(gpu: Gpu, x: Tensor, bn: BatchNormHyp, rows = x.shape[0], chunks = 0, base = 0) {
+  const c = x.shape[x.shape.length - 1], n = rows * pixelRows(x);
+  const fields = [n, c, NORM_ROWS_PER_CHUNK, chunks, f32(bn.momentum), f32(bn.eps), n * c, base];
+  return uniform(gpu, [...fields, x.shape[0] * pixelRows(x)]);
 }
 
-/** The slices of a norm pass over `tensors` (x first), its partials [chunks][C][4], and its grids. */
+/** A norm pass over `tensors` (x first) in batch slices: each slice's uniform and grids, and the partials' size. */
 function normSlices(gpu: Gpu, tensors: Tensor[], bn: BatchNormHyp) {
-  const x = tensors[0], c = x.shape[x.shape.length - 1], slices = batchSlices(gpu, tensors);
-  const chunks = slices.reduce((n, r) => n + Math.ceil((r.rows * pixelRows(x)) / NORM_ROWS_PER_CHUNK), 0);
-  const channelGroups = Math.ceil(c / kernelConst(gpu, "norm", "WG_C")); // per-channel kernels: a thread per channel
-  return {
-    slices,
-    part: () => tensor(gpu, [chunks, c, 4]),
-    u: (r: Slice) => normUniform(gpu, x, slices, bn, r),
-    perChannel: [channelGroups, 1, 1] as [number, number, number],
-    perChunk: (r: Slice) =>
-      [channelGroups, Math.ceil((r.rows * pixelRows(x)) / NORM_ROWS_PER_CHUNK), 1] as [number, number, number],
-    elementwise: (r: Slice) => grid1d(gpu, "norm", r.rows * numel(x.shape.slice(1))),
-  };
+  const x = tensors[0],
+    c = x.shape[x.shape.length - 1],
+    channelGroups = Math.ceil(c / kernelConst(gpu, "norm", "WG_C"));
+  const slices = batchSlices(gpu, tensors),
+    chunksOf = (r: Slice) => Math.ceil((r.rows * pixelRows(x)) / NORM_ROWS_PER_CHUNK);
+  const chunks = slices.reduce((n, r) => n + chunksOf(r), 0);
+  let base = 0;
+  const parts = slices.map((r) => {
+    const u = normUniform(gpu, x, bn, r.rows, chunks, base);
+    base += chunksOf(r);
+    const perChunk: [number, number, number] = [channelGroups, chunksOf(r), 1];
+    return { r, u, perChunk, elementwise: grid1d(gpu, "norm", r.rows * numel(x.shape.slice(1))) };
+  });
+  // per-channel kernels: a thread per channel
+  return { parts, chunks, c, perChannel: [channelGroups, 1, 1] as [number, number, number] };
 }
 
 /**
@@ -2179,35 +2141,24 @@ export function batchNorm(
   then?: "gelu",
   bn: BatchNormHyp = batchNormHyp(hyp),
 ): Dispatch[] {
-  const s = normSlices(gpu, [x, y], bn), first = s.slices[0];
-  const apply = s.slices.map((r) =>
+  const s = normSlices(gpu, [x, y], bn), { u } = s.parts[0], running = { 6: p.runningMean, 7: p.runningVar };
+  const apply = s.parts.map(({ r, u, elementwise }) =>
     kernel(gpu, "norm", then === "gelu" ? "apply_gelu" : "apply", {
-      0: s.u(r),
+      0: u,
       1: rowsOf(x, r),
       3: stats,
       4: p.weight,
       5: p.bias,
       9: rowsOf(y, r),
-    }, s.elementwise(r))
+    }, elementwise)
   );
-  if (!training) {
-    return [
-      kernel(gpu, "norm", "eval_stats", { 0: s.u(first), 3: stats, 6: p.runningMean, 7: p.runningVar }, s.perChannel),
-      ...apply,
-    ];
-  }
-  const part = s.part();
+  if (!training) return [kernel(gpu, "norm", "eval_stats", { 0: u, 3: stats, ...running }, s.perChannel), ...apply];
+  const part = tensor(gpu, [s.chunks, s.c, 4]);
   return [
-    ...s.slices.map((r) =>
-      kernel(gpu, "norm", "stats_partial", { 0: s.u(r), 1: rowsOf(x, r), 8: part }, s.perChunk(r))
+    ...s.parts.map(({ r, u, perChunk }) =>
+      kernel(gpu, "norm", "stats_partial", { 0: u, 1: rowsOf(x, r), 8: part }, perChunk)
     ),
-    kernel(
-      gpu,
-      "norm",
-      "stats_finalize",
-      { 0: s.u(first), 3: stats, 6: p.runningMean, 7: p.runningVar, 8: part },
-      s.perChannel,
-    ),
+    kernel(gpu, "norm", "stats_finalize", { 0: u, 3: stats, ...running, 8: part }, s.perChannel),
     ...apply,
   ];
 }
@@ -2230,20 +2181,22 @@ export function batchNormBackward(
   then?: "gelu",
 ): Dispatch[] {
   const s = normSlices(gpu, [x, dy, dx], { momentum: 0, eps: 0 }), fused = then === "gelu" ? "_gelu" : "";
-  const part = s.part();
-  const inputs = (r: Slice) => ({ 0: s.u(r), 1: rowsOf(x, r), 2: rowsOf(dy, r), 3: stats, 4: p.weight, 5: p.bias });
+  const part = tensor(gpu, [s.chunks, s.c, 4]);
+  const inputs = ({ r, u }: (typeof s.parts)[number]) => ({
+    0: u,
+    1: rowsOf(x, r),
+    2: rowsOf(dy, r),
+    3: stats,
+    4: p.weight,
+    5: p.bias,
+  });
   return [
-    ...s.slices.map((r) => kernel(gpu, "norm", `backward_partial${fused}`, { ...inputs(r), 8: part }, s.perChunk(r))),
-    kernel(gpu, "norm", "backward_finalize", { 0: s.u(s.slices[0]), 8: part, 10: dbias, 11: dweight }, s.perChannel),
-    ...s.slices.map((r) =>
-      kernel(
-        gpu,
-        "norm",
-        `backward_apply${fused}`,
-        { ...inputs(r), 9: rowsOf(dx, r), 10: dbias, 11: dweight },
-        s.elementwise(r),
-      )
-    ),
+    ...s.parts.map((q) => kernel(gpu, "norm", `backward_partial${fused}`, { ...inputs(q), 8: part }, q.perChunk)),
+    kernel(gpu, "norm", "backward_finalize", { 0: s.parts[0].u, 8: part, 10: dbias, 11: dweight }, s.perChannel),
+    ...s.parts.map((q) => {
+      const b = { ...inputs(q), 9: rowsOf(dx, q.r), 10: dbias, 11: dweight };
+      return kernel(gpu, "norm", `backward_apply${fused}`, b, q.elementwise);
+    }),
   ];
 }
 
@@ -2325,25 +2278,30 @@ export interface StateLayout {
 }
 
 /**
- * Index ranges [base, end) of `end` floats of the flat state, each within one binding and starting aligned: the
- * whole range as one when it fits (the buffers are then bound whole).
+ * One optim.wgsl pass over the first `end` floats of the flat state: one dispatch, with `buffers` bound whole where a
+ * binding holds them, else one per aligned range of at most a binding (the kernel adds the range's base).
  */
-function stateSlices(gpu: Gpu, end: number): { base: number; end: number }[] {
-  if (end * 4 <= gpu.limits.maxBinding) return [{ base: 0, end }];
-  const step = Math.floor(gpu.limits.maxBinding / gpu.limits.align) * (gpu.limits.align / 4);
-  const slices = [];
-  for (let base = 0; base < end; base += step) slices.push({ base, end: Math.min(end, base + step) });
-  return slices;
+function optimPass(
+  gpu: Gpu,
+  entry: string,
+  layout: StateLayout,
+  end: number,
+  buffers: Record<number, GPUBuffer>,
+  numbers: Field[], // the rest of OptimShape: weight decays and momentum
+): Dispatch[] {
+  const whole = end * 4 <= gpu.limits.maxBinding, step = Math.floor(gpu.limits.maxBinding / gpu.limits.align);
+  const span = whole ? end : step * (gpu.limits.align / 4), out: Dispatch[] = [];
+  for (let base = 0; base < end; base += span) {
+    const last = Math.min(end, base + span);
+    const u = uniform(gpu, [layout.nWeights, layout.nTrainable, layout.nCopy, layout.nTotal, ...numbers, base, last]);
+    const bound = Object.entries(buffers).map(([k, b]) => [k, whole ? b : view(b, base, [last - base])]);
+    const bindings = { 0: u, 1: gpu.frame, ...Object.fromEntries(bound) };
+    out.push(kernel(gpu, "optim", entry, bindings, grid1d(gpu, "optim", last - base)));
+  }
+  return out;
 }
 
-/** Each state buffer bound at range r: whole when r is the whole state, else the floats [r.base, r.end). */
-function stateBindings(buffers: Record<number, GPUBuffer>, r: { base: number; end: number }, whole: boolean) {
-  return Object.fromEntries(
-    Object.entries(buffers).map(([k, b]) => [k, whole ? b : view(b, r.base, [r.end - r.base])]),
-  );
-}
-
-/** Nesterov SGD (momentum `mu`) with coupled weight decay over every trainable parameter, in one dispatch a slice. */
+/** Nesterov SGD (momentum `mu`) with coupled weight decay over every trainable parameter. */
 export function sgdNesterov(
   gpu: Gpu,
   layout: StateLayout,
@@ -2353,35 +2311,13 @@ export function sgdNesterov(
   wd: { weights: number; biases: number },
   mu = hyp.opt.momentum,
 ): Dispatch[] {
-  const slices = stateSlices(gpu, layout.nTrainable);
-  return slices.map((r) => {
-    const u = uniform(gpu, [
-      layout.nWeights,
-      layout.nTrainable,
-      layout.nCopy,
-      layout.nTotal,
-      f32(wd.weights),
-      f32(wd.biases),
-      f32(mu),
-      r.base,
-      r.end,
-      0,
-      0,
-      0,
-    ]);
-    const state = stateBindings({ 2: params, 3: grads, 4: momentum }, r, slices.length === 1);
-    return kernel(gpu, "optim", "sgd_nesterov", { 0: u, 1: gpu.frame, ...state }, grid1d(gpu, "optim", r.end - r.base));
-  });
+  const numbers = [f32(wd.weights), f32(wd.biases), f32(mu)];
+  return optimPass(gpu, "sgd_nesterov", layout, layout.nTrainable, { 2: params, 3: grads, 4: momentum }, numbers);
 }
 
 /** ema = d ema + (1 - d) params over the whole state (d = frame.emaDecay), then params = ema except frozen tensors. */
 export function emaUpdate(gpu: Gpu, layout: StateLayout, params: GPUBuffer, ema: GPUBuffer): Dispatch[] {
-  const slices = stateSlices(gpu, layout.nTotal);
-  return slices.map((r) => {
-    const u = uniform(gpu, [layout.nWeights, layout.nTrainable, layout.nCopy, layout.nTotal, 0, 0, 0, r.base, r.end]);
-    const state = stateBindings({ 2: params, 5: ema }, r, slices.length === 1);
-    return kernel(gpu, "optim", "ema_update", { 0: u, 1: gpu.frame, ...state }, grid1d(gpu, "optim", r.end - r.base));
-  });
+  return optimPass(gpu, "ema_update", layout, layout.nTotal, { 2: params, 5: ema }, [0, 0, 0]);
 }
 
 /** A split of raw images on the GPU (see data.wgsl): u8 CHW records packed in u32, labels as u32. */
