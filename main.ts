@@ -547,7 +547,8 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       checkGpu(gpu);
 
       const e0 = performance.now();
-      const row = await evaluateEpoch(gpu, run, epoch, emaExists, trainSeconds, precision);
+      const row = await evaluateEpoch(gpu, run, epoch, emaExists, trainSeconds, precision, o.stop);
+      if (!row) return await stoppedRun(gpu, o.seed, epochs, trainSeconds, { epoch, steps: step });
       evalSeconds += (performance.now() - e0) / 1000;
       epochs.push(row);
       await o.onEpoch?.(row);
@@ -731,9 +732,10 @@ async function evaluateEpoch(
   emaExists: boolean,
   trainSeconds: number,
   precision: DType,
-) {
-  const nTest = run.nTest;
-  await evaluateTestSet(gpu, nTest, run.half, emaExists ? [...run.evalNet, ...run.evalEma] : run.evalNet);
+  stop?: () => boolean,
+): Promise<EpochMetrics | null> {
+  const nTest = run.nTest, list = emaExists ? [...run.evalNet, ...run.evalEma] : run.evalNet;
+  if (!(await evaluateTestSet(gpu, nTest, run.half, list, stop))) return null; // stopped: no row
   const m = await readBuffer(gpu, run.metrics, 0, METRICS_FLOATS * 4);
   const badStep = new Uint32Array(m.buffer)[NONFINITE_FLAG];
   // f16 overflows (at 65504) where f32 does not: that is the first thing to rule out
@@ -780,14 +782,25 @@ function evalPrograms(gpu: Gpu, data: Pick<GpuData, "test" | "norm">, A: Activat
   return { half, nTest: data.test.count, evalOf, gather: gatherEval(gpu, data.test, data.norm, E2.x, E2.targets) };
 }
 
-/** Runs `list` over the test set, `half` images (and mirrors) per submit. */
-async function evaluateTestSet(gpu: Gpu, nTest: number, half: number, list: Dispatch[]) {
-  for (let start = 0; start < nTest; start += half) {
+/**
+ * Runs `list` over the test set, `half` images (and mirrors) per submit; false if `stop` asked to stop. With a `stop`,
+ * the GPU is waited for every EVAL_SYNC_IMAGES images and the event loop let run after every batch, so that a Ctrl-C
+ * is heard within a few batches, not after the whole test set.
+ */
+async function evaluateTestSet(gpu: Gpu, nTest: number, half: number, list: Dispatch[], stop?: () => boolean) {
+  const syncEvery = Math.max(1, Math.floor(EVAL_SYNC_IMAGES / half));
+  for (let start = 0, batch = 1; start < nTest; start += half, batch++) {
     setFrame(gpu, { offset: start, valid: Math.min(half, nTest - start) });
     submit(gpu, list);
     await gpu.profiler?.collect();
+    if (!stop) continue;
+    if (batch % syncEvery === 0) await gpu.device.queue.onSubmittedWorkDone();
+    await nextTask();
+    if (stop()) return false;
   }
+  return true;
 }
+const EVAL_SYNC_IMAGES = 1024;
 
 /** Test accuracy and loss (flip TTA) of saved weights; the network's widths come from the weights. */
 export async function evaluateWeights(
@@ -3010,6 +3023,22 @@ export const rowValues = (m: EpochMetrics) => [
 ];
 
 /**
+ * Prints a line: a write that fails never throws (a run keeps its outputs whatever becomes of its terminal). After a
+ * hangup (SIGHUP: a closed terminal, a dropped ssh) writes fail and are dropped; the first failure of any kind (stdout
+ * on a full disk, a closed terminal) is kept in OUTPUT.failed: it stops a run as a signal does (see listenForStop).
+ */
+export function say(text: string, stream: "stdout" | "stderr" = "stdout") {
+  try {
+    if (stream === "stdout") console.log(text);
+    else console.error(text);
+  } catch (e) {
+    OUTPUT.failed ??= `could not print to ${stream} (${errorText(e)})`;
+  }
+}
+export const sayErr = (text: string) => say(text, "stderr");
+export const OUTPUT: { failed?: string } = {};
+
+/**
  * Prints rows; on a terminal a live "training epoch N: step k/K" line stands where the next row
  * will appear. It counts submitted steps, so it costs no GPU round trip; the GPU may lag behind it.
  */
@@ -3017,10 +3046,14 @@ class Table {
   private live = Deno.stdout.isTerminal();
   private lastDraw = 0;
   header() {
-    console.log(tableHeader());
+    say(tableHeader());
   }
   private status(text: string) {
-    Deno.stdout.writeSync(new TextEncoder().encode(`\r\x1b[2K|  ${text}`));
+    try {
+      Deno.stdout.writeSync(new TextEncoder().encode(`\r\x1b[2K|  ${text}`));
+    } catch (e) {
+      OUTPUT.failed ??= `could not print to stdout (${errorText(e)})`;
+    }
     this.lastDraw = performance.now();
   }
   epochStart(epoch: number) {
@@ -3033,13 +3066,13 @@ class Table {
   }
   /** A line of its own above the live line (which is drawn again at the next step). */
   note(text: string) {
-    console.log((this.live ? "\r\x1b[2K" : "") + text);
+    say((this.live ? "\r\x1b[2K" : "") + text);
   }
   row(m: EpochMetrics) {
-    console.log((this.live ? "\r\x1b[2K" : "") + formatRow(rowValues(m)));
+    say((this.live ? "\r\x1b[2K" : "") + formatRow(rowValues(m)));
   }
   end() {
-    console.log(tableRule());
+    say(tableRule());
   }
 }
 
@@ -3064,14 +3097,19 @@ export const writeFileAtomic = (path: string, text: string) => writeBytesAtomic(
 export async function writeBytesAtomic(path: string, bytes: Uint8Array) {
   const target = await fileTarget(path);
   const tmp = `${target}.tmp-${uniqueSuffix()}`;
+  WRITES_IN_FLIGHT.add(tmp);
   try {
     await Deno.writeFile(tmp, bytes);
     await Deno.rename(tmp, target);
   } catch (e) {
     await Deno.remove(tmp).catch(() => {});
     throw new Error(writeFailure(path, e));
+  } finally {
+    WRITES_IN_FLIGHT.delete(tmp);
   }
 }
+/** The temporary files of writeBytesAtomic now being written: a second Ctrl-C removes them as it quits. */
+const WRITES_IN_FLIGHT = new Set<string>();
 
 /** How the OS says a write failed for want of space (Linux and macOS message, errno 28). */
 const DISK_FULL = /No space left on device|os error 28|ENOSPC/i;
@@ -3129,7 +3167,12 @@ export async function checkWritableFile(flag: string, path: string) {
  */
 export async function checkWritableFolder(flag: string, dir: string, what = `${flag} ${dir}`, create = true) {
   let missing: string | undefined; // the outermost folder of `dir` that does not exist yet
-  for (let d = resolve(dir); !(await exists(d)); d = dirname(d)) missing = d;
+  try {
+    for (let d = resolve(dir); !(await exists(d)); d = dirname(d)) missing = d;
+  } catch (e) {
+    if (e instanceof Deno.errors.FilesystemLoop) throw new Error(`${what} is a loop of symlinks: name another folder`);
+    throw new Error(`${what} cannot be used (${errorText(e)}): name another folder`);
+  }
   if (missing && !create) throw new Error(`${what} ${missing} does not exist`);
   try {
     await Deno.mkdir(dir, { recursive: true });
@@ -3219,7 +3262,7 @@ export async function runLogContent(x: {
 
 /** The mean and std of the EMA val accuracies of `runs` (those that have one; null if none): run logs and --json. */
 function emaStats(runs: RunResult[]) {
-  const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
+  const accs = runs.filter((r) => !r.interrupted).map((r) => r.emaValAcc).filter((a): a is number => a !== null);
   return { meanEmaValAcc: accs.length ? mean(accs) : null, stdEmaValAcc: accs.length ? sampleStd(accs) : null };
 }
 
@@ -3248,11 +3291,25 @@ function scriptSource(): Promise<string> {
 }
 const SCRIPT_SOURCE: { text?: Promise<string> } = {};
 
-/** Writes a run log object: to `path`, or to a new file in `dir` named after its start and script (see writeRunLog). */
-async function writeLogFile(dir: string, log: { script: { sha256: string } }, startedAt: Date, path?: string) {
-  const text = JSON.stringify(log, null, 1) + "\n";
+/**
+ * Writes a run log object: to `path`, or to a new file in `dir` named after its start and script (see writeRunLog).
+ * A running log ends in LOG_SLACK spaces (JSON allows them): on a full disk, where the atomic rewrite cannot make its
+ * copy, the log is rewritten in place within its own size, so that its final state still reaches it.
+ */
+async function writeLogFile(
+  dir: string,
+  log: { script: { sha256: string }; status?: RunStatus },
+  startedAt: Date,
+  path?: string,
+) {
+  const text = JSON.stringify(log, null, 1) + "\n" + (log.status === "running" ? " ".repeat(LOG_SLACK) + "\n" : "");
   if (path) {
-    await writeFileAtomic(path, text);
+    try {
+      await writeFileAtomic(path, text);
+    } catch (e) {
+      if (!errorText(e).startsWith("disk full")) throw e; // writeFailure's line for a full disk
+      await rewriteInPlace(path, text.trimEnd() + "\n");
+    }
     return path;
   }
   await Deno.mkdir(dir, { recursive: true }).catch((e) => {
@@ -3269,6 +3326,32 @@ async function writeLogFile(dir: string, log: { script: { sha256: string } }, st
     }
     await writeFileAtomic(file, text);
     return file;
+  }
+}
+
+// Room for a run's final state in a running log (a row of JSON metrics is ~300 bytes; a run's result about as many).
+const LOG_SLACK = 16384;
+
+/**
+ * Rewrites `path` in place with `text`, padded with spaces to the file's size: no new space is needed. A text longer
+ * than the file is not written (half of it would leave no JSON at all): the file is then stale, and the error says so.
+ */
+async function rewriteInPlace(path: string, text: string) {
+  const stale = (why: string) =>
+    new Error(`disk full: the run log ${path} is stale (it still says "running"; ${why}): free some space`);
+  const file = await Deno.open(path, { write: true });
+  try {
+    const size = (await file.stat()).size, bytes = new TextEncoder().encode(text);
+    if (bytes.length > size) throw stale("its final state is larger than the room kept for it");
+    const padded = new Uint8Array(size).fill(0x20);
+    padded.set(bytes);
+    padded[size - 1] = 0x0a;
+    for (let at = 0; at < size;) at += await file.write(padded.subarray(at));
+    await file.sync();
+  } catch (e) {
+    throw errorText(e).startsWith("disk full: the run log") ? e : stale(errorText(e));
+  } finally {
+    file.close();
   }
 }
 
@@ -3853,7 +3936,8 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
         `--static writes a page that needs no server (its data: the tarball chosen on the page; its run log: a download): --${serverOnly} does not apply there`,
       );
     }
-    if (!String(v.static).endsWith(".html")) {
+    // a name, then .html in any case (P.HTML is a page; ".html" alone would be a hidden file with no name)
+    if (!/[^/\\]\.html$/i.test(String(v.static))) {
       throw new Error(`--static names the page's file: FILE.html, got "${v.static}"`);
     }
   }
@@ -3906,7 +3990,7 @@ const defaultLogDir = () => fileURLToPath(new URL("./runs", import.meta.url));
 
 export async function main(argv: string[]) {
   const flags = parseFlags(argv), startedAt = new Date();
-  if (flags.help) return console.log(HELP);
+  if (flags.help) return say(HELP);
   if (flags.eval) return await evalMain(flags);
   if (flags.web) return await webMain(flags);
   // --resume: the checkpoint is read and checked whole first (a bad file costs no GPU and no download), and its run's
@@ -3921,7 +4005,7 @@ export async function main(argv: string[]) {
   const logDir = o.logDir ?? defaultLogDir();
   if (!o.noLog) await checkWritableFolder("--log-dir", logDir);
   const gpu = await initGpu({ ...gpuOptions(o), profile: o.profile }); // first: no GPU, no download
-  if (o.profile && !gpu.profiler) console.log("--profile: this adapter has no timestamp queries, no kernel table");
+  if (o.profile && !gpu.profiler) say("--profile: this adapter has no timestamp queries, no kernel table");
   checkPrecision(gpu, o.precision);
   const here = { script: await sha256(await scriptSource()), kernels: await kernelHashes(gpu) };
   if (resumed) {
@@ -3942,8 +4026,9 @@ export async function main(argv: string[]) {
       `--resume ${o.resume} was written for other training images (their statistics differ): pass its --data`,
     );
   }
-  console.log(headerLine(gpu, o, data));
-  if (resumed) console.log(resumeText(o.resume!, resumed, gpu));
+  say(headerLine(gpu, o, data));
+  if (resumed) say(resumeText(o.resume!, resumed, gpu));
+  if (OUTPUT.failed) throw new Error(`${OUTPUT.failed}: redirect the output somewhere it can be written`);
 
   // The outputs, each written on its own: one that fails never keeps the others from being written. The run log is
   // created as the first run starts and rewritten after every epoch and every run, so whatever ends the process keeps
@@ -3985,7 +4070,7 @@ export async function main(argv: string[]) {
     const seed = (o.seed + r) >>> 0, table = new Table(), from = r === (resumed?.run ?? 0) - 1 ? resumed : undefined;
     partial = { run: r + 1, seed, epochs: from ? [...from.train.epochs] : [] };
     await writeLog("running");
-    console.log(`\n${runTitle(r + 1, o.runs, seed)}`);
+    say(`\n${runTitle(r + 1, o.runs, seed)}`);
     table.header();
     for (const m of from?.train.epochs ?? []) table.row(m); // the rows of the epochs before the checkpoint
     let result: RunResult;
@@ -4013,7 +4098,7 @@ export async function main(argv: string[]) {
           await writeLog("running");
         },
         returnWeights: Boolean(o.save) && r === o.runs - 1,
-        stop: () => stop.requested,
+        stop: stop.stopped,
       });
     } catch (e) {
       status = e instanceof TrainingDiverged ? "diverged" : "failed";
@@ -4030,28 +4115,32 @@ export async function main(argv: string[]) {
       status = "interrupted";
       break;
     }
-    console.log(runResultText(result));
+    say(runResultText(result));
     await writeLog("running");
     if (o.json) await output(() => writeResultsJson(o.json!, gpu, o, runs, "running"));
   }
-  stop.remove();
+  // The outputs. The signal handlers stay: a Ctrl-C here is said and the writes finish; a second one quits at once.
+  stop.finishing = true;
   if (status === "interrupted" && last) {
     // the checkpoint keeps the end of the last epoch, and says the next one was cut short: it runs again on --resume
     const { epoch, steps } = runs[runs.length - 1].interrupted!;
     await writeCheckpoint({ ...last, interrupted: { epoch, steps } });
-    console.log(
+    say(
       `checkpoint: ${checkpointFile} holds run ${last.run} at the end of epoch ${last.train.epoch - 1}: ` +
         `--resume ${checkpointFile} continues from there`,
     );
   }
 
-  if (o.runs > 1 && status === "completed") console.log(`\n${summaryText(runs)}`);
+  if (o.runs > 1 && status === "completed") say(`\n${summaryText(runs)}`);
   const saved = status === "completed" ? runs[runs.length - 1].weights : undefined;
+  if (o.save && !saved) {
+    say(`no weights written to ${o.save}: --save keeps the last run's network once it completes, and it did not`);
+  }
   if (o.save && saved) {
     await output(async () => {
       const meta = savedMetadata(data.norm, o.baseDepth, o.batchSize, o.precision);
       await writeBytesAtomic(o.save!, encodeSafetensors(saved, { ...meta }));
-      console.log(`weights written to ${o.save}`);
+      say(`weights written to ${o.save}`);
     });
   }
   await writeLog(status);
@@ -4059,25 +4148,29 @@ export async function main(argv: string[]) {
   if (o.json) {
     await output(async () => {
       await writeResultsJson(o.json!, gpu, o, runs, status);
-      console.log(`results written to ${o.json}`);
+      say(`results written to ${o.json}`);
     });
   }
-  if (gpu.profiler) console.log(`\nper-kernel GPU time, all runs (--profile)\n${gpu.profiler.report()}`);
+  if (gpu.profiler) say(`\nper-kernel GPU time, all runs (--profile)\n${gpu.profiler.report()}`);
   const log = o.noLog ? "no run log (--no-log)" : logPath && !logError ? `run log: ${logPath}` : "no run log";
-  for (const line of failed) console.error(`error: ${line}`);
+  for (const line of failed) sayErr(`error: ${line}`);
   releaseGpu(gpu);
+  stop.remove();
   if (status === "interrupted") {
     const { epoch, steps } = runs[runs.length - 1].interrupted!;
-    console.error(
-      `interrupted in run ${runs.length}, epoch ${epoch}, after ${steps} step${steps === 1 ? "" : "s"}; ${log}`,
-    );
-    Deno.exit(130);
+    const where = `run ${runs.length}, epoch ${epoch}, after ${steps} step${steps === 1 ? "" : "s"}; ${log}`;
+    if (stop.requested) {
+      sayErr(`interrupted in ${where}`);
+      quit(130);
+    }
+    sayErr(`error: ${OUTPUT.failed}: the run stopped in ${where}`); // stdout failed, not a signal
+    quit(1);
   }
   if (thrown) {
-    if (logPath && !logError) console.error(`run log: ${logPath} (status ${status}, what ran before is kept)`);
+    if (logPath && !logError) sayErr(`run log: ${logPath} (status ${status}, what ran before is kept)`);
     throw thrown;
   }
-  if (logPath && !logError) console.log(`run log: ${logPath}`);
+  if (logPath && !logError) say(`run log: ${logPath}`);
   if (failed.size) Deno.exit(1);
 }
 
@@ -4232,24 +4325,61 @@ function trainOptions(gpu: Gpu, data: GpuData, o: CliOptions, seed: number): Tra
 }
 
 /**
- * Ctrl-C or SIGTERM: the run stops after the current step, writes its outputs (the run log marked interrupted) and
- * exits with code 130; a second signal quits at once, with the same code.
+ * Ctrl-C, SIGTERM or SIGHUP (a closed terminal, a dropped ssh; not under nohup, which ignores it): the run stops
+ * after the current step (or evaluation batch), writes its outputs (the run log marked interrupted) and exits with
+ * code 130; a second signal quits at once, with the same code, wherever it lands. The handlers stay until the last
+ * output is written (`finishing`: the step loop has ended). A stdout that cannot be written stops the run too.
  */
 function listenForStop() {
-  const state = { requested: false, remove: () => {} };
-  const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
+  const state = {
+    requested: false,
+    finishing: false,
+    stopped: () => state.requested || OUTPUT.failed !== undefined,
+    remove: () => {},
+  };
+  const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM", "SIGHUP"];
   const listeners = signals.map((signal) => {
     const on = () => {
-      if (state.requested) Deno.exit(130);
+      if (signal === "SIGHUP" && HANGUP_IGNORED) return; // nohup: the run goes on
+      if (state.requested) quit(130);
       state.requested = true;
-      const name = signal === "SIGINT" ? "Ctrl-C" : signal;
-      console.log(`\n${name}: stopping after the current step (press Ctrl-C again to quit at once)`);
+      const name = signal === "SIGINT" ? "Ctrl-C" : signal, then = "(press Ctrl-C again to quit at once)";
+      say(
+        `\n${name}: ${
+          state.finishing ? "writing the outputs, then exiting" : "stopping after the current step"
+        } ${then}`,
+      );
     };
     Deno.addSignalListener(signal, on);
     return () => Deno.removeSignalListener(signal, on);
   });
   state.remove = () => listeners.forEach((remove) => remove());
   return state;
+}
+
+/**
+ * Whether this process started with SIGHUP ignored (nohup): Linux says so in /proc (SigIgn, bit 0). Read as the
+ * script loads, because Deno's first signal listener clears it (a nohup run would then die on the hangup).
+ */
+function hangupIgnored(): boolean {
+  try {
+    const mask = Deno.readTextFileSync("/proc/self/status").match(/^SigIgn:\s*([0-9a-f]+)/m)?.[1];
+    return mask !== undefined && (BigInt(`0x${mask}`) & 1n) === 1n;
+  } catch {
+    return false;
+  }
+}
+
+const HANGUP_IGNORED = typeof Deno !== "undefined" && Deno.build.os === "linux" && hangupIgnored();
+
+/** Exits at once, removing the temporary files of atomic writes in flight (a target is never left half-written). */
+function quit(code: number): never {
+  for (const tmp of WRITES_IN_FLIGHT) {
+    try {
+      Deno.removeSync(tmp);
+    } catch { /* already renamed or never created */ }
+  }
+  Deno.exit(code);
 }
 
 function checkPrecision(gpu: Gpu, precision: DType) {
@@ -4305,21 +4435,22 @@ export function summaryText(runs: RunResult[]): string {
 
 /** --json: the runs finished so far (all of them once `status` is final) and their mean and std. */
 async function writeResultsJson(path: string, gpu: Gpu, o: CliOptions, runs: RunResult[], status: RunStatus) {
-  const done = runs.filter((r) => !r.interrupted);
   const out = {
     status,
     device: gpu.adapterName,
     precision: o.precision,
     convKernels: gpu.convKernels,
     flags: { ...o, help: undefined, profile: undefined, explicit: undefined },
-    runs: done.map((r) => ({
+    // as in the run log: an interrupted run is listed (with where it stopped) and left out of the mean
+    runs: runs.map((r) => ({
       seed: r.seed,
       emaValAcc: r.emaValAcc,
       valAcc: r.valAcc,
       trainSeconds: r.trainSeconds,
       epochs: r.epochs,
+      ...(r.interrupted ? { interrupted: r.interrupted } : {}),
     })),
-    ...emaStats(done),
+    ...emaStats(runs),
   };
   await writeFileAtomic(path, JSON.stringify(out, null, 2) + "\n");
 }
@@ -4337,7 +4468,7 @@ async function evalMain(o: CliOptions) {
   const cifar = await loadCifar10(dir, { trainSubset: 0, testSubset: o.testSubset, source });
   const test = uploadImages(gpu, cifar.testImages, cifar.testLabels);
   const r = await evaluateWeights(gpu, { test, norm: saved.norm }, saved.weights, batchSize, file, precision);
-  console.log(
+  say(
     `${file}: test accuracy ${(100 * r.valAcc).toFixed(2)}% | test loss ${r.valLoss.toFixed(4)} | ` +
       `${test.count} images, flip TTA`,
   );
@@ -4353,7 +4484,7 @@ async function evalMain(o: CliOptions) {
       valLoss: r.valLoss,
     };
     await writeFileAtomic(o.json, JSON.stringify(out, null, 2) + "\n");
-    console.log(`results written to ${o.json}`);
+    say(`results written to ${o.json}`);
   }
   releaseGpu(gpu);
 }
@@ -4416,55 +4547,176 @@ async function webMain(o: CliOptions) {
     await checkWritableFile("--static", o.static);
     const page = new TextEncoder().encode(await webPage({ server: false }));
     await writeBytesAtomic(o.static, page);
-    console.log(`training page written to ${o.static} (${(page.length / 1e6).toFixed(1)} MB, needs no server)`);
-    console.log(`open ${pathToFileURL(resolve(o.static))}${search}, or put the file on any web server;`);
-    console.log(`it asks for the official ${CIFAR10_URL.split("/").pop()} (${CIFAR10_URL})`);
+    say(`training page written to ${o.static} (${(page.length / 1e6).toFixed(1)} MB, needs no server)`);
+    say(`open ${pathToFileURL(resolve(o.static))}${search}, or put the file on any web server;`);
+    say(`it asks for the official ${CIFAR10_URL.split("/").pop()} (${CIFAR10_URL})`);
     return;
   }
   const logDir = o.logDir ?? defaultLogDir();
   if (!o.noLog) await checkWritableFolder("--log-dir", logDir); // before anything long starts, as in main
-  const page = await webPage({ server: true });
-  const { dir, source } = await datasetDir(o); // downloaded now if it must be, not when the page asks
-  // the last subsets the page asked for; the promise, so that the page's four parallel requests load them once
-  let cached: { key: string; cifar: Promise<Cifar10> } | undefined;
-  const handler = async (req: Request): Promise<Response> => {
-    const url = new URL(req.url), path = url.pathname;
-    try {
-      if (path === "/") {
-        return new Response(page, {
-          headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" },
-        });
-      }
-      const part = path.match(/^\/data\/(trainImages|trainLabels|testImages|testLabels)$/)?.[1] as keyof Cifar10;
-      if (part) {
-        const f = parseQuery(url.search), key = `${f.trainSubset}/${f.testSubset}`;
-        if (cached?.key !== key) {
-          const cifar = loadCifar10(dir, { trainSubset: f.trainSubset, testSubset: f.testSubset, source });
-          cached = { key, cifar };
-          cifar.catch(() => cached?.cifar === cifar && (cached = undefined)); // a failure is not kept: a reload retries
-        }
-        return new Response((await cached.cifar)[part] as Uint8Array<ArrayBuffer>);
-      }
-      if (path === "/log" && req.method === "POST") {
-        const log = await req.json();
-        if (!/^[0-9a-f]{64}$/.test(log?.script?.sha256) || Number.isNaN(Date.parse(log?.startedAt))) {
-          throw new Error("not a run log of main.ts");
-        }
-        if (o.noLog) return Response.json({ path: null });
-        const file = await writeLogFile(logDir, log, new Date(log.startedAt));
-        console.log(`run log from the page (status ${log.status}): ${file}`);
-        return Response.json({ path: file });
-      }
-      return new Response("not found", { status: 404 });
-    } catch (e) {
-      return Response.json({ error: errorText(e) }, { status: 400 });
-    }
-  };
-  const server = Deno.serve({ hostname: "127.0.0.1", port: o.port ?? 0, onListen() {} }, handler);
-  console.log(`training page: http://127.0.0.1:${server.addr.port}/${search}`);
-  console.log("(the page trains on this browser's WebGPU; Ctrl-C here stops the server)");
+  // The port first (a busy one is said at once), then the dataset, checked (downloaded if need be) and loaded once
+  // whole: the page's subsets are its first images, so every request is a slice of the same arrays.
+  const secret = randomHex(16), ready = Promise.withResolvers<Served>();
+  ready.promise.catch(() => {}); // a failure below is thrown from here; requests then only wait for the shutdown
+  const handler = (req: Request) => serveRequest(req, port, secret, ready.promise);
+  let server: Deno.HttpServer<Deno.NetAddr>, port: number;
+  try {
+    server = Deno.serve({ hostname: "127.0.0.1", port: o.port ?? 0, onListen() {} }, handler);
+    port = server.addr.port;
+  } catch (e) {
+    if (!(e instanceof Deno.errors.AddrInUse)) throw e;
+    throw new Error(`--port ${o.port} is in use (another server?): pick another, or leave --port out for a free one`);
+  }
+  try {
+    const { dir, source } = await datasetDir(o);
+    const cifar = await loadCifar10(dir, { source });
+    const script = await scriptSource();
+    ready.resolve({ page: await webPage({ server: true }), cifar, script, logDir: o.noLog ? undefined : logDir });
+  } catch (e) {
+    ready.reject(e);
+    await server.shutdown();
+    throw e;
+  }
+  say(`training page: http://127.0.0.1:${port}/${secret}/${search}`);
+  say("(the page trains on this browser's WebGPU; Ctrl-C here stops the server)");
   await server.finished;
 }
+
+/** What the --web server holds once ready: the page, the whole dataset, this script's text, where logs go. */
+interface Served {
+  page: string;
+  cifar: Cifar10;
+  script: string;
+  logDir?: string; // undefined with --no-log
+}
+
+// The server's limits: a run log is ~200 kB (the script's text is inside); tickets are one per page served.
+const MAX_LOG_BYTES = 2 ** 21, MAX_TICKETS = 1000;
+const SERVED_TICKETS = new Map<string, boolean>(); // ticket -> a log was kept for it
+const FINAL_STATUSES: RunStatus[] = ["completed", "interrupted", "diverged", "failed"];
+const SERVER_STARTED = Date.now();
+
+/**
+ * One request to the --web server. It serves one page, its data and the keeping of its run log, to the browser that
+ * opened the printed address; every other request gets a plain refusal (the threat model is in the README):
+ * - the Host must be this server's (no DNS rebinding), an Origin this server's, the path start with the secret;
+ * - GET / (the page, with a fresh ticket inside), GET /data/<array>?subsets, POST /log (JSON, under MAX_LOG_BYTES);
+ * - a log is kept only if it is a finished run log of this very script, from a page this server served, once.
+ */
+async function serveRequest(req: Request, port: number, secret: string, ready: Promise<Served>): Promise<Response> {
+  const refuse = (status: number, error: string) => Response.json({ error }, { status });
+  const url = new URL(req.url), ours = [`127.0.0.1:${port}`, `localhost:${port}`];
+  if (!ours.includes(req.headers.get("host") ?? "")) return refuse(421, "this server answers only 127.0.0.1");
+  const origin = req.headers.get("origin");
+  if (origin !== null && !ours.some((h) => origin === `http://${h}`)) return refuse(403, "cross-origin request");
+  const prefix = `/${secret}/`;
+  if (!url.pathname.startsWith(prefix)) return refuse(404, "not found: open the address the server printed");
+  const path = url.pathname.slice(prefix.length - 1);
+  const served = await ready;
+  try {
+    if (path === "/" || path.startsWith("/data/")) {
+      if (req.method !== "GET") return refuse(405, `${req.method} is not served here`);
+    } else if (path === "/log") {
+      if (req.method !== "POST") return refuse(405, `${req.method} is not served here`);
+      if (req.headers.get("content-type") !== "application/json") return refuse(415, "a run log is application/json");
+    } else return refuse(404, "not found");
+    if (path === "/") {
+      const ticket = randomHex(16);
+      if (SERVED_TICKETS.size >= MAX_TICKETS) SERVED_TICKETS.delete(SERVED_TICKETS.keys().next().value!);
+      SERVED_TICKETS.set(ticket, false);
+      return new Response(served.page.replace(TICKET_PLACEHOLDER, ticket), {
+        headers: { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" },
+      });
+    }
+    const part = path.match(/^\/data\/(trainImages|trainLabels|testImages|testLabels)$/)?.[1] as keyof Cifar10;
+    if (part) {
+      const f = parseQuery(url.search), train = part.startsWith("train");
+      const n = (train ? f.trainSubset : f.testSubset) ?? (train ? served.cifar.trainLabels : served.cifar.testLabels)
+        .length;
+      const bytes = part.endsWith("Images") ? n * IMAGE_BYTES : n;
+      return new Response(served.cifar[part].subarray(0, bytes) as Uint8Array<ArrayBuffer>);
+    }
+    const ticket = req.headers.get("x-page-ticket") ?? "";
+    if (SERVED_TICKETS.get(ticket) !== false) return refuse(403, "no page of this server asked to keep this log");
+    const log = checkPostedLog(await readBody(req, MAX_LOG_BYTES), served.script);
+    SERVED_TICKETS.set(ticket, true); // one log per page served
+    if (!served.logDir) return Response.json({ path: null });
+    const file = await writeLogFile(served.logDir, log, new Date(log.startedAt));
+    say(`run log from the page (status ${log.status}): ${file}`);
+    return Response.json({ path: file });
+  } catch (e) {
+    return refuse(e instanceof TooLarge ? 413 : 400, errorText(e));
+  }
+}
+
+class TooLarge extends Error {}
+
+/** A request's body as text, refused past `max` bytes (read no further: a huge body never sits in memory). */
+async function readBody(req: Request, max: number): Promise<string> {
+  if (Number(req.headers.get("content-length")) > max) throw new TooLarge(`a run log is under ${max} bytes`);
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  for await (const chunk of req.body ?? []) {
+    total += chunk.length;
+    if (total > max) throw new TooLarge(`a run log is under ${max} bytes`);
+    chunks.push(chunk);
+  }
+  return new TextDecoder("utf-8", { fatal: true }).decode(concatBytes(chunks));
+}
+
+/**
+ * A posted run log, kept only if it is one of this script's: the same text (so the same sha256), a final status,
+ * a start within the server's lifetime, the fields runLogContent writes and no others.
+ */
+function checkPostedLog(text: string, script: string) {
+  // deno-lint-ignore no-explicit-any
+  const log: any = JSON.parse(text);
+  const unknown = Object.keys(log ?? {}).find((k) => !RUN_LOG_KEYS.includes(k));
+  if (typeof log !== "object" || log === null || Array.isArray(log) || unknown !== undefined) {
+    throw new Error(`not a run log of main.ts${unknown ? ` (it has "${unknown.slice(0, 40)}")` : ""}`);
+  }
+  if (log.script?.source !== script) throw new Error("a run log of another script: not kept");
+  if (!FINAL_STATUSES.includes(log.status)) throw new Error("a run log is posted once its run has ended");
+  const started = Date.parse(log.startedAt);
+  if (!(started >= SERVER_STARTED - 60_000 && started <= Date.now() + 60_000)) {
+    throw new Error("a run log started while this server ran: not this one");
+  }
+  if (!Array.isArray(log.runs)) throw new Error("not a run log of main.ts");
+  return log as { status: RunStatus; startedAt: string; script: { sha256: string } };
+}
+
+// in WEB_PAGE's <head>, the first of its kind in the page (the config below it holds this script's text)
+/** The fields of a run log (runLogContent's). */
+const RUN_LOG_KEYS = [
+  "status",
+  "startedAt",
+  "finishedAt",
+  "script",
+  "kernelDir",
+  "kernels",
+  "deno",
+  "device",
+  "precision",
+  "convKernels",
+  "convChoice",
+  "limits",
+  "peakGpuBytes",
+  "flags",
+  "hyp",
+  "runs",
+  "partial",
+  "resumed",
+  "meanEmaValAcc",
+  "stdEmaValAcc",
+];
+const TICKET_PLACEHOLDER = "@@page-ticket@@";
+/** `bytes` random bytes in hex: the server's secret, a page's ticket. */
+const randomHex = (bytes: number) => hex(crypto.getRandomValues(new Uint8Array(bytes)));
+const concatBytes = (chunks: Uint8Array[]) => {
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  chunks.reduce((at, c) => (out.set(c, at), at + c.length), 0);
+  return out;
+};
 
 /** What the page carries (WEB_PAGE's config): the bundles, the kernels, the script's text, and where data come from. */
 export interface WebConfig {
@@ -4726,6 +4978,7 @@ async function serverCifar(o: CliOptions, page: string): Promise<Cifar10> {
  */
 const WEB_PAGE = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hlb-CIFAR10 on WebGPU</title>
+<meta name="page-ticket" content="@@page-ticket@@">
 <style>
   body { font: 15px system-ui, sans-serif; margin: 2rem; max-width: 72rem; color: #222 }
   pre { font: 12px ui-monospace, monospace; background: #f6f6f6; padding: .8rem; overflow-x: auto }
@@ -4813,8 +5066,11 @@ if (flags) {
       $("download").hidden = false;
       let kept = "";
       if (config.server) {
-        const saved = await (await fetch("log", { method: "POST", body: JSON.stringify(m.log) })).json();
-        kept = saved.path ? "; run log also kept at " + saved.path : "";
+        // the server keeps one run log per page it served: this page's ticket says which
+        const ticket = document.querySelector("meta[name=page-ticket]").content;
+        const headers = { "content-type": "application/json", "x-page-ticket": ticket };
+        const saved = await (await fetch("log", { method: "POST", headers, body: JSON.stringify(m.log) })).json();
+        kept = saved.path ? "; run log also kept at " + saved.path : saved.error ? "; the server kept no run log: " + saved.error : "";
       }
       $("status").textContent = "status " + m.log.status + kept;
       if (results.length > 1 && m.log.status === "completed") lines.push("", main.summaryText(results));
@@ -4868,7 +5124,12 @@ if (import.meta.main) {
   try {
     await main(Deno.args);
   } catch (e) {
-    console.error(`error: ${errorText(e)}`);
-    Deno.exit(1);
+    sayErr(`error: ${errorText(e)}`);
+    quit(1);
+  }
+  // what was printed did not all arrive (stdout on a full disk): said, and the exit code says it too
+  if (OUTPUT.failed) {
+    sayErr(`error: ${OUTPUT.failed}: redirect the output somewhere it can be written`);
+    quit(1);
   }
 }

@@ -97,9 +97,10 @@ export async function runMain(
 }
 
 /** main.ts as a child whose stdout is read as it comes: `until(pattern)` waits for it, `finish()` for the exit. */
-export function spawnMain(args: string[]) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", join(ROOT, "main.ts"), ...args],
+export function spawnMain(args: string[], opts: { script?: string; prefix?: string[] } = {}) {
+  const deno = ["run", "-A", opts.script ?? join(ROOT, "main.ts"), ...args];
+  const child = new Deno.Command(opts.prefix ? opts.prefix[0] : Deno.execPath(), {
+    args: opts.prefix ? [...opts.prefix.slice(1), Deno.execPath(), ...deno] : deno,
     env: childEnv(),
     clearEnv: true,
     stdout: "piped",
