@@ -2676,8 +2676,17 @@ export function untar(bytes: Uint8Array): { name: string; data: Uint8Array }[] {
   }
 }
 
-/** Download limits: a server silent for `stallMs` fails the download, and so does a body over `maxBytes`. */
-export const DOWNLOAD_LIMITS = { stallMs: 30_000, maxBytes: 200_000_000 }; // the official tarball: 170,498,071 bytes
+/**
+ * Download limits: a server silent for `stallMs` fails the download, so does a body over `maxBytes`, and so does one
+ * that brings under `minRate` bytes/s over any `windowMs` of the body (a trickle that never stalls for `stallMs`).
+ * 170 MB at 10 kB/s takes under 5 hours: no honest link is that slow.
+ */
+export const DOWNLOAD_LIMITS = {
+  stallMs: 30_000,
+  maxBytes: 200_000_000, // the official tarball: 170,498,071 bytes
+  minRate: 10_000,
+  windowMs: 60_000,
+};
 const TMP_PREFIXES = [`.${DATA_FOLDER}.tmp-`, ".cifar-10-binary.tar.gz.tmp-"]; // then <pid>-<random>
 
 export async function resolveCifar10Dir(opts: {
@@ -2686,10 +2695,13 @@ export async function resolveCifar10Dir(opts: {
   url?: string;
   md5?: string;
   log?: (s: string) => void;
-  limits?: typeof DOWNLOAD_LIMITS;
+  /** Redraw one progress line with "\r" (a terminal); else a line at the start and one at the end (a piped log). */
+  live?: boolean;
+  limits?: Partial<typeof DOWNLOAD_LIMITS>;
 }): Promise<string> {
   if (opts.dir) return opts.dir; // validated by loadCifar10
-  const { cacheDir, url = CIFAR10_URL, md5 = CIFAR10_MD5, limits = DOWNLOAD_LIMITS } = opts;
+  const { cacheDir, url = CIFAR10_URL, md5 = CIFAR10_MD5, live = Deno.stdout.isTerminal() } = opts;
+  const limits = { ...DOWNLOAD_LIMITS, ...opts.limits };
   const log = opts.log ?? ((s: string) => Deno.stdout.writeSync(new TextEncoder().encode(s)));
   const finalDir = join(cacheDir, DATA_FOLDER);
   if (await exists(finalDir)) return finalDir;
@@ -2706,14 +2718,26 @@ export async function resolveCifar10Dir(opts: {
   const unique = uniqueSuffix();
   const tarGz = join(cacheDir, `${TMP_PREFIXES[1]}${unique}`), tmp = join(cacheDir, `${TMP_PREFIXES[0]}${unique}`);
   try {
-    const got = await download(url, tarGz, log, limits);
-    if (got !== md5) {
+    // A cache folder that takes no new file fails here, before any connection, and not as a network error.
+    try {
+      await Deno.writeFile(tarGz, new Uint8Array(0), { createNew: true });
+      await Deno.remove(tarGz);
+    } catch (e) {
+      throw new Error(
+        `cannot write into the CIFAR-10 cache folder ${cacheDir} (${errorText(e)}): make it writable, or ${USE_DATA}`,
+      );
+    }
+    const { md5: got, gzipped } = await download(url, tarGz, log, limits, live);
+    // Asked for the bytes as stored, a server may still send "Content-Encoding: gzip": the tarball gzipped once more,
+    // or the tarball itself labelled so (a static file's metadata). Whichever of the two has the md5 is the tarball.
+    const twice = gzipped && got !== md5 && (await gunzipFile(tarGz).then(md5Of).catch(() => "")) === md5;
+    if (got !== md5 && !twice) {
       throw new Error(
         `downloaded file has md5 ${got}, expected ${md5}: the download is corrupt or ${url} serves a different file; retry, or ${USE_DATA}`,
       );
     }
     const wanted = await unpackCifarTarball(
-      (await Deno.open(tarGz)).readable,
+      twice ? await gunzipFile(tarGz) : (await Deno.open(tarGz)).readable,
       `the archive from ${url}`,
       `retry the download, or ${USE_DATA}`,
     );
@@ -2754,33 +2778,51 @@ async function removeAbandonedTemps(cacheDir: string) {
   }
 }
 
+/** The md5 of a stream, and a file's bytes gunzipped (a reply gzipped although asked for the bytes as stored). */
+const md5Of = async (stream: ReadableStream<Uint8Array>) => {
+  const hash = new Md5();
+  for await (const chunk of stream) hash.update(chunk);
+  return hash.hex();
+};
+const gunzipFile = async (path: string) =>
+  (await Deno.open(path)).readable.pipeThrough(new DecompressionStream("gzip"));
+
 /**
- * Streams `url` into a new file `path`, printing progress, and returns the md5 of what it wrote. A server that
- * sends nothing for `limits.stallMs` (before the headers or mid-body), or more than `limits.maxBytes`, fails it
- * with one line, which starts on a line of its own.
+ * Streams `url` into a new file `path`, printing progress, and returns the md5 of what it wrote, and whether the
+ * server sent it gzip-encoded. A server that sends nothing for `limits.stallMs` (before the headers or mid-body),
+ * under `limits.minRate` bytes/s over a `limits.windowMs` of the body, or more than `limits.maxBytes`, fails it with
+ * one line, which starts on a line of its own. `live`: a progress line redrawn with "\r" (a terminal), else one
+ * line at the start and one at the end (a piped log gets no "\r").
  */
 async function download(
   url: string,
   path: string,
   log: (s: string) => void,
   limits: typeof DOWNLOAD_LIMITS,
-): Promise<string> {
+  live: boolean,
+): Promise<{ md5: string; gzipped: boolean }> {
   const fail = (reason: string) =>
     new Error(`could not download CIFAR-10 from ${url} (${reason}): check your network, or ${USE_DATA}`);
-  const label = `\rdownloading ${url.split("/").pop()}: `;
+  const name = url.split("/").pop(), label = `\rdownloading ${name}: `;
   const mb = (n: number) => (n / 1e6).toFixed(1);
-  const stalled = new AbortController();
+  const giveUp = new AbortController();
+  let why = ""; // the limit that aborted the fetch
+  const abort = (reason: string) => (why = reason, giveUp.abort());
   let timer: ReturnType<typeof setTimeout> | undefined, got = 0, lastLog = 0, total = 0;
+  let rateTimer: ReturnType<typeof setInterval> | undefined, windowStart = 0;
   const awake = () => {
     clearTimeout(timer);
-    timer = setTimeout(() => stalled.abort(), limits.stallMs);
+    timer = setTimeout(() => abort(`no data for ${limits.stallMs / 1000} s`), limits.stallMs);
   };
   const progress = (end = "") => log(label + (total ? `${mb(got)} / ${mb(total)} MB` : `${mb(got)} MB`) + end);
-  const hash = new Md5();
+  const hash = new Md5(), started = performance.now();
   let file: Deno.FsFile | undefined;
   try {
+    if (!live) log(`downloading ${name} from ${url} ...\n`);
     awake();
-    const res = await fetch(url, { signal: stalled.signal });
+    // "identity": the tarball as stored. Offered gzip, a server may gzip it once more, and fetch would undo that: more
+    // bytes would arrive than Content-Length counts, and a sound download would fail as "connection closed".
+    const res = await fetch(url, { signal: giveUp.signal, headers: { "accept-encoding": "identity" } });
     if (res.status !== 200 || !res.body) {
       await res.body?.cancel();
       throw fail(`HTTP ${res.status} ${res.statusText}`.trim());
@@ -2789,6 +2831,16 @@ async function download(
     if (total > limits.maxBytes) {
       throw fail(`the server announces ${total} bytes, more than the ${limits.maxBytes} expected`);
     }
+    // Content-Length counts the bytes as sent, not as a fetch that decodes them (despite "identity") hands them over:
+    // then no count is compared, and the md5 still checks what was written.
+    const encoding = res.headers.get("content-encoding")?.trim().toLowerCase() ?? "";
+    if (encoding && encoding !== "identity") total = 0;
+    rateTimer = setInterval(() => {
+      if (got - windowStart < (limits.minRate * limits.windowMs) / 1000) {
+        abort(`under ${limits.minRate / 1000} kB/s for ${limits.windowMs / 1000} s`);
+      }
+      windowStart = got;
+    }, limits.windowMs);
     file = await Deno.open(path, { write: true, createNew: true });
     for await (const chunk of res.body) {
       awake();
@@ -2796,21 +2848,23 @@ async function download(
       if (got > limits.maxBytes) throw fail(`more than ${limits.maxBytes} bytes: not the CIFAR-10 tarball`);
       hash.update(chunk);
       for (let at = 0; at < chunk.length;) at += await file.write(chunk.subarray(at));
-      if (Date.now() - lastLog > 250) {
+      if (live && Date.now() - lastLog > 250) {
         lastLog = Date.now();
         progress();
       }
     }
     if (total && got !== total) throw fail(`connection closed after ${got} of ${total} bytes`);
-    progress("\n");
-    return hash.hex();
+    if (live) progress("\n");
+    else log(`downloaded ${name}: ${mb(got)} MB in ${((performance.now() - started) / 1000).toFixed(0)} s\n`);
+    return { md5: hash.hex(), gzipped: /^(x-)?gzip$/.test(encoding) };
   } catch (e) {
     if (lastLog) log("\n"); // the error line must not be glued to the progress line
-    if (stalled.signal.aborted) throw fail(`no data for ${limits.stallMs / 1000} s`);
+    if (why) throw fail(why);
     if (errorText(e).startsWith("could not download")) throw e;
     throw DISK_FULL.test(errorText(e)) ? new Error(writeFailure(path, e)) : fail(errorText(e));
   } finally {
     clearTimeout(timer);
+    clearInterval(rateTimer);
     file?.close();
   }
 }

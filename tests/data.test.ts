@@ -314,6 +314,7 @@ Deno.test("resolveCifar10Dir downloads, verifies, unpacks and caches", async () 
         url,
         md5: md5(tgz),
         log: (s) => logs.push(s),
+        live: true, // the terminal's progress line
       });
       assert.equal(dir, join(cacheDir, "cifar-10-batches-bin"));
       assert.deepEqual(await listDir(cacheDir), ["cifar-10-batches-bin"]);
@@ -348,6 +349,7 @@ Deno.test("resolveCifar10Dir works without content-length (chunked response)", a
       url: `${base}/c.tar.gz`,
       md5: md5(tgz),
       log: (s) => logs.push(s),
+      live: true, // the terminal's progress line
     });
     assert.match(logs.at(-1)!, /^\rdownloading c\.tar\.gz: [\d.]+ MB\n$/);
     assert.equal(
@@ -468,7 +470,7 @@ Deno.test("downloads: a server that never answers, or stalls mid-body, fails wit
     for (const name of ["silent", "stalled"]) {
       const logs: string[] = [], started = performance.now();
       await assert.rejects(
-        resolveCifar10Dir({ cacheDir, url: `${base}/${name}.tar.gz`, log: (s) => logs.push(s), limits }),
+        resolveCifar10Dir({ cacheDir, url: `${base}/${name}.tar.gz`, log: (s) => logs.push(s), live: true, limits }),
         new RegExp(`^Error: could not download CIFAR-10 from .*${name}\\.tar\\.gz \\(no data for 0\\.4 s\\): check`),
       );
       assert.ok(performance.now() - started < 5000, `${name}: gave up in time`);
