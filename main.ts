@@ -841,7 +841,17 @@ export async function evaluateWeights(
       ...evalOf(stateViews(state, layout), METRIC_SLOTS.val),
     ]);
     const val = metricSlot(await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4), "val");
-    return { valLoss: val.loss / data.test.count, valAcc: val.correct / data.test.count };
+    const valLoss = val.loss / data.test.count;
+    // finite weights can still overflow (a 3e38 in a weight): a NaN or infinite loss is no result to print
+    if (!Number.isFinite(valLoss)) {
+      throw new Error(
+        `${file} gives a non-finite test loss (${valLoss}): ` +
+          (precision === "f16"
+            ? "try --precision f32; if the loss stays non-finite, save the network again with --save"
+            : "its weights are corrupt; save the network again with --save"),
+      );
+    }
+    return { valLoss, valAcc: val.correct / data.test.count };
   } finally {
     freeSince(gpu, mark);
   }
@@ -3468,8 +3478,32 @@ export function encodeSafetensors(weights: Weights, metadata: Record<string, str
 }
 
 /**
+ * The first key in `json` (valid JSON) that JSON.parse would hide: one given twice in an object (JSON.parse keeps the
+ * last, silently) or a "__proto__" (a prototype to JavaScript, not a name); undefined if there is none.
+ */
+function hiddenKey(json: string): string | undefined {
+  const open: (Set<string> | null)[] = []; // per open bracket: the keys of its object so far, or null for an array
+  for (let i = 0; i < json.length; i++) {
+    const c = json[i];
+    if (c === "{" || c === "[") open.push(c === "{" ? new Set() : null);
+    else if (c === "}" || c === "]") open.pop();
+    else if (c === '"') {
+      const start = i;
+      for (i++; i < json.length && json[i] !== '"'; i++) if (json[i] === "\\") i++; // to the closing quote, over escapes
+      let next = i + 1;
+      while (" \t\n\r".includes(json[next])) next++;
+      const keys = open.at(-1);
+      if (!keys || json[next] !== ":") continue; // a value, not a key
+      const key: string = JSON.parse(json.slice(start, i + 1)); // unescaped: "\u005f_proto__" is "__proto__"
+      if (key === "__proto__" || keys.has(key)) return key;
+      keys.add(key);
+    }
+  }
+}
+
+/**
  * Reads a safetensors file of F32 tensors; anything malformed (or a NaN or infinite weight, overlapping tensors,
- * bytes no tensor owns) is one line, ending in `fix`.
+ * bytes no tensor owns, a key given twice) is one line, ending in `fix`.
  */
 export function decodeSafetensors(
   bytes: Uint8Array,
@@ -3481,11 +3515,15 @@ export function decodeSafetensors(
   const n = Number(new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(0, true));
   if (8 + n > bytes.length) throw bad(`header of ${n} bytes but the file has ${bytes.length}`);
   let header: unknown;
+  const text = new TextDecoder().decode(bytes.subarray(8, 8 + n));
   try {
-    header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + n)));
+    header = JSON.parse(text);
   } catch {
     throw bad("header is not JSON");
   }
+  const hidden = hiddenKey(text); // what JSON.parse dropped or turned into a prototype: the file is not what it says
+  if (hidden === "__proto__") throw bad('header has a "__proto__" key');
+  if (hidden !== undefined) throw bad(`header has the key ${JSON.stringify(hidden)} twice`);
   if (typeof header !== "object" || header === null || Array.isArray(header)) throw bad("header is not a JSON object");
   const { __metadata__: metadata = {}, ...tensors } = header as Record<string, unknown>;
   if (typeof metadata !== "object" || metadata === null) throw bad("__metadata__ is not an object");
@@ -4514,10 +4552,29 @@ async function evalMain(o: CliOptions) {
   const file = o.eval!;
   if (o.json) await checkWritableFile("--json", o.json);
   const saved = await readSavedNetwork(file); // before the GPU and the dataset: a bad file costs no download
+  // without --batch-size the batch size is the file's: one the command line would refuse, or this GPU cannot run, is
+  // then the file's fault, not a flag the user gave, and --batch-size overrides it
+  const fromFile = !o.explicit.includes("batch-size"), sizes = FLAG_RANGES["batch-size"];
+  const batchSize = fromFile ? saved.evalBatchSize : o.batchSize;
+  if (fromFile && !(batchSize >= sizes.min && batchSize <= sizes.max)) {
+    throw new Error(
+      `${file} has evalBatchSize ${batchSize}, outside ${sizes.min}..${sizes.max}: ` +
+        `pass --batch-size N (${sizes.min}..${sizes.max}) to override it`,
+    );
+  }
   const gpu = await initGpu(gpuOptions(o));
-  const batchSize = o.explicit.includes("batch-size") ? o.batchSize : saved.evalBatchSize;
   const precision = o.explicit.includes("precision") ? o.precision : saved.precision;
   checkPrecision(gpu, precision);
+  if (fromFile) {
+    try {
+      checkFits(gpu, batchSize, saved.baseDepth, precision);
+    } catch (e) {
+      checkFits(gpu, sizes.min, saved.baseDepth, precision); // the network itself does not fit: that line, as it is
+      throw new Error(
+        `${file} has evalBatchSize ${batchSize}, too large for this GPU (--batch-size overrides it): ${errorText(e)}`,
+      );
+    }
+  }
   const { dir, source } = await datasetDir(o);
   const cifar = await loadCifar10(dir, { trainSubset: 0, testSubset: o.testSubset, source });
   const test = uploadImages(gpu, cifar.testImages, cifar.testLabels);
@@ -4548,31 +4605,50 @@ export async function readSavedNetwork(file: string) {
   const bytes = await readSafetensorsFile("--eval", file);
   const { weights, metadata } = decodeSafetensors(bytes, file);
   const bad = (why: string) => new Error(`${file} ${why}: save the network again with --save`);
-  if (metadata.format !== SAVED_FORMAT) throw bad(`is not a network saved by main.ts (format ${metadata.format})`);
-  let norm: ChannelStats;
+  // a metadata value as the line shows it: quoted (so " 4 " shows its spaces, and a newline stays in one line), short
+  const shown = (v: string | undefined) =>
+    v === undefined ? "none" : JSON.stringify(v.length > 80 ? `${v.slice(0, 80)}...` : v);
+  if (metadata.format !== SAVED_FORMAT) {
+    throw bad(`is not a network saved by main.ts (format ${shown(metadata.format)})`);
+  }
+  // only a file without them is an older main.ts's; statistics that do not parse (a NaN: JSON has none) are corrupt
+  if (metadata.norm === undefined) throw bad("has no normalisation statistics (saved by an older main.ts)");
+  let norm: ChannelStats | undefined;
   try {
     norm = JSON.parse(metadata.norm);
+    if (hiddenKey(metadata.norm) !== undefined) norm = undefined; // a key twice: which one was meant?
   } catch {
-    throw bad("has no normalisation statistics (saved by an older main.ts)");
+    norm = undefined;
   }
   const stat = (xs: unknown, positive: boolean) =>
     Array.isArray(xs) && xs.length === 3 && xs.every((x) => Number.isFinite(x) && (!positive || x > 0));
-  if (!stat(norm?.mean, false) || !stat(norm?.std, true)) {
-    throw bad(`has bad normalisation statistics ${metadata.norm}`);
+  if (!norm || !stat(norm.mean, false) || !stat(norm.std, true)) {
+    throw bad(`has corrupt normalisation statistics ${shown(metadata.norm)}`);
   }
-  const baseDepth = Number(metadata.baseDepth), evalBatchSize = Number(metadata.evalBatchSize);
+  // as strictly as the command line: Number() would also take "0x4", " 4 ", "4.0" and "1e1"
+  const integer = (key: "baseDepth" | "evalBatchSize") => {
+    if (!/^(0|[1-9][0-9]*)$/.test(metadata[key] ?? "")) {
+      throw bad(`has ${key} ${shown(metadata[key])}, not a decimal integer`);
+    }
+    return Number(metadata[key]);
+  };
+  // the batch size's range is evalMain's to check: --batch-size overrides it
+  const baseDepth = integer("baseDepth"), evalBatchSize = integer("evalBatchSize");
   const width = weights.get("conv_group_1.conv1.weight")?.shape[3], depths = FLAG_RANGES["base-depth"];
-  if (!(Number.isInteger(baseDepth) && baseDepth >= depths.min && baseDepth <= depths.max)) {
+  if (!(baseDepth >= depths.min && baseDepth <= depths.max)) {
     throw bad(`claims base depth ${metadata.baseDepth}, outside ${depths.min}..${depths.max}`);
   }
   if (baseDepth !== width) {
     throw bad(`says base depth ${metadata.baseDepth} but conv_group_1.conv1.weight is ${width} wide`);
   }
-  if (!Number.isInteger(evalBatchSize) || evalBatchSize < 2) {
-    throw bad(`has a bad batch size ${metadata.evalBatchSize}`);
+  // nothing the network does not have (evaluateWeights checks that it has everything, at the right shapes)
+  const names = layoutState(stateSpec(baseDepth)).entries;
+  const unknown = [...weights.keys()].find((name) => !names.has(name));
+  if (unknown !== undefined) {
+    throw bad(`holds ${shown(unknown)}, a tensor not in the network of base depth ${baseDepth}`);
   }
   if (metadata.precision !== "f32" && metadata.precision !== "f16") {
-    throw bad(`has a bad precision ${metadata.precision}`);
+    throw bad(`has a bad precision ${shown(metadata.precision)}`);
   }
   return { weights, norm, baseDepth, evalBatchSize, precision: metadata.precision as DType, recipe: metadata.recipe };
 }
