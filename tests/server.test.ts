@@ -23,8 +23,9 @@ Deno.test("server: only its own page is answered, and only its own run log is ke
   const realLog = JSON.parse(await Deno.readTextFile(join(cliLogs, name)));
   const server = spawnMain(["--web", "--data", data, "--log-dir", logs, "--train-subset", "100"]);
   try {
-    await server.until(/training page: http:\/\/127\.0\.0\.1:\d+\/\S+/);
+    await server.until(/training page: \S+\n/);
     const url = new URL((await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+    assert.match(url.pathname, /^\/[0-9a-f]{32}\/$/, "the address holds the server's secret");
     const base = `${url.origin}${url.pathname}`; // http://127.0.0.1:PORT/<secret>/
     const ticketOf = async () => {
       const page = await (await fetch(url)).text();
