@@ -4462,7 +4462,8 @@ function hangupIgnored(): boolean {
   }
 }
 
-const HANGUP_IGNORED = typeof Deno !== "undefined" && Deno.build.os === "linux" && hangupIgnored();
+// (read as the script loads, also in a browser, where there is no Deno, or in a test page with a stand-in for it)
+const HANGUP_IGNORED = globalThis.Deno?.build?.os === "linux" && hangupIgnored();
 
 /** Exits at once, removing the temporary files of atomic writes in flight (a target is never left half-written). */
 function quit(code: number): never {
