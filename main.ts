@@ -944,7 +944,19 @@ const CONV_KERNELS = {
 } as const;
 const CPU_DEVICE = /llvmpipe|lavapipe|swiftshader|\bwarp\b/i; // software rasterisers running on the CPU
 
-const KERNEL_FILES = ["conv", "conv_tiled", "reduce", "pool", "norm", "linear", "loss", "optim", "data"];
+const KERNEL_FILES = [
+  "conv",
+  "conv_tiled",
+  "reduce",
+  "pool",
+  "norm",
+  "linear",
+  "loss",
+  "optim",
+  "muon",
+  "matmul",
+  "data",
+];
 const KERNEL_PRELUDE = "common"; // appended to every kernel file (kernels/common.wgsl)
 const MAX_GROUPS = 65535; // per grid dimension (WebGPU's default limit)
 const WORKGROUP_THREADS = 256; // the largest @workgroup_size of any kernel (x only)
@@ -1316,6 +1328,7 @@ export interface Frame {
   lrBiases?: number;
   emaDecay?: number;
   step?: number; // optimiser step number (0-based), for the non-finite-loss flag
+  muonLr?: number; // learning rate of the conv filters Muon trains (muonStep)
 }
 
 export function setFrame(gpu: Gpu, f: Frame) {
@@ -2341,6 +2354,160 @@ export function sgdNesterov(
 /** ema = d ema + (1 - d) params over the whole state (d = frame.emaDecay), then params = ema except frozen tensors. */
 export function emaUpdate(gpu: Gpu, layout: StateLayout, params: GPUBuffer, ema: GPUBuffer): Dispatch[] {
   return optimPass(gpu, "ema_update", layout, layout.nTotal, { 2: params, 5: ema }, [0, 0, 0]);
+}
+
+// ---- Muon: the optimiser airbench94 trains its conv filters with (airbench94_muon.py, KellerJordan/cifar10-airbench)
+
+/**
+ * Newton-Schulz as airbench94's zeropower_via_newtonschulz5: the quintic's coefficients (a, b, c), its steps, and the
+ * epsilon of its input normalisation X / (||X||_F + eps).
+ */
+export const NEWTON_SCHULZ = { a: 3.4445, b: -4.775, c: 2.0315, steps: 3, eps: 1e-7 };
+
+/** The matrix Muon sees in a tensor: [numel / out, out], out its last dimension (a conv weight HWIO: [kh kw in, out]). */
+export const muonMatrix = (shape: number[]) => [numel(shape) / shape[shape.length - 1], shape[shape.length - 1]];
+
+/**
+ * Scratch for newtonSchulz and muonStep, sized for the largest matrix they are given and shared by all of them (their
+ * passes run one after another): g' and the two iterates, the Gram matrix and polynomial (n x n, n the shorter side),
+ * and the norms (muon.wgsl: a slot of PARTS + 1 floats each; newtonSchulz uses slot 0, muonStep slot 1 too).
+ */
+export interface MuonScratch {
+  nesterov: GPUBuffer;
+  x: GPUBuffer;
+  update: GPUBuffer;
+  gram: GPUBuffer;
+  poly: GPUBuffer;
+  sums: GPUBuffer;
+}
+
+/** A MuonScratch for tensors of these shapes (each seen as muonMatrix). */
+export function muonScratch(gpu: Gpu, shapes: number[][]): MuonScratch {
+  const matrices = shapes.map(muonMatrix);
+  const big = 4 * Math.max(...matrices.map(([r, c]) => r * c));
+  const small = 4 * Math.max(...matrices.map(([r, c]) => Math.min(r, c) ** 2));
+  return {
+    nesterov: createBuffer(gpu, big),
+    x: createBuffer(gpu, big),
+    update: createBuffer(gpu, big),
+    gram: createBuffer(gpu, small),
+    poly: createBuffer(gpu, small),
+    sums: createBuffer(gpu, 4 * 2 * (kernelConst(gpu, "muon", "PARTS") + 1)),
+  };
+}
+
+/** A matmul operand: the row-major matrix `t` or, with `transpose`, its transpose, read through strides (no copy). */
+export type MatOperand = { t: Tensor; transpose?: boolean };
+
+/** c = alpha op(a) op(b), plus beta d when `add` is given (matmul.wgsl product, product_add); c and d row-major. */
+export function matmul(
+  gpu: Gpu,
+  a: MatOperand,
+  b: MatOperand,
+  c: Tensor,
+  alpha = 1,
+  add?: { beta: number; d: Tensor },
+): Dispatch {
+  const shape = (o: MatOperand) => (o.transpose ? [o.t.shape[1], o.t.shape[0]] : o.t.shape);
+  const strides = (o: MatOperand) => (o.transpose ? [1, o.t.shape[1]] : [o.t.shape[1], 1]); // [row, column]
+  const [m, k] = shape(a), [kb, n] = shape(b);
+  if (kb !== k || c.shape[0] !== m || c.shape[1] !== n) {
+    throw new Error(`matmul: [${m}, ${k}] x [${kb}, ${n}] -> [${c.shape}]`);
+  }
+  const u = uniform(gpu, [m, n, k, ...strides(a), ...strides(b), f32(alpha), f32(add?.beta ?? 0), 0, 0, 0]);
+  const tile = kernelConst(gpu, "matmul", "TILE");
+  const bindings: Record<number, GPUBuffer | Tensor> = { 0: u, 1: a.t, 2: b.t, 4: c };
+  if (add) bindings[3] = add.d;
+  return kernel(
+    gpu,
+    "matmul",
+    add ? "product_add" : "product",
+    bindings,
+    [Math.ceil(n / tile), Math.ceil(m / tile), 1],
+    { label: `${m}x${k}x${n}`, flop: 2 * m * n * k },
+  );
+}
+
+function muonUniform(gpu: Gpu, len: number, o: { slot?: number; momentum?: number; eps?: number; normTo?: number }) {
+  const at = (o.slot ?? 0) * (kernelConst(gpu, "muon", "PARTS") + 1); // the slot's first float in MuonScratch.sums
+  return uniform(gpu, [len, at, f32(o.momentum ?? 0), f32(o.eps ?? 0), f32(o.normTo ?? 0), 0, 0, 0]);
+}
+
+/** ||x||_F into norm slot `slot` of `sums` (muon.wgsl sum_squares, finish_norm): it stays on the GPU, nothing waits. */
+export function frobeniusNorm(gpu: Gpu, x: Tensor, sums: GPUBuffer, slot: number): Dispatch[] {
+  const u = muonUniform(gpu, numel(x.shape), { slot });
+  return [
+    kernel(gpu, "muon", "sum_squares", { 0: u, 2: x, 5: sums }, [kernelConst(gpu, "muon", "PARTS"), 1, 1]),
+    kernel(gpu, "muon", "finish_norm", { 0: u, 5: sums }, [1, 1, 1]),
+  ];
+}
+
+/**
+ * out = NS(g) (g and out [rows, cols], distinct from the scratch): `steps` steps of Newton-Schulz's quintic
+ * X <- a X + (b A + c A A) X, A = X Xᵀ, from X = g / (||g||_F + eps). The result is near U Vᵀ of g = U S Vᵀ (its
+ * singular values land in about [0.5, 1.5], as the original's docstring says). In f32 where the original runs bf16.
+ */
+export function newtonSchulz(
+  gpu: Gpu,
+  g: Tensor,
+  out: Tensor,
+  scratch: MuonScratch,
+  steps = NEWTON_SCHULZ.steps,
+  ns = NEWTON_SCHULZ,
+): Dispatch[] {
+  const [rows, cols] = g.shape, n = Math.min(rows, cols), len = rows * cols;
+  // A step is an odd polynomial in X, so on Xᵀ it gives the transpose of its result. A tall X (every conv weight
+  // here: [kh kw in, out]) runs as Xᵀ, read through strides: the Gram matrix A is then n x n with n the shorter
+  // side: for [2304, 256] a step costs 2 (2 n² k + n³) = 0.64 GFLOP, where a 2304 x 2304 A would cost 30.
+  const wide = rows <= cols;
+  const gram = view(scratch.gram, 0, [n, n]), poly = view(scratch.poly, 0, [n, n]);
+  // the iterates alternate between x and out, starting where the last one lands in out
+  const x = view(scratch.x, 0, [rows, cols]);
+  let [cur, next] = steps % 2 ? [x, out] : [out, x];
+  const u = muonUniform(gpu, len, { slot: 0, eps: ns.eps });
+  const list = [
+    ...frobeniusNorm(gpu, g, scratch.sums, 0),
+    kernel(gpu, "muon", "scale_by_norm", { 0: u, 2: g, 3: cur, 5: scratch.sums }, grid1d(gpu, "muon", len)),
+  ];
+  for (let step = 0; step < steps; step++) {
+    list.push(
+      matmul(gpu, { t: cur, transpose: !wide }, { t: cur, transpose: wide }, gram), // A = X Xᵀ (= curᵀ cur if tall)
+      matmul(gpu, { t: gram }, { t: gram }, poly, ns.c, { beta: ns.b, d: gram }), // B = b A + c A A
+      wide // a X + B X; tall: its transpose, a cur + cur Bᵀ
+        ? matmul(gpu, { t: poly }, { t: cur }, next, 1, { beta: ns.a, d: cur })
+        : matmul(gpu, { t: cur }, { t: poly, transpose: true }, next, 1, { beta: ns.a, d: cur }),
+    );
+    [cur, next] = [next, cur];
+  }
+  return list;
+}
+
+/**
+ * One Muon step (airbench94's, Nesterov) of a conv weight p [kh, kw, in, out], its gradient and momentum buffer:
+ * buf = momentum buf + grad, g' = grad + momentum buf; p renormalised to norm sqrt(out); p -= frame.muonLr NS(g').
+ * The original orthogonalises g' as [out, in kh kw]; our layout gives [kh kw in, out]: its transpose with the columns
+ * permuted. NS commutes with both (NS(Gᵀ) = NS(G)ᵀ, and NS(G P) = NS(G) P for a permutation P, as P Pᵀ = I), so it
+ * runs on our matrix as it lies and gives the original's update in our layout. lr comes from the frame (setFrame),
+ * so one recorded step serves the whole schedule; the momentum is the recipe's constant.
+ */
+export function muonStep(
+  gpu: Gpu,
+  p: Tensor,
+  grad: Tensor,
+  buf: Tensor,
+  scratch: MuonScratch,
+  momentum: number,
+): Dispatch[] {
+  const [rows, cols] = muonMatrix(p.shape), len = rows * cols;
+  const nesterov = view(scratch.nesterov, 0, [rows, cols]), update = view(scratch.update, 0, [rows, cols]);
+  const grid = grid1d(gpu, "muon", len);
+  const renorm = muonUniform(gpu, len, { slot: 1, normTo: Math.sqrt(cols) });
+  return [
+    kernel(gpu, "muon", "nesterov", { 0: muonUniform(gpu, len, { momentum }), 2: grad, 3: nesterov, 4: buf }, grid),
+    ...newtonSchulz(gpu, nesterov, update, scratch),
+    ...frobeniusNorm(gpu, p, scratch.sums, 1),
+    kernel(gpu, "muon", "renorm_step", { 0: renorm, 1: gpu.frame, 2: update, 3: p, 5: scratch.sums }, grid),
+  ];
 }
 
 /** A split of raw images on the GPU (see data.wgsl): u8 CHW records packed in u32, labels as u32. */

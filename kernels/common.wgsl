@@ -5,7 +5,7 @@
 // Fields are 4-byte scalars (u32, i32, f32), padded to a multiple of 16 bytes (uniform buffer layout).
 
 // Frame: the values a step (or an eval batch) changes, written once per submit by main.ts setFrame and
-// bound as a uniform by data.wgsl, loss.wgsl, optim.wgsl and reduce.wgsl.
+// bound as a uniform by data.wgsl, loss.wgsl, optim.wgsl, reduce.wgsl and muon.wgsl.
 struct Frame {
   offset: u32, // first index into the epoch's permutation (training) or into the test set (evaluation)
   valid: u32, // rows of the batch that count in the loss and metrics
@@ -13,7 +13,7 @@ struct Frame {
   lr_biases: f32, // ... of batch-norm shifts
   ema_decay: f32,
   step: u32, // optimiser step number (0-based), for the non-finite-loss flag
-  _p0: u32,
+  muon_lr: f32, // learning rate of the conv filters Muon trains (muon.wgsl), where a recipe uses it
   _p1: u32,
 }
 

@@ -297,7 +297,7 @@ Deno.test("main: trains on a dataset folder, prints the table, writes JSON atomi
     const log = JSON.parse(await Deno.readTextFile(join(dir, "logs", logs[0])));
     assert.equal(log.script.sha256, sha);
     assert.equal(log.script.source, source);
-    assert.equal(Object.keys(log.kernels).length, 9);
+    assert.equal(Object.keys(log.kernels).length, 11); // kernels/*.wgsl but common.wgsl
     assert.equal(log.flags.seed, 11);
     assert.equal(log.flags.baseDepth, 4);
     assert.equal(log.hyp.opt.momentum, 0.85);

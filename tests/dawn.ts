@@ -1,6 +1,6 @@
 // The GPU tests on a second WebGPU implementation: Chromium's Dawn (its own validation and its Tint shader compiler),
-// headless, on SwiftShader. Bundles tests/{kernels,conv,network,weights,train,slicing}.test.ts for the browser, with
-// Deno.test and node:assert/strict stood in for, runs them file by file in one page, prints a line per test and
+// headless, on SwiftShader. Bundles tests/{kernels,muon,conv,network,weights,train,slicing}.test.ts for the browser,
+// with Deno.test and node:assert/strict stood in for, runs them file by file in one page, prints a line per test and
 // the suite's count, and exits 1 if any failed. Tests that need what the adapter lacks (shader-f16) report
 // themselves ignored, with the reason in their name.
 //   deno run -A tests/dawn.ts [FILE.test.ts ...]
@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { bundleForBrowser } from "../main.ts";
 import { findChromium, launchChromium, ROOT } from "./util.ts";
 
-const FILES = ["kernels", "conv", "network", "weights", "train", "slicing"].map((f) => `${f}.test.ts`);
+const FILES = ["kernels", "muon", "conv", "network", "weights", "train", "slicing"].map((f) => `${f}.test.ts`);
 const files = Deno.args.length ? Deno.args : FILES;
 const TIMEOUT_MS = 15 * 60_000; // the whole suite took 2 min 45 s on SwiftShader (2 cores)
 
@@ -60,7 +60,8 @@ const a = await navigator.gpu?.requestAdapter();
 await post("/adapter", a ? { vendor: a.info.vendor, architecture: a.info.architecture, f16: a.features.has("shader-f16") } : null);
 for (const file of ${JSON.stringify(files)}) {
   const tests = [];
-  globalThis.Deno = { test(def, fn) { tests.push(typeof def === "string" ? { name: def, fn } : { ...def, fn: fn ?? def.fn }); } };
+  // Deno.test stood in for; and Deno.build.os, which main.ts reads as it loads (HANGUP_IGNORED: only on linux)
+  globalThis.Deno = { build: { os: "browser" }, test(def, fn) { tests.push(typeof def === "string" ? { name: def, fn } : { ...def, fn: fn ?? def.fn }); } };
   try {
     await import("/t/" + file.replace(/\\.ts$/, ".js"));
   } catch (e) {
