@@ -28,6 +28,12 @@ What changes, and why (one line each; the PATCHES list says the same next to eac
  11. The CUDA event timer -> time.perf_counter(): same start/stop points, so time_seconds still
      counts whitening init + training + the final TTA evaluation, not the per-epoch evaluations.
  12. `return tta_val_acc` -> `return tta_val_acc, time_seconds`: to report each run's time.
+ 13. init_whiten's patches `.float()` -> `.double()`: the 2x2 patch covariance and its eigh in f64 (the
+     result is stored into the f32 whitening weight). Debian's torch uses the generic reference BLAS,
+     whose f32 matmul sums the 4.8M patches of 5,000 images one by one: the covariance comes out with
+     a smallest eigenvalue of -5.3e-4 (f64: +5.7e-4, entries off by up to 5e-3), below -eps = -5e-4,
+     so sqrt gives NaN and every run trains on NaN (seen at TRAIN_SUBSET=10000; 2,000 images pass).
+     A GPU's blocked f32 reduction does not drift like this; f64 stands in for it.
 The runs (below, replacing the original's main block): the model is built once and reused across runs
 as the original does (main() calls model.reset()), but without .cuda(), channels_last (unless
 CHANNELS_LAST=1) or model.compile(); the "warmup" run (which only warms up the compiled model, on random labels) is
@@ -192,6 +198,11 @@ PATCHES = [
         "    def stop_timer():\n"
         "        nonlocal time_seconds\n"
         "        time_seconds += perf_counter() - started\n",
+    ),
+    (
+        "13. whitening covariance in f64: this CPU's f32 sum over ~5M patches goes non-PSD (NaN weights)",
+        "        patches = train_images.unfold(2,h,1).unfold(3,w,1).transpose(1,3).reshape(-1,c,h,w).float()\n",
+        "        patches = train_images.unfold(2,h,1).unfold(3,w,1).transpose(1,3).reshape(-1,c,h,w).double()\n",
     ),
     (
         "12. return the run's time too, for the JSON line",
