@@ -16,19 +16,9 @@ import {
   writeFailure,
   writeRunLog,
 } from "../main.ts";
-import { f16Test, ROOT, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
+import { f16Test, onlyLog, ROOT, runMain, spawnMain, withFixture } from "./util.ts";
 
 const gpu = await initGpu();
-
-/** Runs `fn` with a fresh temp folder holding the fixture dataset (at `data`), removed afterwards. */
-async function withFixture(fn: (dir: string, data: string) => Promise<void>) {
-  const dir = await Deno.makeTempDir();
-  try {
-    await fn(dir, await writeFixtureDataset(dir));
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
 
 /** A fork of main.ts in `dir` with `edit` applied to its text, reading the checkout's kernels. */
 async function fork(dir: string, edit: (source: string) => string) {
@@ -42,12 +32,6 @@ async function fork(dir: string, edit: (source: string) => string) {
   const path = join(dir, "fork.ts");
   await Deno.writeTextFile(path, edited);
   return path;
-}
-
-async function onlyLog(dir: string) {
-  const names = (await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name);
-  assert.equal(names.length, 1, `one run log in ${dir}: ${names}`);
-  return JSON.parse(await Deno.readTextFile(join(dir, names[0])));
 }
 
 // 640 steps of batch 16 per epoch (~15 s on lavapipe): a signal sent seconds into it lands mid-epoch

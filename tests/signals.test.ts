@@ -3,17 +3,7 @@
 // main.ts (or of a fork with a pause or a marker put in), temp folders for the outputs.
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { ROOT, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
-
-/** Runs `fn` with a fresh temp folder holding the fixture dataset (at `data`), removed afterwards. */
-async function withFixture(fn: (dir: string, data: string) => Promise<void>) {
-  const dir = await Deno.makeTempDir();
-  try {
-    await fn(dir, await writeFixtureDataset(dir));
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
+import { onlyLog, ROOT, runMain, spawnMain, withFixture } from "./util.ts";
 
 /** A fork of main.ts in `dir`: `insert` put in before the first line starting with `anchor`. */
 async function fork(dir: string, anchor: string, insert: string) {
@@ -26,12 +16,6 @@ async function fork(dir: string, anchor: string, insert: string) {
   const path = join(dir, "fork.ts");
   await Deno.writeTextFile(path, edited);
   return path;
-}
-
-async function onlyLog(dir: string) {
-  const names = (await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name);
-  assert.equal(names.length, 1, `one run log in ${dir}: ${names}`);
-  return JSON.parse(await Deno.readTextFile(join(dir, names[0])));
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

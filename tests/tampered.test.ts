@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { decodeSafetensors, encodeSafetensors, readSavedNetwork, savedMetadata, stateSpec } from "../main.ts";
-import { Prng, runMain, writeFixtureDataset } from "./util.ts";
+import { Prng, runMain, withFixture } from "./util.ts";
 
 type Weights = Map<string, { shape: number[]; data: Float32Array }>;
 
@@ -39,16 +39,6 @@ function editHeader(bytes: Uint8Array, edit: (json: string) => string) {
   out.set(head, 8);
   out.set(bytes.subarray(8 + n), 8 + head.length);
   return out;
-}
-
-/** Runs `fn` with a temp folder holding the fixture dataset (at `data`), removed afterwards. */
-async function withFixture(fn: (dir: string, data: string) => Promise<void>) {
-  const dir = await Deno.makeTempDir();
-  try {
-    await fn(dir, await writeFixtureDataset(dir));
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
 }
 
 /** --eval of `file` fails with exit 1 and exactly one stderr line matching `message` (which names the file). */

@@ -69,6 +69,23 @@ export async function writeFixtureDataset(dir: string) {
 
 export const ROOT = new URL("..", import.meta.url).pathname;
 
+/** Runs `fn` with a fresh temp folder holding the fixture dataset (at `data`), removed afterwards. */
+export async function withFixture(fn: (dir: string, data: string) => Promise<void>) {
+  const dir = await Deno.makeTempDir();
+  try {
+    await fn(dir, await writeFixtureDataset(dir));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** The one run log in `dir`, parsed (asserting there is exactly one). */
+export async function onlyLog(dir: string) {
+  const names = (await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name);
+  if (names.length !== 1) throw new Error(`expected one run log in ${dir}, found: ${names}`);
+  return JSON.parse(await Deno.readTextFile(`${dir}/${names[0]}`));
+}
+
 /** The environment of a child main.ts: ours, without CIFAR10_DIR (each test names its data), plus `extra`. */
 export function childEnv(extra: Record<string, string> = {}) {
   const env = Deno.env.toObject();
