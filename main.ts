@@ -16,39 +16,107 @@ import { parseArgs } from "node:util";
 // =================================================================================================
 
 export const hyp = {
+  name: "hlb",
   opt: {
     nonBiasLr: 1.525 / 512, // peak lr of conv and linear weights (the loss is a sum, hence /512)
     biasLr: 1.525 * 64 / 512, // BN shifts learn 64x faster ("bias_scaler")
     weightDecayPerSample: 6.687e-4, // x batch size: decay is coupled to the summed loss
     biasDecayScaler: 1 / 64, // BN shifts decay 64x less
     momentum: 0.85, // Nesterov SGD
-    scalingFactor: 1 / 9, // temperature of the linear head, applied in the forward pass
+    muon: null as MuonHyp | null, // hlb trains its conv filters with the SGD above (airbench94: Muon)
+    schedule: "onecycle" as "onecycle" | "linear",
     percentStart: 0.23, // OneCycle: fraction of steps spent warming up
     initialDivFactor: 1e16, // OneCycle starts at max_lr / 1e16, i.e. ~0
     finalLrRatio: 0.07, // ... and ends at 0.07 x max_lr ("actually pretty important")
+    scalingFactor: 1 / 9 as number | "1/width", // temperature of the linear head, applied in the forward pass
     labelSmoothing: 0.2,
-    lossScaleBatch: 512, // the differentiated loss is sum(loss) * 512 / batch size
+    lossScaleBatch: 512 as number | null, // the differentiated loss is sum(loss) * 512 / batch size
   },
   net: {
-    whitening: { kernelSize: 2, eps: 1e-2 }, // frozen 2x2 PCA-whitening conv, + its negation
+    widths: [1, 4, 8], // of the three conv groups, in units of the base depth
+    baseDepth: 64,
+    whitening: { kernelSize: 2, eps: 1e-2, images: Infinity, centered: true }, // frozen 2x2 PCA-whitening conv
+    whiteningBiasEpochs: 0, // the whitening conv has no bias
+    convInit: "identity-added" as "identity-added" | "dirac", // each group's conv1 = identity + its random init
+    headInit: "uniform" as "uniform" | "unit-std", // PyTorch's default init of the linear head
     batchNormMomentum: 0.4, // PyTorch convention: running = 0.6 running + 0.4 batch
     batchNormEps: 1e-12,
+    imageStats: null as ChannelStats | null, // per-channel mean and std: measured on the training set
+    flip: "random" as "random" | "alternating", // each image flipped with probability 1/2, drawn every epoch
+    padAmount: 2, // reflect-pad 32 -> 36, then random 32x32 crops
+    cropOffsets: 4, // ... at offsets 0..3 of 0..4: the original draws randint(0, 4), a quirk
     cutmixSize: 3, // 3x3 square pasted from another image
     cutmixEpochs: 6, // cutmix in the last 6 epochs
-    padAmount: 2, // reflect-pad 32 -> 36, then random 32x32 crops
-    baseDepth: 64, // widths: base, 4 x base, 8 x base
   },
   misc: {
-    ema: { epochs: 10, decayBase: 0.95, decayPow: 3, everyNSteps: 5 }, // EMA of the last ~10 epochs
+    ema: { epochs: 10, decayBase: 0.95, decayPow: 3, everyNSteps: 5 } as EmaHyp | null, // EMA of the last ~10 epochs
     trainEpochs: 12.1,
     batchSize: 1024,
     numClasses: 10,
+    ttaLevel: 1, // test-time augmentation of every evaluation: 1 = the image and its mirror
+    finalTtaLevel: 1, // ... of the last epoch's evaluation
   },
   // How the GPU computes the network. Fusions change no number of the recipe (conv + pool gives the same bits,
   // norm + GELU the same up to f32 rounding; tests/network.test.ts checks both); false runs separate kernels.
   kernels: { fuseNormGelu: true, fuseConvPool: true },
 };
+type MuonHyp = { lr: number; momentum: number };
+type EmaHyp = { epochs: number; decayBase: number; decayPow: number; everyNSteps: number };
 export type Hyp = typeof hyp;
+
+/**
+ * airbench94 (KellerJordan/cifar10-airbench, airbench94_muon.py: 94.01% in 2.59 s on an A100), hlb-CIFAR10's
+ * successor: the same network narrower at the end, Muon for the conv filters, 8 epochs at batch 2000, no EMA, no
+ * cutmix. About half hlb's arithmetic for the same accuracy. `--recipe airbench94`.
+ */
+export const airbench94: Hyp = {
+  name: "airbench94",
+  opt: {
+    nonBiasLr: 0.67, // the head's lr (the only weight SGD trains here: the conv filters take Muon)
+    biasLr: 0.053, // BN shifts and the whitening bias
+    // The original gives PyTorch's SGD weight_decay = wd / lr per group, wd = 2e-6 x batch: the decay coupled into
+    // the gradient is wd / lr = (2e-6 / 0.67) x batch for the head, 0.67 / 0.053 times that for the shifts
+    weightDecayPerSample: 2e-6 / 0.67,
+    biasDecayScaler: 0.67 / 0.053,
+    momentum: 0.85, // Nesterov SGD
+    muon: { lr: 0.24, momentum: 0.6 }, // Muon (Nesterov) for every conv filter; Newton-Schulz: NEWTON_SCHULZ
+    schedule: "linear", // every lr decays linearly to 0 over training, with no warm-up
+    percentStart: 0, // (OneCycle's three numbers: unused)
+    initialDivFactor: 1,
+    finalLrRatio: 0,
+    scalingFactor: "1/width", // the head's output is divided by its input width (256)
+    labelSmoothing: 0.2,
+    lossScaleBatch: null, // the summed loss, unscaled
+  },
+  net: {
+    widths: [1, 4, 4], // 64, 256, 256
+    baseDepth: 64,
+    whitening: { kernelSize: 2, eps: 5e-4, images: 5000, centered: false }, // second moments of the first 5,000
+    whiteningBiasEpochs: 3, // the whitening bias learns for 3 epochs (its own lr decaying to 0), then is frozen
+    convInit: "dirac", // each conv's first in-channels filters are the identity, the others PyTorch's default
+    headInit: "unit-std", // PyTorch's default init rescaled to unit std
+    batchNormMomentum: 0.4, // airbench's "momentum 0.6" is 1 - PyTorch's: running = 0.6 running + 0.4 batch
+    batchNormEps: 1e-12,
+    imageStats: { mean: [0.4914, 0.4822, 0.4465], std: [0.247, 0.2435, 0.2616] }, // CIFAR_MEAN, CIFAR_STD
+    flip: "alternating", // a random half flipped at epoch 0; then every image flips at every odd epoch
+    padAmount: 2, // reflect-pad 32 -> 36, then a random translation of up to 2 pixels
+    cropOffsets: 5, // ... offsets 0..4, all of them
+    cutmixSize: 0, // no cutmix
+    cutmixEpochs: 0,
+  },
+  misc: {
+    ema: null, // no EMA
+    trainEpochs: 8,
+    batchSize: 2000,
+    numClasses: 10,
+    ttaLevel: 0, // each epoch's val accuracy without TTA
+    finalTtaLevel: 2, // the last: 6 views, the mirror and 1-pixel translations (see evalPrograms)
+  },
+  kernels: { fuseNormGelu: true, fuseConvPool: true },
+};
+
+/** The recipes --recipe picks from. */
+export const RECIPES: Record<string, Hyp> = { hlb: hyp, airbench94 };
 
 /** The GPU kernels' folder, next to this file. To fork a kernel idea: `cp -r kernels kernels-idea`, point this at it. */
 export const KERNEL_DIR = "./kernels/";
@@ -56,14 +124,17 @@ export const KERNEL_DIR = "./kernels/";
 // =================================================================================================
 // 2. Network: parameters, initialisation (whitening, dirac), forward and backward by hand
 //
-//   whiten (2x2 conv 3->12, frozen, + negation) -> GELU
+//   whiten (2x2 conv 3->12, frozen, + negation; airbench94: + a bias) -> GELU
 //   3 x ConvGroup: conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU
-//   global max pool -> linear (x 1/9) -> logits
+//   global max pool -> linear (x 1/9; airbench94: / width) -> logits
+// Sizes: 32 -> 31 (the 2x2 whitening conv, no padding) -> 15 -> 7 -> 3 (each pool drops an odd last row): the last
+// map is 3x3, so airbench94's MaxPool2d(3) is this global max pool.
 // =================================================================================================
 
 export const IMAGE_SIDE = 32; // CIFAR-10 images are 32 x 32 pixels, 3 channels
 export const GROUPS = ["conv_group_1", "conv_group_2", "conv_group_3"];
-export const groupWidths = (baseDepth: number) => [baseDepth, 4 * baseDepth, 8 * baseDepth];
+/** The conv groups' widths: hlb D, 4D, 8D; airbench94 D, 4D, 4D. */
+export const groupWidths = (baseDepth: number, h: Hyp = hyp) => h.net.widths.map((m) => m * baseDepth);
 /** Output channels of the whitening conv: its 12 filters (3 channels x 2 x 2 patch) and their negations. */
 const whitenOut = (h: Hyp) => 2 * 3 * h.net.whitening.kernelSize ** 2;
 
@@ -75,9 +146,11 @@ export function stateSpec(baseDepth: number, h: Hyp = hyp): { name: string; shap
   const spec: { name: string; shape: number[]; kind: ParamKind }[] = [
     { name: "initial_block.whiten.weight", shape: [k, k, 3, whitenOut(h)], kind: "frozen" },
   ];
+  // first of the biases: the optimiser gives it its own learning rate (sgdNesterov)
+  if (h.net.whiteningBiasEpochs > 0) spec.push({ name: WHITEN_BIAS, shape: [whitenOut(h)], kind: "bias" });
   let cin = whitenOut(h);
   GROUPS.forEach((g, i) => {
-    const c = groupWidths(baseDepth)[i];
+    const c = groupWidths(baseDepth, h)[i];
     spec.push({ name: `${g}.conv1.weight`, shape: [3, 3, cin, c], kind: "weight" });
     spec.push({ name: `${g}.conv2.weight`, shape: [3, 3, c, c], kind: "weight" });
     for (const norm of ["norm1", "norm2"]) {
@@ -92,6 +165,7 @@ export function stateSpec(baseDepth: number, h: Hyp = hyp): { name: string; shap
   return spec;
 }
 
+const WHITEN_BIAS = "initial_block.whiten.bias";
 const STATE_ALIGN = 64; // floats: every tensor starts on a 256-byte boundary, so it can be bound alone
 
 /** Lays the tensors out by kind (weights, shifts, running stats, frozen) so each range is contiguous. */
@@ -106,7 +180,11 @@ export function layoutState(spec: ReturnType<typeof stateSpec>): StateLayout {
     }
     end[kind] = offset;
   }
-  return { entries, nWeights: end.weight, nTrainable: end.bias, nCopy: end.running, nTotal: end.frozen };
+  const whitenBias = entries.get(WHITEN_BIAS), nWeights = end.weight;
+  const whitenBiasEnd = whitenBias
+    ? whitenBias.offset + Math.ceil(numel(whitenBias.shape) / STATE_ALIGN) * STATE_ALIGN
+    : nWeights;
+  return { entries, nWeights, whitenBiasEnd, nTrainable: end.bias, nCopy: end.running, nTotal: end.frozen };
 }
 
 export function stateViews(buffer: GPUBuffer, layout: StateLayout): Record<string, Tensor> {
@@ -116,7 +194,12 @@ export function stateViews(buffer: GPUBuffer, layout: StateLayout): Record<strin
 }
 
 /** Initial state on the CPU: PyTorch's default uniform init, then dirac on each group's convs. */
-export function initState(layout: StateLayout, rng: Rng, whiten: Float32Array): Float32Array<ArrayBuffer> {
+export function initState(
+  layout: StateLayout,
+  rng: Rng,
+  whiten: Float32Array,
+  h: Hyp = hyp,
+): Float32Array<ArrayBuffer> {
   const state = new Float32Array(layout.nTotal);
   const at = (name: string) => {
     const e = layout.entries.get(name)!;
@@ -124,8 +207,14 @@ export function initState(layout: StateLayout, rng: Rng, whiten: Float32Array): 
   };
   for (const [name, e] of layout.entries) {
     const t = at(name);
-    if (name.endsWith("conv1.weight") || name.endsWith("conv2.weight") || name === "linear.weight") {
-      const fanIn = name === "linear.weight" ? e.shape[1] : e.shape[0] * e.shape[1] * e.shape[2];
+    if (
+      name.endsWith("conv1.weight") || name.endsWith("conv2.weight") || name === "linear.weight" || name === WHITEN_BIAS
+    ) {
+      const fanIn = name === "linear.weight"
+        ? e.shape[1]
+        : name === WHITEN_BIAS
+        ? 3 * h.net.whitening.kernelSize ** 2
+        : e.shape[0] * e.shape[1] * e.shape[2];
       const bound = 1 / Math.sqrt(fanIn);
       for (let i = 0; i < t.length; i++) t[i] = (2 * rng.next() - 1) * bound;
     } else if (name.endsWith("norm1.weight") || name.endsWith("norm2.weight") || name.endsWith("running_var")) {
@@ -133,6 +222,23 @@ export function initState(layout: StateLayout, rng: Rng, whiten: Float32Array): 
     }
   }
   at("initial_block.whiten.weight").set(whiten);
+  if (h.net.headInit === "unit-std") {
+    const w = at("linear.weight"), { std } = meanStd(w);
+    for (let i = 0; i < w.length; i++) w[i] *= 1 / std;
+  }
+  if (h.net.convInit === "dirac") {
+    // airbench94: in every conv, filter i < in-channels is the identity on channel i (torch.nn.init.dirac_)
+    for (const [name, e] of layout.entries) {
+      if (!/conv[12]\.weight$/.test(name)) continue;
+      const w = at(name), [kh, kw, cin, cout] = e.shape, centre = (kh >> 1) * kw + (kw >> 1);
+      for (let k = 0; k < kh * kw; k++) {
+        for (let i = 0; i < cin; i++) {
+          for (let o = 0; o < Math.min(cin, cout); o++) w[(k * cin + i) * cout + o] = k === centre && i === o ? 1 : 0;
+        }
+      }
+    }
+    return state;
+  }
   for (const g of GROUPS) {
     // conv1 += identity, then restore its previous mean and std: a near-identity start that keeps the scale
     const w1 = at(`${g}.conv1.weight`), [, , cin, cout] = layout.entries.get(`${g}.conv1.weight`)!.shape;
@@ -157,23 +263,33 @@ function meanStd(x: Float32Array) {
   return { mean, std: Math.sqrt(ss / (x.length - 1)) }; // unbiased, as torch.std_mean
 }
 
-/** Covariance (n - 1) of all 2x2 patches of the normalised training images, as 12-vectors (c, ky, kx). */
-export async function patchCovariance(gpu: Gpu, imgs: GpuImages, norm: ChannelStats): Promise<number[][]> {
-  const mark = gpu.allocated.length;
-  const out = tensor(gpu, [imgs.count, 90]);
+/**
+ * Covariance (n - 1) of all 2x2 patches of the normalised training images, as 12-vectors (c, ky, kx); or, not
+ * `centered`, their second moments (/ n, airbench94). From the first `images` images.
+ */
+export async function patchCovariance(
+  gpu: Gpu,
+  imgs: GpuImages,
+  norm: ChannelStats,
+  w: Pick<Hyp["net"]["whitening"], "images" | "centered"> = hyp.net.whitening,
+): Promise<number[][]> {
+  const mark = gpu.allocated.length, count = Math.min(imgs.count, w.images);
+  const out = tensor(gpu, [count, 90]);
   submit(gpu, patchMoments(gpu, imgs, norm, out));
   await gpu.profiler?.collect();
   const m = await readTensor(gpu, out);
   freeSince(gpu, mark);
   const sum = new Array(12).fill(0), prod = new Array(78).fill(0);
-  for (let i = 0; i < imgs.count; i++) {
+  for (let i = 0; i < count; i++) {
     for (let j = 0; j < 12; j++) sum[j] += m[i * 90 + j];
     for (let j = 0; j < 78; j++) prod[j] += m[i * 90 + 12 + j];
   }
-  const n = imgs.count * (IMAGE_SIDE - 1) ** 2;
+  const n = count * (IMAGE_SIDE - 1) ** 2;
   const cov = Array.from({ length: 12 }, () => new Array(12).fill(0));
   for (let i = 0, k = 0; i < 12; i++) {
-    for (let j = i; j < 12; j++, k++) cov[i][j] = cov[j][i] = (prod[k] - (sum[i] * sum[j]) / n) / (n - 1);
+    for (let j = i; j < 12; j++, k++) {
+      cov[i][j] = cov[j][i] = w.centered ? (prod[k] - (sum[i] * sum[j]) / n) / (n - 1) : prod[k] / n;
+    }
   }
   return cov;
 }
@@ -251,10 +367,12 @@ export function forward(
   training: boolean,
   h: Hyp = hyp,
 ): Dispatch[] {
-  const k = A.kernels;
+  const k = A.kernels, wb = A.whitenBias;
   const ops: Dispatch[] = [
     ...conv2d(gpu, A.x, P["initial_block.whiten.weight"], A.w0, 0, k.conv),
-    ...gelu(gpu, A.w0, A.a0),
+    ...(wb
+      ? batchNorm(gpu, A.w0, { ...wb, bias: P[WHITEN_BIAS] }, A.a0, wb.stats, false, "gelu", batchNormHyp(h))
+      : gelu(gpu, A.w0, A.a0)),
   ];
   let input = A.a0;
   GROUPS.forEach((g, i) => {
@@ -269,20 +387,27 @@ export function forward(
   });
   ops.push(
     ...globalMaxPool(gpu, input, A.feats),
-    linear(gpu, A.feats, P["linear.weight"], A.logits, h.opt.scalingFactor),
+    linear(gpu, A.feats, P["linear.weight"], A.logits, headScale(A.feats.shape[1], h)),
   );
   return ops;
 }
 
-/** dlogits -> gradients of every trainable tensor into G (same layout as the state). */
+/** The head's output scale: hlb's temperature 1/9, or airbench94's 1 / (its input width). */
+const headScale = (width: number, h: Hyp) => (h.opt.scalingFactor === "1/width" ? 1 / width : h.opt.scalingFactor);
+
+/**
+ * dlogits -> gradients of every trainable tensor into G (same layout as the state). The whitening bias's (airbench94)
+ * only with `whitenBiasGrad`: once it is frozen, its gradient is not computed (as the original detaches it).
+ */
 export function backward(
   gpu: Gpu,
   A: Activations,
   P: Record<string, Tensor>,
   G: Record<string, Tensor>,
   h: Hyp = hyp,
+  whitenBiasGrad = true,
 ): Dispatch[] {
-  const k = A.kernels, scale = h.opt.scalingFactor;
+  const k = A.kernels, scale = headScale(A.feats.shape[1], h);
   const ops: Dispatch[] = [
     linearBackwardWeight(gpu, A.feats, A.dlogits, G["linear.weight"], scale),
     linearBackwardData(gpu, A.dlogits, P["linear.weight"], A.dfeats, scale),
@@ -320,11 +445,27 @@ export function backward(
     const dc = next([...input.shape.slice(0, 3), S.p1.shape[3]]); // conv1 keeps the size (3x3, pad 1)
     ops.push(...(k.fuseConvPool ? maxPool2Unpool(gpu, S.argmax1!, dp, dc) : maxPool2Backward(gpu, S.c1!, dp, dc)));
     ops.push(...conv2dBackwardWeight(gpu, input, dc, G[`${g}.conv1.weight`], 1, k.conv));
-    if (i > 0) {
-      // the whitening conv is frozen and the data needs no gradient: group 1 stops here
+    // the whitening conv is frozen and the data needs no gradient: group 1 stops here, unless the whitening bias learns
+    const wb = i > 0 || !whitenBiasGrad ? undefined : A.whitenBias;
+    if (i > 0 || wb) {
       const din = next(input.shape);
       ops.push(...conv2dBackwardData(gpu, dc, P[`${g}.conv1.weight`], din, 1, k.conv));
       d = din;
+    }
+    if (wb) {
+      ops.push(
+        ...batchNormBackward(
+          gpu,
+          A.w0,
+          d,
+          wb.stats,
+          { ...wb, bias: P[WHITEN_BIAS] },
+          null,
+          G[WHITEN_BIAS],
+          wb.dweight,
+          "gelu",
+        ),
+      );
     }
   }
   return ops;
@@ -345,8 +486,21 @@ export function oneCycleLr(step: number, totalSteps: number, maxLr: number, o: H
   return maxLr + (final - maxLr) * ((step - peakStep) / (lastStep - peakStep));
 }
 
+/** The recipe's lr at `step`: OneCycle (hlb), or a linear decay from maxLr to 0 (airbench94). */
+export function scheduledLr(step: number, totalSteps: number, maxLr: number, o: Hyp["opt"] = hyp.opt): number {
+  return o.schedule === "linear" ? maxLr * (1 - step / totalSteps) : oneCycleLr(step, totalSteps, maxLr, o);
+}
+
+/**
+ * The whitening bias's lr (airbench94): biasLr decaying linearly to 0 over its own `steps`, then 0 (frozen: its
+ * gradient is no longer computed, and a zero lr leaves it as it is).
+ */
+export function whitenBiasLr(step: number, steps: number, o: Hyp["opt"] = hyp.opt): number {
+  return step < steps ? o.biasLr * (1 - step / steps) : 0;
+}
+
 /** EMA decay after optimiser step number `step` (1-based): 0.95^5 x (step / T)^3, i.e. ~0 early on. */
-export function emaDecay(step: number, totalSteps: number, e: Hyp["misc"]["ema"] = hyp.misc.ema): number {
+export function emaDecay(step: number, totalSteps: number, e: EmaHyp = hyp.misc.ema!): number {
   return e.decayBase ** e.everyNSteps * (step / totalSteps) ** e.decayPow;
 }
 
@@ -356,42 +510,64 @@ export function emaDecay(step: number, totalSteps: number, e: Hyp["misc"]["ema"]
  * that no epoch runs zero steps.
  */
 export function trainingPlan(nTrain: number, batchSize: number, epochs: number, h: Hyp = hyp) {
-  const stepsPerEpoch = Math.floor(nTrain / batchSize);
-  const totalSteps = Math.ceil(stepsPerEpoch * epochs - 1e-9);
+  const stepsPerEpoch = Math.floor(nTrain / batchSize), steps = (e: number) => Math.ceil(stepsPerEpoch * e - 1e-9);
+  const totalSteps = steps(epochs);
   return {
     stepsPerEpoch,
     totalSteps,
     numEpochs: stepsPerEpoch > 0 ? Math.ceil(totalSteps / stepsPerEpoch) : 0,
     /** steps run in epoch e: the last epoch runs whatever is left of T */
     stepsIn: (e: number) => Math.max(0, Math.min(stepsPerEpoch, totalSteps - e * stepsPerEpoch)),
-    /** cutmix in epochs e >= E - 6, EMA from epoch floor(E) - 10 (both from epoch 0 if negative) */
-    cutmixFrom: Math.max(0, epochs - h.net.cutmixEpochs),
-    emaFrom: Math.max(0, Math.floor(epochs) - h.misc.ema.epochs),
+    /** cutmix in epochs e >= E - 6, EMA from epoch floor(E) - 10 (both from epoch 0 if negative; never if none) */
+    cutmixFrom: h.net.cutmixEpochs > 0 ? Math.max(0, epochs - h.net.cutmixEpochs) : Infinity,
+    emaFrom: h.misc.ema ? Math.max(0, Math.floor(epochs) - h.misc.ema.epochs) : Infinity,
+    /** the whitening bias learns in steps s < this (airbench94: ceil(3 S)) */
+    whitenBiasSteps: steps(h.net.whiteningBiasEpochs),
   };
 }
 
 /**
- * The epoch's random draws for the augmentation kernel: the batch order, and per image its crop
- * offsets (0..3: offset 4 is never drawn, a quirk of the original), flip, cutmix square and partner.
+ * The epoch's random draws for the augmentation kernel: the batch order, and per image its crop offsets (hlb: 0..3,
+ * offset 4 is never drawn, a quirk of the original), flip, cutmix square and partner. Flips "alternating"
+ * (airbench94): image i is flipped at epoch e if firstFlips[i] xor e is odd (firstFlips: firstEpochFlips).
  */
-export function epochAugmentation(rng: Rng, n: number, cutmix: boolean, aug: AugmentHyp = hyp.net) {
-  const pad = aug.padAmount, size = aug.cutmixSize;
-  if (!(pad >= 0 && pad <= 2)) {
-    throw new Error(`hyp.net.padAmount must be 0, 1 or 2: the crop offsets are packed in 2 bits (data.wgsl)`);
+export function epochAugmentation(
+  rng: Rng,
+  n: number,
+  cutmix: boolean,
+  aug: AugmentHyp = hyp.net,
+  alternating?: { epoch: number; firstFlips: Uint8Array },
+) {
+  const pad = aug.padAmount, size = aug.cutmixSize, offsets = aug.cropOffsets;
+  if (!(pad >= 0 && pad <= 3 && offsets >= 1 && offsets <= 2 * pad + 1)) {
+    throw new Error(
+      `hyp.net.padAmount must be 0 to 3 and cropOffsets 1 to 2 padAmount + 1: the offsets are packed in 3 bits (data.wgsl)`,
+    );
   }
   const perm = rng.permutation(n), partner = cutmix ? rng.permutation(n) : perm;
   const even = size % 2 === 0 ? 1 : 0, half = Math.floor(size / 2);
   const lowest = half - even, centres = IMAGE_SIDE - half - even - lowest; // centre in [lowest, lowest + centres)
   const params = new Uint32Array(2 * n);
   for (let i = 0; i < n; i++) {
-    const dy = rng.int(2 * pad), dx = rng.int(2 * pad), flip = rng.next() < 0.5 ? 1 : 0;
-    let bits = dy | (dx << 2) | (flip << 4);
-    if (cutmix && size > 0) bits |= (1 << 5) | ((lowest + rng.int(centres)) << 6) | ((lowest + rng.int(centres)) << 11);
+    const dy = rng.int(offsets), dx = rng.int(offsets);
+    const flip = alternating ? (alternating.firstFlips[i] ^ alternating.epoch) & 1 : rng.next() < 0.5 ? 1 : 0;
+    let bits = dy | (dx << 3) | (flip << 6);
+    if (cutmix && size > 0) bits |= (1 << 7) | ((lowest + rng.int(centres)) << 8) | ((lowest + rng.int(centres)) << 13);
     params[2 * i] = bits;
     params[2 * i + 1] = cutmix ? partner[i] : i;
   }
   return { perm, params };
 }
+
+/**
+ * airbench94's first-epoch flips: a random half of the images (each with probability 1/2), from a generator of their
+ * own (seed xor FLIP_STREAM), so that a run resumed from a checkpoint draws the same ones again.
+ */
+export function firstEpochFlips(seed: number, n: number): Uint8Array {
+  const rng = new Rng((seed ^ FLIP_STREAM) >>> 0);
+  return Uint8Array.from({ length: n }, () => (rng.next() < 0.5 ? 1 : 0));
+}
+const FLIP_STREAM = 0xf11b5eed;
 
 export interface TrainOptions {
   gpu: Gpu;
@@ -476,16 +652,19 @@ export async function train(o: TrainOptions): Promise<RunResult> {
   if (B < 2) throw new Error("--batch-size must be at least 2");
   const rng = new Rng(o.seed), mark = gpu.allocated.length;
   try {
-    // the frozen whitening conv, from the training images' 2x2 patches (computed once per dataset)
-    data.whiten ??= whiteningWeight(
-      whiteningFilters(await patchCovariance(gpu, data.train, data.norm), h.net.whitening.eps),
-    );
+    // the frozen whitening conv, from the training images' 2x2 patches (computed once per dataset and recipe)
+    const whitening = JSON.stringify([h.net.whitening, data.norm]), cache = (data.whitening ??= new Map());
+    if (!cache.has(whitening)) {
+      const cov = await patchCovariance(gpu, data.train, data.norm, h.net.whitening);
+      cache.set(whitening, whiteningWeight(whiteningFilters(cov, h.net.whitening.eps)));
+    }
     const kernels = { ...netKernels(gpu, h), ...o.kernels }, precision = o.precision ?? "f32";
     const run = await withErrorScopes(
       gpu,
       "the network",
-      () => buildRun(gpu, data, B, baseDepth, rng, h, kernels, precision),
+      () => buildRun(gpu, data, cache.get(whitening)!, B, baseDepth, rng, h, kernels, precision),
     );
+    const firstFlips = h.net.flip === "alternating" ? firstEpochFlips(o.seed, N) : undefined;
     await compilePipelines(gpu, run.programs);
 
     // The epoch loop. The CPU waits for the GPU only at the end of each epoch's steps (for the clock) and for the
@@ -504,20 +683,25 @@ export async function train(o: TrainOptions): Promise<RunResult> {
     for (let epoch = first; epoch < plan.numEpochs; epoch++) {
       o.onEpochStart?.(epoch);
       const t0 = performance.now();
-      startEpoch(gpu, run, epochAugmentation(rng, N, epoch >= plan.cutmixFrom, h.net));
+      const alternating = firstFlips && { epoch, firstFlips };
+      startEpoch(gpu, run, epochAugmentation(rng, N, epoch >= plan.cutmixFrom, h.net, alternating));
       for (let s = 0; s < plan.stepsIn(epoch); s++, step++) {
-        const emaNow = epoch >= plan.emaFrom && (step + 1) % h.misc.ema.everyNSteps === 0;
+        const ema = h.misc.ema, emaNow = ema !== null && epoch >= plan.emaFrom && (step + 1) % ema.everyNSteps === 0;
+        const whitenBiasLearns = step < plan.whitenBiasSteps; // airbench94: its own linear decay, then frozen
         setFrame(gpu, {
           offset: s * B, // the batch: images perm[s B ..] of this epoch's order
           valid: B,
-          lrWeights: oneCycleLr(step, T, h.opt.nonBiasLr, h.opt),
-          lrBiases: oneCycleLr(step, T, h.opt.biasLr, h.opt),
-          emaDecay: emaDecay(step + 1, T, h.misc.ema),
+          lrWeights: scheduledLr(step, T, h.opt.nonBiasLr, h.opt),
+          lrBiases: scheduledLr(step, T, h.opt.biasLr, h.opt),
+          lrWhitenBias: whitenBiasLr(step, plan.whitenBiasSteps, h.opt),
+          muonLr: h.opt.muon ? scheduledLr(step, T, h.opt.muon.lr, h.opt) : 0,
+          emaDecay: ema ? emaDecay(step + 1, T, ema) : 0,
           step,
         });
-        // augment, forward, loss; backward, Nesterov SGD; every 5th step of the last epochs the EMA, whose first
-        // update is a plain copy of the network
-        const list = [...run.trainForward, ...(s === 0 ? [run.firstBatchMetrics] : []), ...run.update];
+        // augment, forward, loss; backward, Nesterov SGD (and Muon); every 5th step of the last epochs the EMA, whose
+        // first update is a plain copy of the network
+        const update = whitenBiasLearns ? run.update : run.updateFrozenWhitenBias;
+        const list = [...run.trainForward, ...(s === 0 ? [run.firstBatchMetrics] : []), ...update];
         submit(
           gpu,
           emaNow && emaExists ? [...list, ...run.emaStep] : list,
@@ -547,7 +731,17 @@ export async function train(o: TrainOptions): Promise<RunResult> {
       checkGpu(gpu);
 
       const e0 = performance.now();
-      const row = await evaluateEpoch(gpu, run, epoch, emaExists, trainSeconds, precision, o.stop);
+      const last = epoch === plan.numEpochs - 1; // airbench94: TTA level 2 for the last epoch only
+      const row = await evaluateEpoch(
+        gpu,
+        run,
+        last ? run.finalEval : run.eval,
+        epoch,
+        emaExists,
+        trainSeconds,
+        precision,
+        o.stop,
+      );
       if (!row) return await stoppedRun(gpu, o.seed, epochs, trainSeconds, { epoch, steps: step });
       evalSeconds += (performance.now() - e0) / 1000;
       epochs.push(row);
@@ -577,6 +771,7 @@ const metricSlot = (m: Float32Array, slot: keyof typeof METRIC_SLOTS) => ({
 function buildRun(
   gpu: Gpu,
   data: GpuData,
+  whiten: Float32Array,
   B: number,
   baseDepth: number,
   rng: Rng,
@@ -584,12 +779,11 @@ function buildRun(
   kernels: NetKernels,
   precision: DType,
 ) {
-  if (!data.whiten) throw new Error("buildRun: compute data.whiten first");
   const N = data.train.count;
   const layout = layoutState(stateSpec(baseDepth, h)), stateBytes = layout.nTotal * 4;
   const state = createBuffer(gpu, stateBytes), grads = createBuffer(gpu, stateBytes);
   const momentum = createBuffer(gpu, stateBytes), ema = createBuffer(gpu, stateBytes);
-  gpu.device.queue.writeBuffer(state, 0, initState(layout, rng, data.whiten));
+  gpu.device.queue.writeBuffer(state, 0, initState(layout, rng, whiten, h));
   const P = stateViews(state, layout), G = stateViews(grads, layout), PE = stateViews(ema, layout);
   const A = makeActivations(gpu, B, baseDepth, precision, kernels, h);
   const perm = createBuffer(gpu, N * 4), augParams = createBuffer(gpu, N * 8);
@@ -605,7 +799,7 @@ function buildRun(
       A.loss,
       A.correct,
       A.dlogits,
-      h.opt.lossScaleBatch / B,
+      h.opt.lossScaleBatch === null ? 1 : h.opt.lossScaleBatch / B,
       h.opt.labelSmoothing,
     ),
     flagNonFinite(gpu, A.loss, metrics, NONFINITE_FLAG),
@@ -615,20 +809,47 @@ function buildRun(
     weights: h.opt.weightDecayPerSample * B,
     biases: h.opt.weightDecayPerSample * B * h.opt.biasDecayScaler,
   };
-  const update = [
-    ...backward(gpu, A, P, G, h),
-    ...sgdNesterov(gpu, layout, state, grads, momentum, wd, h.opt.momentum),
+  // Muon (airbench94) trains the conv filters, one after another on one shared scratch; SGD the rest, from the head
+  const convs = [...layout.entries.keys()].filter((name) => /conv[12]\.weight$/.test(name)), muon = h.opt.muon;
+  const scratch = muon && muonScratch(gpu, convs.map((name) => P[name].shape));
+  const MB = stateViews(momentum, layout);
+  const optimise = [
+    ...(muon ? convs.flatMap((name) => muonStep(gpu, P[name], G[name], MB[name], scratch!, muon.momentum)) : []),
+    ...sgdNesterov(
+      gpu,
+      layout,
+      state,
+      grads,
+      momentum,
+      wd,
+      h.opt.momentum,
+      muon ? layout.entries.get("linear.weight")!.offset : 0,
+    ),
   ];
+  const update = [...backward(gpu, A, P, G, h), ...optimise];
+  const updateFrozenWhitenBias = layout.whitenBiasEnd > layout.nWeights
+    ? [...backward(gpu, A, P, G, h, false), ...optimise]
+    : update;
   const emaStep = emaUpdate(gpu, layout, state, ema);
   const copyToEma = (enc: GPUCommandEncoder) => enc.copyBufferToBuffer(state, 0, ema, 0, stateBytes);
 
-  const { half, nTest, evalOf, gather } = evalPrograms(gpu, data, A, metrics, h);
-  const evalNet = [...gather, ...evalOf(P, METRIC_SLOTS.val)];
-  const evalEma = evalOf(PE, METRIC_SLOTS.ema);
-  const programs = [...trainForward, firstBatchMetrics, ...update, ...emaStep, ...evalNet, ...evalEma];
+  // evaluation at the recipe's TTA level every epoch, and at its final level for the last
+  const evalAt = (level: number) => {
+    const { part, nTest, evalOf, gather } = evalPrograms(gpu, data, A, metrics, h, level);
+    return { part, nTest, net: [...gather, ...evalOf(P, METRIC_SLOTS.val)], ema: evalOf(PE, METRIC_SLOTS.ema) };
+  };
+  const evalEvery = evalAt(h.misc.ttaLevel);
+  const evalFinal = h.misc.finalTtaLevel === h.misc.ttaLevel ? evalEvery : evalAt(h.misc.finalTtaLevel);
+  const programs = [
+    ...trainForward,
+    firstBatchMetrics,
+    ...new Set([...update, ...updateFrozenWhitenBias]),
+    ...emaStep,
+    ...new Set([evalEvery, evalFinal].flatMap((e) => [...e.net, ...e.ema])),
+  ];
   return {
     B,
-    nTest,
+    nTest: data.test.count,
     layout,
     state,
     momentum,
@@ -636,14 +857,14 @@ function buildRun(
     perm,
     augParams,
     metrics,
-    half,
     trainForward,
     firstBatchMetrics,
     update,
+    updateFrozenWhitenBias,
     emaStep,
     copyToEma,
-    evalNet,
-    evalEma,
+    eval: evalEvery,
+    finalEval: evalFinal,
     programs,
   };
 }
@@ -728,14 +949,15 @@ export class TrainingDiverged extends Error {
 async function evaluateEpoch(
   gpu: Gpu,
   run: Run,
+  ev: Run["eval"], // the programs of this epoch's TTA level
   epoch: number,
   emaExists: boolean,
   trainSeconds: number,
   precision: DType,
   stop?: () => boolean,
 ): Promise<EpochMetrics | null> {
-  const nTest = run.nTest, list = emaExists ? [...run.evalNet, ...run.evalEma] : run.evalNet;
-  if (!(await evaluateTestSet(gpu, nTest, run.half, list, stop))) return null; // stopped: no row
+  const nTest = run.nTest, list = emaExists ? [...ev.net, ...ev.ema] : ev.net;
+  if (!(await evaluateTestSet(gpu, nTest, ev.part, list, stop))) return null; // stopped: no row
   const m = await readBuffer(gpu, run.metrics, 0, METRICS_FLOATS * 4);
   const badStep = new Uint32Array(m.buffer)[NONFINITE_FLAG];
   // f16 overflows (at 65504) where f32 does not: that is the first thing to rule out
@@ -767,30 +989,44 @@ async function evaluateEpoch(
 }
 
 /**
- * Evaluation programs over the training buffers: a batch holds `half` test images and their mirrors
- * (flip TTA); `evalOf(params, slot)` adds that network's loss and correct count to metrics[slot].
+ * Evaluation programs over the training buffers, with test-time augmentation of `level` (TTA_VIEWS): a batch holds
+ * `part` test images in each of the level's views; `evalOf(params, slot)` adds that network's loss and correct count,
+ * on the views' weighted logits (ttaCombine), to metrics[slot].
  */
-function evalPrograms(gpu: Gpu, data: Pick<GpuData, "test" | "norm">, A: Activations, metrics: GPUBuffer, h: Hyp) {
-  const half = Math.floor(A.x.shape[0] / 2), E2 = activationsWithRows(A, 2 * half);
-  const r = (t: Tensor) => withRows(t, half), tta = r(A.logitsTta);
+function evalPrograms(
+  gpu: Gpu,
+  data: Pick<GpuData, "test" | "norm">,
+  A: Activations,
+  metrics: GPUBuffer,
+  h: Hyp,
+  level: number,
+) {
+  const views = TTA_VIEWS[level], part = Math.floor(A.x.shape[0] / views), EV = activationsWithRows(A, views * part);
+  const r = (t: Tensor) => withRows(t, part), tta = r(A.logitsTta);
   const evalOf = (params: Record<string, Tensor>, slot: number) => [
-    ...forward(gpu, E2, params, false, h),
-    ttaAverage(gpu, E2.logits, tta),
+    ...forward(gpu, EV, params, false, h),
+    ttaCombine(gpu, EV.logits, tta, views),
     crossEntropy(gpu, tta, r(A.targets), r(A.loss), r(A.correct), r(A.dlogits), 0, h.opt.labelSmoothing),
     accumulateMetrics(gpu, r(A.loss), r(A.correct), metrics, slot),
   ];
-  return { half, nTest: data.test.count, evalOf, gather: gatherEval(gpu, data.test, data.norm, E2.x, E2.targets) };
+  const gather = gatherEval(gpu, data.test, data.norm, EV.x, EV.targets, views);
+  return { part, nTest: data.test.count, evalOf, gather };
 }
+/**
+ * The views of each TTA level (airbench94's infer): 0 the image; 1 it and its mirror; 2 those and the two 1-pixel
+ * translations (up-left, down-right, reflect-padded) with their mirrors, weighted 1/2 (plain pair) and 1/4 each.
+ */
+export const TTA_VIEWS = [1, 2, 6];
 
 /**
- * Runs `list` over the test set, `half` images (and mirrors) per submit; false if `stop` asked to stop. With a `stop`,
+ * Runs `list` over the test set, `part` images (in each TTA view) per submit; false if `stop` asked to stop. With a `stop`,
  * the GPU is waited for every EVAL_SYNC_IMAGES images and the event loop let run after every batch, so that a Ctrl-C
  * is heard within a few batches, not after the whole test set.
  */
-async function evaluateTestSet(gpu: Gpu, nTest: number, half: number, list: Dispatch[], stop?: () => boolean) {
-  const syncEvery = Math.max(1, Math.floor(EVAL_SYNC_IMAGES / half));
-  for (let start = 0, batch = 1; start < nTest; start += half, batch++) {
-    setFrame(gpu, { offset: start, valid: Math.min(half, nTest - start) });
+async function evaluateTestSet(gpu: Gpu, nTest: number, part: number, list: Dispatch[], stop?: () => boolean) {
+  const syncEvery = Math.max(1, Math.floor(EVAL_SYNC_IMAGES / part));
+  for (let start = 0, batch = 1; start < nTest; start += part, batch++) {
+    setFrame(gpu, { offset: start, valid: Math.min(part, nTest - start) });
     submit(gpu, list);
     await gpu.profiler?.collect();
     if (!stop) continue;
@@ -810,6 +1046,7 @@ export async function evaluateWeights(
   batchSize: number,
   file: string,
   precision: DType = "f32",
+  h: Hyp = hyp, // the recipe that trained them: its network, and its final TTA level
 ) {
   const first = weights.get("conv_group_1.conv1.weight"), depth = first?.shape[3] ?? 0;
   if (!first || first.shape.length !== 4) {
@@ -819,7 +1056,7 @@ export async function evaluateWeights(
   if (!(depth >= depths.min && depth <= depths.max)) {
     throw new Error(`${file} claims base depth ${depth}: not a network of ours`);
   }
-  const layout = layoutState(stateSpec(depth));
+  const layout = layoutState(stateSpec(depth, h));
   for (const [name, e] of layout.entries) { // every shape is checked before anything is allocated
     const t = weights.get(name);
     if (!t || t.shape.join() !== e.shape.join()) {
@@ -834,9 +1071,9 @@ export async function evaluateWeights(
   try {
     const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, METRICS_FLOATS * 4);
     gpu.device.queue.writeBuffer(state, 0, values);
-    const A = makeActivations(gpu, batchSize, depth, precision);
-    const { half, evalOf, gather } = evalPrograms(gpu, data, A, metrics, hyp);
-    await evaluateTestSet(gpu, data.test.count, half, [
+    const A = makeActivations(gpu, batchSize, depth, precision, netKernels(gpu, h), h);
+    const { part, evalOf, gather } = evalPrograms(gpu, data, A, metrics, h, h.misc.finalTtaLevel);
+    await evaluateTestSet(gpu, data.test.count, part, [
       ...gather,
       ...evalOf(stateViews(state, layout), METRIC_SLOTS.val),
     ]);
@@ -1329,6 +1566,7 @@ export interface Frame {
   emaDecay?: number;
   step?: number; // optimiser step number (0-based), for the non-finite-loss flag
   muonLr?: number; // learning rate of the conv filters Muon trains (muonStep)
+  lrWhitenBias?: number; // ... of the whitening bias (airbench94; 0 once it is frozen)
 }
 
 export function setFrame(gpu: Gpu, f: Frame) {
@@ -1588,6 +1826,7 @@ export interface Activations {
   gradB: GPUBuffer;
   dtype: DType; // of the images, activations and their gradients (--precision); features and logits are f32
   kernels: NetKernels; // what these buffers were allocated for; forward and backward follow it
+  whitenBias?: ReturnType<typeof whitenBiasNorm>; // the recipe's whitening bias, as a batch norm (whitenBiasNorm)
 }
 
 export function makeActivations(
@@ -1602,8 +1841,10 @@ export function makeActivations(
   const { fuseConvPool, fuseNormGelu } = kernels;
   checkFits(gpu, batch, baseDepth, dtype, h); // first: the line names the size that fits, not a tensor that does not
   const groups: GroupActs[] = [];
-  let hw = side, largest = [0]; // hw: the group's input height and width; the largest activation gradient's shape
-  for (const c of groupWidths(baseDepth)) {
+  // hw: the group's input height and width; largest: the largest activation gradient's shape (the whitening output's
+  // only where the whitening bias learns)
+  let hw = side, largest = h.net.whiteningBiasEpochs > 0 ? [batch, side, side, whitenOut(h)] : [0];
+  for (const c of groupWidths(baseDepth, h)) {
     const full = [batch, hw, hw, c], pooled = [batch, hw >> 1, hw >> 1, c];
     const t = (shape: number[]) => tensor(gpu, shape, dtype);
     const a1 = t(pooled), a2 = t(pooled);
@@ -1622,7 +1863,7 @@ export function makeActivations(
     if (numel(full) > numel(largest)) largest = full; // a conv1 output
     hw >>= 1;
   }
-  const c3 = groupWidths(baseDepth)[2];
+  const c3 = groupWidths(baseDepth, h)[2];
   return {
     x: tensor(gpu, [batch, IMAGE_SIDE, IMAGE_SIDE, 3], dtype),
     targets: tensor(gpu, [batch, classes]),
@@ -1640,7 +1881,18 @@ export function makeActivations(
     gradB: tensor(gpu, largest, dtype).buffer,
     dtype,
     kernels,
+    whitenBias: h.net.whiteningBiasEpochs > 0 ? whitenBiasNorm(gpu, whitenOut(h)) : undefined,
   };
+}
+
+/**
+ * The whitening bias (airbench94) as a batch norm in eval mode with running mean 0, variance 1 and scale 1: its output
+ * is x + bias exactly (1 / sqrt(1 + 1e-12) is 1 in f32), and the norm's GELU and its backward's sum of g give the
+ * bias's forward and gradient with no kernel of their own. The scale's gradient lands in `dweight`, unused.
+ */
+function whitenBiasNorm(gpu: Gpu, channels: number) {
+  const t = (fill: number) => upload(gpu, new Float32Array(channels).fill(fill), [channels]);
+  return { weight: t(1), runningMean: t(0), runningVar: t(1), stats: tensor(gpu, [channels, 2]), dweight: t(0) };
 }
 
 /**
@@ -1652,7 +1904,7 @@ function perImageShapes(baseDepth: number, dtype: DType, h: Hyp) {
   sliced.push({ shape: [IMAGE_SIDE, IMAGE_SIDE, 3], dtype }, { shape: [side, side, whitenOut(h)], dtype });
   sliced.push({ shape: [h.misc.numClasses], dtype: "f32" }); // the data kernels write targets with the images
   let hw = side;
-  for (const c of groupWidths(baseDepth)) {
+  for (const c of groupWidths(baseDepth, h)) {
     const pooled = [hw >> 1, hw >> 1];
     sliced.push({ shape: [hw, hw, c], dtype }, { shape: [...pooled, c], dtype });
     sliced.push({ shape: [...pooled, Math.ceil(c / 4)], dtype: "u32" });
@@ -1660,7 +1912,7 @@ function perImageShapes(baseDepth: number, dtype: DType, h: Hyp) {
   }
   const bytes = (t: { shape: number[]; dtype: Storage }) => numel(t.shape) * BYTES[t.dtype];
   sliced.sort((a, b) => bytes(b) - bytes(a));
-  const whole = [h.misc.numClasses, groupWidths(baseDepth)[2]].map((c) => ({ shape: [c], dtype: "f32" as Storage }));
+  const whole = [h.misc.numClasses, groupWidths(baseDepth, h)[2]].map((c) => ({ shape: [c], dtype: "f32" as Storage }));
   return { sliced, whole, bytes };
 }
 
@@ -1674,7 +1926,7 @@ export function checkFits(gpu: Gpu, batch: number, baseDepth: number, dtype: DTy
   const depthFits = (d: number) => {
     const { sliced, bytes } = perImageShapes(d, dtype, h);
     const granule = Math.max(...sliced.map((t) => align / gcd(bytes(t), align)));
-    const c3 = groupWidths(d)[2], weight = 9 * c3 * c3 * 4; // the largest weight: group 3's second conv
+    const c3 = groupWidths(d, h)[2], weight = 9 * c3 * c3 * 4; // the largest weight: group 3's second conv
     return { ok: granule * bytes(sliced[0]) <= maxBinding && weight <= maxBinding, granule, weight, widest: sliced[0] };
   };
   const here = depthFits(baseDepth);
@@ -1682,7 +1934,9 @@ export function checkFits(gpu: Gpu, batch: number, baseDepth: number, dtype: DTy
     let d = baseDepth;
     while (d > 1 && !depthFits(d).ok) d--;
     const what = here.weight > maxBinding
-      ? `its largest weight [3,3,${groupWidths(baseDepth)[2]},${groupWidths(baseDepth)[2]}] takes ${mib(here.weight)}`
+      ? `its largest weight [3,3,${groupWidths(baseDepth, h)[2]},${groupWidths(baseDepth, h)[2]}] takes ${
+        mib(here.weight)
+      }`
       : `a slice of ${here.granule} image${here.granule > 1 ? "s" : ""} (the fewest a binding can start at) needs ` +
         `${mib(here.granule * numel(here.widest.shape) * BYTES[here.widest.dtype])} for one [${here.granule},` +
         `${here.widest.shape}] activation`;
@@ -1695,7 +1949,8 @@ export function checkFits(gpu: Gpu, batch: number, baseDepth: number, dtype: DTy
   // a norm's partials: a (4 x f32) per chunk of NORM_ROWS_PER_CHUNK pixels and channel, and at most one more chunk
   // per slice, so per image at most
   const partsPerImage = Math.max(
-    ...groupWidths(baseDepth).map((c, i) => ((side >> (i + 1)) ** 2 / NORM_ROWS_PER_CHUNK + 1) * c * 16),
+    ...groupWidths(baseDepth, h).map((c, i) => ((side >> (i + 1)) ** 2 / NORM_ROWS_PER_CHUNK + 1) * c * 16),
+    h.net.whiteningBiasEpochs > 0 ? (side ** 2 / NORM_ROWS_PER_CHUNK + 1) * whitenOut(h) * 16 : 0, // whitenBias's
   );
   const limits = [
     { bytes: Math.max(...whole.map(bytes)), cap: maxBinding, what: "its features (bound whole)", binds },
@@ -2211,12 +2466,13 @@ export function batchNormBackward(
   dy: Tensor,
   stats: Tensor,
   p: Pick<NormParams, "weight" | "bias">,
-  dx: Tensor,
+  dx: Tensor | null, // null: dbias and dweight only
   dbias: Tensor,
   dweight: Tensor,
   then?: "gelu",
 ): Dispatch[] {
-  const s = normSlices(gpu, [x, dy, dx], { momentum: 0, eps: 0 }), fused = then === "gelu" ? "_gelu" : "";
+  const s = normSlices(gpu, dx ? [x, dy, dx] : [x, dy], { momentum: 0, eps: 0 }),
+    fused = then === "gelu" ? "_gelu" : "";
   const part = tensor(gpu, [s.chunks, s.c, 4]);
   const inputs = ({ r, u }: (typeof s.parts)[number]) => ({
     0: u,
@@ -2229,8 +2485,8 @@ export function batchNormBackward(
   return [
     ...s.parts.map((q) => kernel(gpu, "norm", `backward_partial${fused}`, { ...inputs(q), 8: part }, q.perChunk)),
     kernel(gpu, "norm", "backward_finalize", { 0: s.parts[0].u, 8: part, 10: dbias, 11: dweight }, s.perChannel),
-    ...s.parts.map((q) => {
-      const b = { ...inputs(q), 9: rowsOf(dx, q.r), 10: dbias, 11: dweight };
+    ...(dx ? s.parts : []).map((q) => {
+      const b = { ...inputs(q), 9: rowsOf(dx!, q.r), 10: dbias, 11: dweight };
       return kernel(gpu, "norm", `backward_apply${fused}`, b, q.elementwise);
     }),
   ];
@@ -2276,16 +2532,19 @@ export function crossEntropy(
   labelSmoothing = hyp.opt.labelSmoothing,
 ): Dispatch {
   const [rows, classes] = logits.shape;
-  const u = uniform(gpu, [rows, classes, f32(labelSmoothing), f32(gradScale)]);
+  const u = uniform(gpu, [rows, classes, f32(labelSmoothing), f32(gradScale), 0, 0, 0, 0]);
   const b = { 0: u, 1: gpu.frame, 2: logits, 3: targets, 4: loss, 5: correct, 6: dlogits };
   return kernel(gpu, "loss", "cross_entropy", b, [Math.ceil(rows / kernelConst(gpu, "loss", "WG")), 1, 1]);
 }
 
-/** out[b] = (logits[b] + logits[rows + b]) / 2: the flip test-time augmentation. */
-export function ttaAverage(gpu: Gpu, logits: Tensor, out: Tensor): Dispatch {
+/**
+ * out[b] = the TTA views' logits combined (loss.wgsl tta_combine): `views` 1 a copy, 2 the flip average (logits[b] +
+ * logits[rows + b]) / 2, 6 airbench94's level 2 (its 6 views in TTA_VIEWS's order).
+ */
+export function ttaCombine(gpu: Gpu, logits: Tensor, out: Tensor, views: number): Dispatch {
   const [rows, classes] = out.shape;
-  const u = uniform(gpu, [rows, classes, 0, 0]);
-  return kernel(gpu, "loss", "tta_average", { 0: u, 2: logits, 6: out }, [
+  const u = uniform(gpu, [rows, classes, 0, 0, views, 0, 0, 0]);
+  return kernel(gpu, "loss", "tta_combine", { 0: u, 2: logits, 6: out }, [
     Math.ceil((rows * classes) / kernelConst(gpu, "loss", "WG")),
     1,
     1,
@@ -2308,28 +2567,31 @@ export function accumulateMetrics(gpu: Gpu, loss: Tensor, correct: Tensor, metri
 export interface StateLayout {
   entries: Map<string, { offset: number; shape: number[] }>;
   nWeights: number; // [0, nWeights): conv and linear weights
+  whitenBiasEnd: number; // [nWeights, whitenBiasEnd): the whitening bias (airbench94), with its own lr
   nTrainable: number; // [nWeights, nTrainable): batch-norm shifts
   nCopy: number; // [nTrainable, nCopy): running statistics; the EMA copies [0, nCopy) back
   nTotal: number; // [nCopy, nTotal): frozen batch-norm scales and whitening conv
 }
 
 /**
- * One optim.wgsl pass over the first `end` floats of the flat state: one dispatch, with `buffers` bound whole where a
- * binding holds them, else one per aligned range of at most a binding (the kernel adds the range's base).
+ * One optim.wgsl pass over the floats [start, end) of the flat state (start: a tensor's, so aligned): one dispatch,
+ * with `buffers` bound whole where a binding holds them, else one per aligned range of at most a binding (the kernel
+ * adds the range's base).
  */
 function optimPass(
   gpu: Gpu,
   entry: string,
   layout: StateLayout,
-  end: number,
+  [start, end]: [number, number],
   buffers: Record<number, GPUBuffer>,
   numbers: Field[], // the rest of OptimShape: weight decays and momentum
 ): Dispatch[] {
-  const whole = end * 4 <= gpu.limits.maxBinding, step = Math.floor(gpu.limits.maxBinding / gpu.limits.align);
+  const whole = start === 0 && end * 4 <= gpu.limits.maxBinding;
+  const step = Math.floor(gpu.limits.maxBinding / gpu.limits.align);
   const span = whole ? end : step * (gpu.limits.align / 4), out: Dispatch[] = [];
-  for (let base = 0; base < end; base += span) {
-    const last = Math.min(end, base + span);
-    const u = uniform(gpu, [layout.nWeights, layout.nTrainable, layout.nCopy, layout.nTotal, ...numbers, base, last]);
+  for (let base = start; base < end; base += span) {
+    const last = Math.min(end, base + span), { nWeights, nTrainable, nCopy, nTotal, whitenBiasEnd } = layout;
+    const u = uniform(gpu, [nWeights, nTrainable, nCopy, nTotal, ...numbers, base, last, whitenBiasEnd, 0, 0]);
     const bound = Object.entries(buffers).map(([k, b]) => [k, whole ? b : view(b, base, [last - base])]);
     const bindings = { 0: u, 1: gpu.frame, ...Object.fromEntries(bound) };
     out.push(kernel(gpu, "optim", entry, bindings, grid1d(gpu, "optim", last - base)));
@@ -2337,7 +2599,10 @@ function optimPass(
   return out;
 }
 
-/** Nesterov SGD (momentum `mu`) with coupled weight decay over every trainable parameter. */
+/**
+ * Nesterov SGD (momentum `mu`) with coupled weight decay over the trainable parameters from `start` (0: all of them;
+ * airbench94: from the head, as Muon trains the conv filters). Three lr groups: weights, the whitening bias, the rest.
+ */
 export function sgdNesterov(
   gpu: Gpu,
   layout: StateLayout,
@@ -2346,14 +2611,15 @@ export function sgdNesterov(
   momentum: GPUBuffer,
   wd: { weights: number; biases: number },
   mu = hyp.opt.momentum,
+  start = 0,
 ): Dispatch[] {
-  const numbers = [f32(wd.weights), f32(wd.biases), f32(mu)];
-  return optimPass(gpu, "sgd_nesterov", layout, layout.nTrainable, { 2: params, 3: grads, 4: momentum }, numbers);
+  const numbers = [f32(wd.weights), f32(wd.biases), f32(mu)], range: [number, number] = [start, layout.nTrainable];
+  return optimPass(gpu, "sgd_nesterov", layout, range, { 2: params, 3: grads, 4: momentum }, numbers);
 }
 
 /** ema = d ema + (1 - d) params over the whole state (d = frame.emaDecay), then params = ema except frozen tensors. */
 export function emaUpdate(gpu: Gpu, layout: StateLayout, params: GPUBuffer, ema: GPUBuffer): Dispatch[] {
-  return optimPass(gpu, "ema_update", layout, layout.nTotal, { 2: params, 5: ema }, [0, 0, 0]);
+  return optimPass(gpu, "ema_update", layout, [0, layout.nTotal], { 2: params, 5: ema }, [0, 0, 0]);
 }
 
 // ---- Muon: the optimiser airbench94 trains its conv filters with (airbench94_muon.py, KellerJordan/cifar10-airbench)
@@ -2526,7 +2792,7 @@ export interface ChannelStats {
 }
 
 /** The training augmentation's numbers (hyp.net); evaluation and the whitening statistics use neither. */
-type AugmentHyp = Pick<Hyp["net"], "cutmixSize" | "padAmount">;
+type AugmentHyp = Pick<Hyp["net"], "cutmixSize" | "padAmount" | "cropOffsets">;
 
 /** data.wgsl's DataShape for rows `r` (of a batch of `batchRows`): the slice's own output rows start at r.start. */
 function dataUniform(
@@ -2536,7 +2802,8 @@ function dataUniform(
   imgs: GpuImages,
   norm: ChannelStats,
   classes: number,
-  aug: AugmentHyp = { cutmixSize: 0, padAmount: 0 },
+  aug: AugmentHyp = { cutmixSize: 0, padAmount: 0, cropOffsets: 1 },
+  views = 1, // gather_eval's TTA views
 ) {
   const { cutmixSize } = aug, even = cutmixSize % 2 === 0 ? 1 : 0, half = Math.floor(cutmixSize / 2);
   const inv = norm.std.map((s) => 1 / s);
@@ -2555,7 +2822,7 @@ function dataUniform(
     f32(0),
     r.start,
     batchRows,
-    0,
+    views,
     0,
   ]);
 }
@@ -2591,16 +2858,20 @@ export function augmentTrain(
   });
 }
 
-/** Eval batch for flip TTA: rows [0, rows/2) are images frame.offset.., rows [rows/2, rows) their mirrors. */
+/**
+ * Eval batch in `views` TTA views (TTA_VIEWS, data.wgsl gather_eval): rows [v part, (v + 1) part) hold images
+ * frame.offset.. in view v (part = rows / views); 2 views: the images, then their mirrors.
+ */
 export function gatherEval(
   gpu: Gpu,
   imgs: GpuImages,
   norm: ChannelStats,
   images: Tensor,
   targets: Tensor,
+  views: number,
 ): Dispatch[] {
   return batchSlices(gpu, [images, targets]).map((r) => {
-    const u = dataUniform(gpu, r, images.shape[0], imgs, norm, targets.shape[1]);
+    const u = dataUniform(gpu, r, images.shape[0], imgs, norm, targets.shape[1], undefined, views);
     const [x, t] = [rowsOf(images, r), rowsOf(targets, r)];
     const b = { 0: u, 1: gpu.frame, 2: imgs.part0, 3: imgs.part1, 6: imgs.labels, 7: x, 8: t };
     return kernel(gpu, "data", "gather_eval", b, grid1d(gpu, "data", r.rows * IMAGE_SIDE * IMAGE_SIDE));
@@ -3165,14 +3436,15 @@ export interface GpuData {
   train: GpuImages;
   test: GpuImages;
   norm: ChannelStats; // training-set statistics, used for both splits
-  whiten?: Float32Array; // whitening conv weight, computed once per dataset (see whiteningWeight)
+  whitening?: Map<string, Float32Array>; // whitening conv weights, computed once per dataset and recipe (train)
 }
 
-export function uploadDataset(gpu: Gpu, cifar: Cifar10): GpuData {
+/** The dataset on the GPU, normalised as the recipe says: its own statistics (airbench94), or the training set's. */
+export function uploadDataset(gpu: Gpu, cifar: Cifar10, h: Hyp = hyp): GpuData {
   return {
     train: uploadImages(gpu, cifar.trainImages, cifar.trainLabels),
     test: uploadImages(gpu, cifar.testImages, cifar.testLabels),
-    norm: channelStats(cifar.trainImages),
+    norm: h.net.imageStats ?? channelStats(cifar.trainImages),
   };
 }
 
@@ -3483,7 +3755,7 @@ export async function runLogContent(x: {
     limits: x.gpu.limits,
     peakGpuBytes: x.gpu.memory.peak,
     flags: { ...x.flags, help: undefined, explicit: undefined },
-    hyp,
+    hyp: RECIPES[x.flags.recipe],
     runs: x.runs.map(({ weights: _, ...r }) => r),
     partial: x.partial ?? null,
     resumed: x.resumed ?? null,
@@ -3612,11 +3884,12 @@ export function savedMetadata(
   baseDepth: number,
   batchSize: number,
   precision: DType,
+  h: Hyp = hyp,
 ): SavedMetadata {
   return {
     format: SAVED_FORMAT,
     layout: "conv weights HWIO [kh][kw][cin][cout], linear [out][in]",
-    recipe: RECIPE_VERSION,
+    recipe: h === hyp ? RECIPE_VERSION : h.name,
     baseDepth: String(baseDepth),
     norm: JSON.stringify(norm),
     evalBatchSize: String(batchSize),
@@ -3733,12 +4006,22 @@ export function decodeSafetensors(
 
 export const CHECKPOINT_FORMAT = "hlb-cifar10-webgpu-checkpoint";
 /** The flags that define a run: a checkpoint continues only the run they describe. */
-const RUN_FLAGS = ["runs", "epochs", "base-depth", "batch-size", "train-subset", "test-subset", "seed", "precision"];
+const RUN_FLAGS = [
+  "recipe",
+  "runs",
+  "epochs",
+  "base-depth",
+  "batch-size",
+  "train-subset",
+  "test-subset",
+  "seed",
+  "precision",
+];
 
 /** A checkpoint: the run it continues (flags, recipe, script, kernels, data, device) and where it stands. */
 export interface Checkpoint {
   flags: Record<string, string>; // RUN_FLAGS as the command line spells them
-  recipe: string; // JSON of hyp
+  recipe: string; // JSON of the recipe (hyp, airbench94)
   script: string; // sha256 of main.ts
   kernels: Record<string, string>; // kernel file -> sha256, as compiled
   convKernels: ConvKernels;
@@ -3763,7 +4046,7 @@ export const checkpointOf = (x: {
   train: TrainState;
 }): Checkpoint => ({
   flags: runFlags(x.o),
-  recipe: JSON.stringify(hyp),
+  recipe: JSON.stringify(RECIPES[x.o.recipe]),
   ...x.here,
   convKernels: x.gpu.convKernels,
   device: x.gpu.adapterName,
@@ -3777,6 +4060,7 @@ export const checkpointOf = (x: {
 
 /** The flags of a run that a checkpoint records (RUN_FLAGS), as strings. */
 export const runFlags = (o: CliOptions): Record<string, string> => ({
+  recipe: o.recipe,
   runs: String(o.runs),
   epochs: String(o.epochs),
   "base-depth": String(o.baseDepth),
@@ -3804,7 +4088,8 @@ async function checkpointSum(metadata: Record<string, string>, data: Uint8Array)
  * metadata the rest, with the sha256 of the tensor bytes.
  */
 export async function encodeCheckpoint(c: Checkpoint): Promise<Uint8Array> {
-  const layout = layoutState(stateSpec(Number(c.flags["base-depth"]))), t = c.train, tensors: Weights = new Map();
+  const layout = layoutState(stateSpec(Number(c.flags["base-depth"]), RECIPES[c.flags.recipe]));
+  const t = c.train, tensors: Weights = new Map();
   const add = (prefix: string, values: Float32Array, kinds: string[]) => {
     for (const { name, kind } of stateSpec(Number(c.flags["base-depth"]))) {
       if (!kinds.includes(kind)) continue;
@@ -3970,7 +4255,9 @@ export function checkpointMismatch(c: Checkpoint, here: { script: string; kernel
       here.script.slice(0, 12)
     }...)`;
   }
-  if (c.recipe !== JSON.stringify(hyp)) return "was written with another recipe (hyp)";
+  if (c.recipe !== JSON.stringify(RECIPES[c.flags.recipe])) {
+    return `was written with another recipe (${c.flags.recipe})`;
+  }
   for (const [file, sha] of Object.entries(here.kernels)) {
     if (c.kernels[file] !== sha) {
       return `was written with another ${file} (sha256 ${String(c.kernels[file]).slice(0, 12)}..., this one ${
@@ -3989,6 +4276,7 @@ export function checkpointMismatch(c: Checkpoint, here: { script: string; kernel
 
 export interface CliOptions {
   help: boolean;
+  recipe: string; // a key of RECIPES
   data?: string;
   runs: number;
   epochs: number;
@@ -4030,11 +4318,13 @@ export const HELP = `hlb-CIFAR10 on WebGPU: trains a small convnet on CIFAR-10 t
 
 usage: deno run -A main.ts [flags]
 
+  --recipe R          hlb (default: hlb-CIFAR10 v0.7) or airbench94 (airbench94_muon.py: Muon, 8 epochs at batch
+                      2000, about half the arithmetic); the defaults below are hlb's, airbench94 has its own
   --data DIR          cifar-10-batches-bin folder (default: $CIFAR10_DIR, else data/cifar-10-batches-bin,
                       downloaded and verified on first use)
   --runs N            train N times with seeds seed, seed+1, ... and print mean and std (default 1)
   --epochs E          training epochs, fractions allowed (default ${hyp.misc.trainEpochs}); cutmix runs from
-                      epoch E-${hyp.net.cutmixEpochs}, the EMA from epoch floor(E)-${hyp.misc.ema.epochs}
+                      epoch E-${hyp.net.cutmixEpochs}, the EMA from epoch floor(E)-${hyp.misc.ema!.epochs}
   --base-depth D      width of the first group; groups are D, 4D, 8D (default ${hyp.net.baseDepth})
   --batch-size B      training batch size (default ${hyp.misc.batchSize})
   --train-subset N    train on the first N training images in file order (default: all 50000)
@@ -4086,11 +4376,13 @@ const FLAG_OPTIONS = {
   "conv-kernels": { type: "string" },
   "feature-level": { type: "string" },
   precision: { type: "string" },
+  recipe: { type: "string" },
   ...Object.fromEntries(Object.keys(FLAG_RANGES).map((k) => [k, { type: "string" }])),
 } as Record<string, { type: "boolean" | "string"; short?: string }>;
 
 /** The flags a --web page takes from its URL query: those of training itself (the rest are the terminal's). */
 export const PAGE_FLAGS = [
+  "recipe",
   "runs",
   "epochs",
   "base-depth",
@@ -4173,6 +4465,10 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
   if (featureLevel !== "core" && featureLevel !== "compatibility") {
     throw new Error(`--feature-level must be core or compatibility, got "${featureLevel}"`);
   }
+  const recipe = (v.recipe as string | undefined) ?? "hlb", h = RECIPES[recipe];
+  if (!Object.hasOwn(RECIPES, recipe)) {
+    throw new Error(`--recipe must be one of ${Object.keys(RECIPES).join(", ")}, got "${recipe}"`);
+  }
   const explicit = Object.keys(v).filter((k) => v[k] !== undefined);
   const trainingOnly = explicit.filter((k) => EVAL_IGNORES.includes(k));
   if (v.eval !== undefined && trainingOnly.length) {
@@ -4202,6 +4498,7 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
   }
   return {
     help: Boolean(v.help),
+    recipe,
     profile: Boolean(v.profile),
     logDir: v["log-dir"] as string | undefined,
     noLog: Boolean(v["no-log"]),
@@ -4216,9 +4513,9 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
     data: v.data as string | undefined,
     json: v.json as string | undefined,
     runs: num("runs") ?? 1,
-    epochs: num("epochs") ?? hyp.misc.trainEpochs,
-    baseDepth: num("base-depth") ?? hyp.net.baseDepth,
-    batchSize: num("batch-size") ?? hyp.misc.batchSize,
+    epochs: num("epochs") ?? h.misc.trainEpochs,
+    baseDepth: num("base-depth") ?? h.net.baseDepth,
+    batchSize: num("batch-size") ?? h.misc.batchSize,
     trainSubset: num("train-subset"),
     testSubset: num("test-subset"),
     seed: num("seed") ?? crypto.getRandomValues(new Uint32Array(1))[0],
@@ -4231,6 +4528,7 @@ function checkFlags(v: Record<string, string | boolean | undefined>): CliOptions
 
 /** Flags of training that --eval would ignore: it refuses them rather than leave a user believing they applied. */
 const EVAL_IGNORES = [
+  "recipe", // the file's
   "checkpoint",
   "resume",
   "runs",
@@ -4271,7 +4569,7 @@ export async function main(argv: string[]) {
     const why = checkpointMismatch(resumed, here);
     if (why) throw new Error(`--resume ${o.resume} ${why}: a checkpoint continues only the run that wrote it`);
   }
-  checkFits(gpu, o.batchSize, o.baseDepth, o.precision); // before any download, table or run log
+  checkFits(gpu, o.batchSize, o.baseDepth, o.precision, RECIPES[o.recipe]); // before any download, table or run log
   const { dir, source } = await datasetDir(o);
   const cifar = await loadCifar10(dir, { trainSubset: o.trainSubset, testSubset: o.testSubset, source });
   if (o.batchSize > cifar.trainLabels.length) {
@@ -4279,7 +4577,7 @@ export async function main(argv: string[]) {
       `--batch-size ${o.batchSize} is larger than the training set (${cifar.trainLabels.length} images): lower it`,
     );
   }
-  const data = uploadDataset(gpu, cifar);
+  const data = uploadDataset(gpu, cifar, RECIPES[o.recipe]);
   if (resumed && JSON.stringify(resumed.norm) !== JSON.stringify(data.norm)) {
     throw new Error(
       `--resume ${o.resume} was written for other training images (their statistics differ): pass its --data`,
@@ -4374,7 +4672,7 @@ export async function main(argv: string[]) {
       status = "interrupted";
       break;
     }
-    say(runResultText(result));
+    say(runResultText(result, RECIPES[o.recipe]));
     await writeLog("running");
     if (o.json) await output(() => writeResultsJson(o.json!, gpu, o, runs, "running"));
   }
@@ -4390,14 +4688,14 @@ export async function main(argv: string[]) {
     );
   }
 
-  if (o.runs > 1 && status === "completed") say(`\n${summaryText(runs)}`);
+  if (o.runs > 1 && status === "completed") say(`\n${summaryText(runs, RECIPES[o.recipe])}`);
   const saved = status === "completed" ? runs[runs.length - 1].weights : undefined;
   if (o.save && !saved) {
     say(`no weights written to ${o.save}: --save keeps the last run's network once it completes, and it did not`);
   }
   if (o.save && saved) {
     await output(async () => {
-      const meta = savedMetadata(data.norm, o.baseDepth, o.batchSize, o.precision);
+      const meta = savedMetadata(data.norm, o.baseDepth, o.batchSize, o.precision, RECIPES[o.recipe]);
       await writeBytesAtomic(o.save!, encodeSafetensors(saved, { ...meta }));
       say(`weights written to ${o.save}`);
     });
@@ -4436,11 +4734,13 @@ export async function main(argv: string[]) {
 /** The line above the tables: device, precision, kernels, sizes (the same in a terminal and on the page). */
 function headerLine(gpu: Gpu, o: CliOptions, data: GpuData) {
   const conv = gpu.convKernels + (gpu.convChoice ? ` (${gpu.convChoice})` : "");
-  const { sliced, bytes } = perImageShapes(o.baseDepth, o.precision, hyp);
+  const { sliced, bytes } = perImageShapes(o.baseDepth, o.precision, RECIPES[o.recipe]);
   const slices = o.batchSize * bytes(sliced[0]) > gpu.limits.maxBinding
     ? ` (in slices: a binding holds ${mib(gpu.limits.maxBinding)}${o.specLimits ? ", --spec-limits" : ""})`
     : "";
-  return `device: ${gpu.adapterName} | precision: ${precisionText(o.precision)} | conv kernels: ${conv} | ` +
+  return `recipe: ${o.recipe} | device: ${gpu.adapterName} | precision: ${
+    precisionText(o.precision)
+  } | conv kernels: ${conv} | ` +
     `train ${data.train.count} / test ${data.test.count} images | batch ${o.batchSize}${slices} | ` +
     `epochs ${o.epochs} | base depth ${o.baseDepth}`;
 }
@@ -4580,7 +4880,8 @@ const gpuOptions = (o: CliOptions) => ({
 
 /** What a run's flags tell train(). */
 function trainOptions(gpu: Gpu, data: GpuData, o: CliOptions, seed: number): TrainOptions {
-  return { gpu, data, seed, epochs: o.epochs, baseDepth: o.baseDepth, batchSize: o.batchSize, precision: o.precision };
+  const { epochs, baseDepth, batchSize, precision } = o;
+  return { gpu, data, seed, epochs, baseDepth, batchSize, precision, hyp: RECIPES[o.recipe] };
 }
 
 /**
@@ -4662,8 +4963,17 @@ async function datasetDir(o: CliOptions) {
   return { dir, source };
 }
 
+/** How a TTA level (TTA_VIEWS) reads in a line. */
+const ttaText = (level: number) => ["no TTA", "flip TTA", "TTA level 2"][level];
+
 /** A run's last line, in the terminal and on the page. */
-export function runResultText(result: RunResult): string {
+export function runResultText(result: RunResult, h: Hyp = hyp): string {
+  if (!h.misc.ema) {
+    const tta = h.misc.finalTtaLevel === h.misc.ttaLevel ? "" : ` (${ttaText(h.misc.finalTtaLevel)})`;
+    return `final val accuracy${tta}: ${(100 * result.valAcc).toFixed(2)}% | train time ${
+      result.trainSeconds.toFixed(2)
+    } s`;
+  }
   const ema = result.emaValAcc === null ? "n/a (the EMA never started)" : `${(100 * result.emaValAcc).toFixed(2)}%`;
   return `final EMA val accuracy: ${ema} | val accuracy: ${(100 * result.valAcc).toFixed(2)}% | train time ${
     result.trainSeconds.toFixed(2)
@@ -4671,20 +4981,22 @@ export function runResultText(result: RunResult): string {
 }
 
 /** After several runs: each run's seed and result, then the mean and std (in the terminal and on the page). */
-export function summaryText(runs: RunResult[]): string {
-  const accs = runs.map((r) => r.emaValAcc).filter((a): a is number => a !== null);
-  const lines = ["run  seed        ema_val_acc  train_seconds"];
+export function summaryText(runs: RunResult[], h: Hyp = hyp): string {
+  // the recipe's final accuracy: the EMA's (hlb), or the network's where there is no EMA (airbench94)
+  const final = (r: RunResult) => (h.misc.ema ? r.emaValAcc : r.valAcc);
+  const accs = runs.map(final).filter((a): a is number => a !== null);
+  const lines = [`run  seed        ${h.misc.ema ? "ema_val_acc" : "val_acc    "}  train_seconds`];
   runs.forEach((r, i) =>
     lines.push(
       `${String(i + 1).padStart(3)}  ${String(r.seed).padEnd(10)}  ${
-        r.emaValAcc === null ? "    n/a" : (100 * r.emaValAcc).toFixed(2) + "%"
+        final(r) === null ? "    n/a" : (100 * final(r)!).toFixed(2) + "%"
       }       ${r.trainSeconds.toFixed(2)}`,
     )
   );
   const times = runs.map((r) => r.trainSeconds);
   if (accs.length) {
     lines.push(
-      `mean EMA val accuracy over ${accs.length} runs: ${(100 * mean(accs)).toFixed(2)}% ± ${
+      `mean ${h.misc.ema ? "EMA " : ""}val accuracy over ${accs.length} runs: ${(100 * mean(accs)).toFixed(2)}% ± ${
         (100 * sampleStd(accs)).toFixed(2)
       }% (std) | ` +
         `train time ${mean(times).toFixed(2)} ± ${sampleStd(times).toFixed(2)} s`,
@@ -4735,9 +5047,9 @@ async function evalMain(o: CliOptions) {
   checkPrecision(gpu, precision);
   if (fromFile) {
     try {
-      checkFits(gpu, batchSize, saved.baseDepth, precision);
+      checkFits(gpu, batchSize, saved.baseDepth, precision, saved.recipe);
     } catch (e) {
-      checkFits(gpu, sizes.min, saved.baseDepth, precision); // the network itself does not fit: that line, as it is
+      checkFits(gpu, sizes.min, saved.baseDepth, precision, saved.recipe); // the network itself does not fit: as it is
       throw new Error(
         `${file} has evalBatchSize ${batchSize}, too large for this GPU (--batch-size overrides it): ${errorText(e)}`,
       );
@@ -4746,10 +5058,18 @@ async function evalMain(o: CliOptions) {
   const { dir, source } = await datasetDir(o);
   const cifar = await loadCifar10(dir, { trainSubset: 0, testSubset: o.testSubset, source });
   const test = uploadImages(gpu, cifar.testImages, cifar.testLabels);
-  const r = await evaluateWeights(gpu, { test, norm: saved.norm }, saved.weights, batchSize, file, precision);
+  const r = await evaluateWeights(
+    gpu,
+    { test, norm: saved.norm },
+    saved.weights,
+    batchSize,
+    file,
+    precision,
+    saved.recipe,
+  );
   say(
     `${file}: test accuracy ${(100 * r.valAcc).toFixed(2)}% | test loss ${r.valLoss.toFixed(4)} | ` +
-      `${test.count} images, flip TTA`,
+      `${test.count} images, ${ttaText(saved.recipe.misc.finalTtaLevel)}`,
   );
   if (o.json) {
     const out = {
@@ -4809,8 +5129,11 @@ export async function readSavedNetwork(file: string) {
   if (baseDepth !== width) {
     throw bad(`says base depth ${metadata.baseDepth} but conv_group_1.conv1.weight is ${width} wide`);
   }
+  // hlb's files name its version; the other recipes their name
+  const recipe = metadata.recipe === RECIPE_VERSION ? hyp : RECIPES[metadata.recipe ?? ""];
+  if (!recipe || metadata.recipe === "hlb") throw bad(`has an unknown recipe ${shown(metadata.recipe)}`);
   // nothing the network does not have (evaluateWeights checks that it has everything, at the right shapes)
-  const names = layoutState(stateSpec(baseDepth)).entries;
+  const names = layoutState(stateSpec(baseDepth, recipe)).entries;
   const unknown = [...weights.keys()].find((name) => !names.has(name));
   if (unknown !== undefined) {
     throw bad(`holds ${shown(unknown)}, a tensor not in the network of base depth ${baseDepth}`);
@@ -4818,7 +5141,7 @@ export async function readSavedNetwork(file: string) {
   if (metadata.precision !== "f32" && metadata.precision !== "f16") {
     throw bad(`has a bad precision ${shown(metadata.precision)}`);
   }
-  return { weights, norm, baseDepth, evalBatchSize, precision: metadata.precision as DType, recipe: metadata.recipe };
+  return { weights, norm, baseDepth, evalBatchSize, precision: metadata.precision as DType, recipe };
 }
 
 // =================================================================================================
@@ -5175,7 +5498,7 @@ export function webWorker(scope: {
       const cifar = tarball
         ? await cifarFromTarball(tarball, { trainSubset: o.trainSubset, testSubset: o.testSubset, md5: config.md5 })
         : await serverCifar(o, page);
-      const data = uploadDataset(gpu, cifar);
+      const data = uploadDataset(gpu, cifar, RECIPES[o.recipe]);
       if (resumed && JSON.stringify(resumed.norm) !== JSON.stringify(data.norm)) {
         throw new Error(`${KEPT} was written for other training images: start over`);
       }
@@ -5354,7 +5677,7 @@ if (flags) {
       const r = m.result;
       results.push(r);
       lines.push(r.interrupted ? "stopped in epoch " + r.interrupted.epoch + ", after " + r.interrupted.steps + " steps"
-        : main.runResultText(r));
+        : main.runResultText(r, main.RECIPES[flags.recipe]));
     }
     if (m.type === "error") fail(m.message);
     if (m.type === "log") {
@@ -5371,7 +5694,7 @@ if (flags) {
         kept = saved.path ? "; run log also kept at " + saved.path : saved.error ? "; the server kept no run log: " + saved.error : "";
       }
       $("status").textContent = "status " + m.log.status + kept;
-      if (results.length > 1 && m.log.status === "completed") lines.push("", main.summaryText(results));
+      if (results.length > 1 && m.log.status === "completed") lines.push("", main.summaryText(results, main.RECIPES[flags.recipe]));
       document.title = "done: " + m.log.status;
     }
     show();

@@ -14,7 +14,7 @@ struct Frame {
   ema_decay: f32,
   step: u32, // optimiser step number (0-based), for the non-finite-loss flag
   muon_lr: f32, // learning rate of the conv filters Muon trains (muon.wgsl), where a recipe uses it
-  _p1: u32,
+  lr_whiten_bias: f32, // ... of the whitening bias (airbench94; 0 once it is frozen)
 }
 
 // ConvShape: the sizes of one conv pass (conv.wgsl, conv_tiled.wgsl). x [batch][h][w][cin],

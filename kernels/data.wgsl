@@ -6,14 +6,16 @@
 // Pixels are normalised on the fly: (v / 255 - mean[c]) * inv_std[c].
 //
 // augment_train, one thread per output pixel (row r, y, x) of the batch, image = perm[offset + r]:
-//   random crop of the image reflect-padded by 2 (offsets dy, dx in 0..3), then horizontal flip,
+//   random crop of the image reflect-padded by `pad` (offsets dy, dx in 0..2 pad), then horizontal flip,
 //   then cutmix: inside the square rows cy+cut_lo..cy+cut_hi (same for columns) the pixel comes
 //   from the partner image, itself cropped and flipped with its own parameters.
 //   targets[r] = (1 - mix) * onehot(label) + mix * onehot(partner label) when cutmix is on.
-//   params[image] = (bits: dy 0-1, dx 2-3, flip 4, cutmix 5, cy 6-10, cx 11-15; partner index).
+//   params[image] = (bits: dy 0-2, dx 3-5, flip 6, cutmix 7, cy 8-12, cx 13-17; partner index).
 // Each kernel writes the rows of one batch slice (first_row, rows), or of the whole batch.
-// gather_eval, one thread per output pixel of rows r < 2*half: image = offset + (r mod half),
-//   unflipped for r < half and mirrored for r >= half (flip TTA); one-hot targets for r < half.
+// gather_eval, one thread per output pixel of rows r < views * part (part = batch_rows / views): image =
+//   offset + (r mod part) in view v = r / part of the test-time augmentation (main.ts TTA_VIEWS): v odd is
+//   mirrored; views 6 (airbench94's level 2) also translate v = 2, 3 by (+1, +1) and v = 4, 5 by (-1, -1)
+//   pixels (the reflect-padded image cropped at (0, 0) and (2, 2)); one-hot targets for r < part.
 //   Images past the end repeat the last one; the loss kernel masks them out (frame.valid).
 // patch_moments, one thread per (image i = first_row + t / 90, moment q < 90): over the image's 31*31 2x2 patches taken
 //   as 12-vectors (channel, row, column order), the sum of component q (q < 12) or of the product
@@ -29,14 +31,14 @@ const SIDE: u32 = 32u;
 const IMAGE_BYTES: u32 = 3072u;
 
 // rows: rows of the bound output (a batch slice, or the whole batch); first_row: the slice's first row
-// in the batch; batch_rows: rows of the whole batch (gather_eval's half). patch_moments: images
+// in the batch; batch_rows: rows of the whole batch; views: gather_eval's TTA views. patch_moments: images
 // first_row .. first_row + rows.
 struct DataShape {
   rows: u32, images_per_part: u32, n_images: u32, classes: u32,
   mix: f32, cut_lo: i32, cut_hi: i32, pad: i32,
   mean: vec4f,
   inv_std: vec4f,
-  first_row: u32, batch_rows: u32, _p0: u32, _p1: u32,
+  first_row: u32, batch_rows: u32, views: u32, _p1: u32,
 }
 
 // Storage element types: f32, or f16 for a binding that main.ts binds to an f16 tensor (--precision
@@ -71,8 +73,11 @@ fn pixel(image: u32, c: u32, y: u32, x: u32) -> f32 {
 }
 
 // index into the image reflect-padded by s.pad (PyTorch 'reflect': -1 -> 1, 32 -> 30)
-fn reflect(p: i32) -> u32 {
-  var q = p - s.pad;
+fn reflect(p: i32) -> u32 { return mirror(p - s.pad); }
+
+// a row or column index up to 31 past either edge, reflected into the image
+fn mirror(p: i32) -> u32 {
+  var q = p;
   if (q < 0) { q = -q; }
   if (q > i32(SIDE) - 1) { q = 2 * (i32(SIDE) - 1) - q; }
   return u32(q);
@@ -91,17 +96,17 @@ fn augment_train(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroup
   let p = params[own];
   var src = own;
   var bits = p.x;
-  let cutmix = ((p.x >> 5u) & 1u) == 1u;
-  let dy = i32(y) - i32((p.x >> 6u) & 31u);
-  let dx = i32(x) - i32((p.x >> 11u) & 31u);
+  let cutmix = ((p.x >> 7u) & 1u) == 1u;
+  let dy = i32(y) - i32((p.x >> 8u) & 31u);
+  let dx = i32(x) - i32((p.x >> 13u) & 31u);
   if (cutmix && dy >= s.cut_lo && dy <= s.cut_hi && dx >= s.cut_lo && dx <= s.cut_hi) {
     src = p.y;
     bits = params[src].x;
   }
   var xx = x;
-  if (((bits >> 4u) & 1u) == 1u) { xx = SIDE - 1u - x; }
-  let py = reflect(i32(y + (bits & 3u)));
-  let px = reflect(i32(xx + ((bits >> 2u) & 3u)));
+  if (((bits >> 6u) & 1u) == 1u) { xx = SIDE - 1u - x; }
+  let py = reflect(i32(y + (bits & 7u)));
+  let px = reflect(i32(xx + ((bits >> 3u) & 7u)));
   for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = IMAGES_T(pixel(src, c, py, px)); }
   if (x == 0u && y == 0u) {
     let mix = select(0.0, s.mix, cutmix);
@@ -114,17 +119,22 @@ fn augment_train(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroup
 @compute @workgroup_size(WG)
 fn gather_eval(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups) nw: vec3u) {
   let t = grid_index(g, nw);
-  let half = s.batch_rows / 2u;
+  let part = s.batch_rows / s.views;
   let local = t / (SIDE * SIDE); // row of the bound slice
   let r = s.first_row + local; // row of the batch
-  if (local >= s.rows || r >= 2u * half) { return; }
+  if (local >= s.rows || r >= s.views * part) { return; }
   let x = t % SIDE;
   let y = (t / SIDE) % SIDE;
-  let image = min(frame.offset + r % half, s.n_images - 1u);
+  let image = min(frame.offset + r % part, s.n_images - 1u);
+  let v = r / part;
   var xx = x;
-  if (r >= half) { xx = SIDE - 1u - x; }
-  for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = IMAGES_T(pixel(image, c, y, xx)); }
-  if (x == 0u && y == 0u && r < half) {
+  if (v % 2u == 1u) { xx = SIDE - 1u - x; }
+  var shift = 0; // views 2, 3: the crop at (0, 0) of the image padded by 1, i.e. pixel (y - 1, x - 1); 4, 5: (y + 1, x + 1)
+  if (v >= 2u) { shift = select(1, -1, v < 4u); }
+  let py = mirror(i32(y) + shift);
+  let px = mirror(i32(xx) + shift);
+  for (var c = 0u; c < 3u; c++) { images[t * 3u + c] = IMAGES_T(pixel(image, c, py, px)); }
+  if (x == 0u && y == 0u && r < part) {
     for (var k = 0u; k < s.classes; k++) { targets[local * s.classes + k] = select(0.0, 1.0, labels[image] == k); }
   }
 }

@@ -3,7 +3,8 @@
 //
 // State layout (floats, see `layoutState` in main.ts):
 //   [0, n_weights)            conv and linear weights   (group 1: lr_weights, wd_weights)
-//   [n_weights, n_trainable)  batch-norm shifts          (group 2: lr_biases,  wd_biases)
+//   [n_weights, whiten_bias_end)  the whitening bias, where a recipe has one (lr_whiten_bias, wd_biases)
+//   [whiten_bias_end, n_trainable)  batch-norm shifts    (group 2: lr_biases,  wd_biases)
 //   [n_trainable, n_copy)     batch-norm running means and variances (not trained, EMA'd)
 //   [n_copy, n_total)         frozen: batch-norm scales and the whitening conv
 // sgd_nesterov, i < n_trainable:  g = grad + wd * p;  m = momentum * m + g;  p -= lr * (g + momentum * m)
@@ -18,7 +19,7 @@ const WG: u32 = 256u;
 struct OptimShape {
   n_weights: u32, n_trainable: u32, n_copy: u32, n_total: u32,
   wd_weights: f32, wd_biases: f32, momentum: f32, base: u32,
-  end: u32, _p0: u32, _p1: u32, _p2: u32,
+  end: u32, whiten_bias_end: u32, _p1: u32, _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> s: OptimShape;
@@ -34,7 +35,7 @@ fn sgd_nesterov(@builtin(global_invocation_id) g: vec3u, @builtin(num_workgroups
   let i = s.base + j; // index into the state
   if (i >= s.end) { return; }
   let is_weight = i < s.n_weights;
-  let lr = select(frame.lr_biases, frame.lr_weights, is_weight);
+  let lr = select(select(frame.lr_biases, frame.lr_whiten_bias, i < s.whiten_bias_end), frame.lr_weights, is_weight);
   let wd = select(s.wd_biases, s.wd_weights, is_weight);
   let p = params[j];
   let grad = grads[j] + wd * p;
