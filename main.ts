@@ -4742,7 +4742,48 @@ function headerLine(gpu: Gpu, o: CliOptions, data: GpuData) {
     precisionText(o.precision)
   } | conv kernels: ${conv} | ` +
     `train ${data.train.count} / test ${data.test.count} images | batch ${o.batchSize}${slices} | ` +
-    `epochs ${o.epochs} | base depth ${o.baseDepth}`;
+    `epochs ${o.epochs} | base depth ${o.baseDepth} | training ${
+      flopText(trainingFlops(RECIPES[o.recipe], o.baseDepth, o.batchSize, data.train.count, o.epochs).total)
+    }`;
+}
+
+/**
+ * A run's training arithmetic, counted from the shapes (a multiply-add is 2 FLOP): the forward pass's convs and head;
+ * the backward's weight and data gradients (none for the frozen whitening conv, and no data gradient into it unless
+ * its bias learns); Muon's Newton-Schulz products. Elementwise work (norms, GELU, pools, SGD) and evaluation are not
+ * counted: together a few percent.
+ */
+export function trainingFlops(h: Hyp, baseDepth: number, batch: number, nTrain: number, epochs: number) {
+  const side = IMAGE_SIDE - h.net.whitening.kernelSize + 1, k = h.net.whitening.kernelSize;
+  const widths = groupWidths(baseDepth, h), convs: { macs: number; shape: number[] }[] = [];
+  let hw = side, cin = whitenOut(h);
+  for (const c of widths) {
+    convs.push({ macs: hw * hw * 9 * cin * c, shape: [3, 3, cin, c] }); // conv1 at the group's input size
+    hw >>= 1;
+    convs.push({ macs: hw * hw * 9 * c * c, shape: [3, 3, c, c] }); // conv2 after the pool
+    cin = c;
+  }
+  const whiten = side * side * k * k * 3 * whitenOut(h), head = cin * h.misc.numClasses;
+  const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0), conv = sum(convs.map((c) => c.macs));
+  const forward = 2 * (whiten + conv + head);
+  const backward = 2 * (2 * conv + 2 * head) - 2 * convs[0].macs; // no data gradient into the whitening output
+  const whitenBackward = 2 * convs[0].macs; // ... except while its bias learns
+  const newtonSchulz = h.opt.muon
+    ? sum(convs.map(({ shape }) => {
+      const [rows, cols] = muonMatrix(shape), n = Math.min(rows, cols), m = Math.max(rows, cols);
+      return NEWTON_SCHULZ.steps * (4 * n * n * m + 2 * n ** 3);
+    }))
+    : 0;
+  const plan = trainingPlan(nTrain, batch, epochs, h);
+  const total = plan.totalSteps * (batch * (forward + backward) + newtonSchulz) +
+    Math.min(plan.whitenBiasSteps, plan.totalSteps) * batch * whitenBackward;
+  return { forward, backward, newtonSchulz, steps: plan.totalSteps, total };
+}
+
+/** FLOP as a short number with its unit: 0.57 PFLOP, 3.2 TFLOP. */
+export function flopText(flop: number): string {
+  const [unit, scale] = flop >= 1e14 ? ["PFLOP", 1e15] : flop >= 1e11 ? ["TFLOP", 1e12] : ["GFLOP", 1e9];
+  return `${(flop / scale).toPrecision(2)} ${unit}`;
 }
 
 /**
@@ -4837,9 +4878,10 @@ function resumeFlags(o: CliOptions, c: Checkpoint): CliOptions {
       `--resume ${o.resume} continues a run with --conv-kernels ${c.convKernels}, not ${o.convKernels}: leave --conv-kernels out`,
     );
   }
-  const { runs, epochs, baseDepth, batchSize, trainSubset, testSubset, seed, precision } = saved;
+  const { recipe, runs, epochs, baseDepth, batchSize, trainSubset, testSubset, seed, precision } = saved;
   return {
     ...o,
+    recipe,
     runs,
     epochs,
     baseDepth,

@@ -81,3 +81,15 @@ export function welch(a: number[], b: number[]) {
   const half = tQuantileTwoSided(0.05, df) * se;
   return { diff, t, df, p: se === 0 ? (diff === 0 ? 1 : 0) : tTwoSided(t, df), low: diff - half, high: diff + half };
 }
+
+/** P(F <= f) for Fisher's F with (d1, d2) degrees of freedom: I_{d1 f / (d1 f + d2)}(d1 / 2, d2 / 2). */
+export const fCdf = (f: number, d1: number, d2: number) => incompleteBeta((d1 * f) / (d1 * f + d2), d1 / 2, d2 / 2);
+
+/**
+ * The F-test of var(a) against var(b): F = var(a) / var(b) on (n_a - 1, n_b - 1) degrees of freedom. `pWider`: the
+ * one-sided p of "a is spread wider than b" (small when it is); `p`: two-sided, "the variances differ".
+ */
+export function fTest(a: number[], b: number[]) {
+  const f = variance(a) / variance(b), d1 = a.length - 1, d2 = b.length - 1, below = fCdf(f, d1, d2);
+  return { f, d1, d2, pWider: 1 - below, p: Math.min(1, 2 * Math.min(below, 1 - below)) };
+}

@@ -8,6 +8,7 @@ import {
   type ConvKernels,
   initGpu,
   loadCifar10,
+  RECIPES,
   train,
   uploadDataset,
 } from "../main.ts";
@@ -60,6 +61,24 @@ for (const v of variants) {
       const kernels = { conv: v.set, fuseNormGelu: v.fuseNormGelu, fuseConvPool: v.fuseConvPool };
       const r = await train({ gpu, data, seed: 1, epochs: 1, baseDepth, batchSize: batch, kernels });
       imagesPerSecond[v.name] = Math.max(imagesPerSecond[v.name] ?? 0, (steps * batch) / r.trainSeconds);
+    },
+  });
+}
+
+// A training step of each recipe (issue 18) at the same batch and base depth, on this device's kernels. airbench94's
+// whitening bias learns in the first 3 epochs, so these steps (of a 1-epoch run) are its dearest: one more backward
+// conv (into the whitening output) than its later steps.
+for (const [name, h] of Object.entries(RECIPES)) {
+  Deno.bench({
+    name: `train [recipe ${name}]: ${steps} steps of batch ${batch}, base depth ${baseDepth}, + eval of ${batch}`,
+    group: "recipe",
+    baseline: name === "hlb",
+    n: 2,
+    warmup: 1,
+    async fn() {
+      const r = await train({ gpu, data, seed: 1, epochs: 1, baseDepth, batchSize: batch, hyp: h });
+      const key = `recipe ${name}`;
+      imagesPerSecond[key] = Math.max(imagesPerSecond[key] ?? 0, (steps * batch) / r.trainSeconds);
     },
   });
 }

@@ -8,7 +8,9 @@ import { join } from "node:path";
 import { bundleForBrowser } from "../main.ts";
 import { findChromium, launchChromium, ROOT } from "./util.ts";
 
-const FILES = ["kernels", "muon", "conv", "network", "weights", "train", "slicing"].map((f) => `${f}.test.ts`);
+const FILES = ["kernels", "muon", "conv", "network", "weights", "train", "slicing", "airbench"].map((f) =>
+  `${f}.test.ts`
+);
 const files = Deno.args.length ? Deno.args : FILES;
 const TIMEOUT_MS = 15 * 60_000; // the whole suite took 2 min 45 s on SwiftShader (2 cores)
 

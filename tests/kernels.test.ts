@@ -5,6 +5,7 @@
 import assert from "node:assert/strict";
 import {
   accumulateMetrics,
+  airbench94,
   augmentTrain,
   batchNorm,
   batchNormBackward,
@@ -14,6 +15,8 @@ import {
   crossEntropy,
   emaDecay,
   emaUpdate,
+  epochAugmentation,
+  firstEpochFlips,
   freeSince,
   gatherEval,
   gelu,
@@ -40,7 +43,7 @@ import {
   submit,
   type Tensor,
   trainingPlan,
-  ttaAverage,
+  ttaCombine,
   upload,
   uploadImages,
   whiteningFilters,
@@ -653,15 +656,22 @@ Deno.test("crossEntropy: rows >= frame.valid are zeroed (loss, correct, dlogits)
   );
 });
 
-Deno.test("ttaAverage: out[b] = (logits[b] + logits[h + b]) / 2", async () => {
+Deno.test("ttaCombine: 1 view copied, 2 averaged, 6 weighted 1/4, 1/4 and 1/8 each (airbench94's level 2)", async () => {
   const rng = new Prng(601);
-  for (const [h, k] of [[7, 10], [70, 3]]) {
-    const logits = rng.normals(2 * h * k, 5);
-    const mark = gpu.allocated.length;
-    const lt = upload(gpu, logits, [2 * h, k]), out = upload(gpu, garbage(h * k), [h, k]);
-    const [o] = await run([ttaAverage(gpu, lt, out)], [out], mark);
-    const ref = Array.from({ length: h * k }, (_, i) => 0.5 * (logits[i] + logits[h * k + i]));
-    assertEach(`ttaAverage ${h}x${k}`, o, ref, 1e-6, 1e-6);
+  // view v of row b is logits[v h + b]; level 2: 0.5 mean(v0, v1) + 0.5 mean(mean(v2, v3), mean(v4, v5))
+  const weights: Record<number, number[]> = { 1: [1], 2: [0.5, 0.5], 6: [0.25, 0.25, 0.125, 0.125, 0.125, 0.125] };
+  for (const views of [1, 2, 6]) {
+    for (const [h, k] of [[7, 10], [70, 3]]) {
+      const logits = rng.normals(views * h * k, 5);
+      const mark = gpu.allocated.length;
+      const lt = upload(gpu, logits, [views * h, k]), out = upload(gpu, garbage(h * k), [h, k]);
+      const [o] = await run([ttaCombine(gpu, lt, out, views)], [out], mark);
+      const ref = Array.from(
+        { length: h * k },
+        (_, i) => weights[views].reduce((sum, w, v) => sum + w * logits[v * h * k + i], 0),
+      );
+      assertEach(`ttaCombine ${views} views ${h}x${k}`, o, ref, 1e-6, 1e-6);
+    }
   }
 });
 
@@ -695,7 +705,15 @@ Deno.test("accumulateMetrics: adds sum(loss), sum(correct) into its slot only", 
 // Optimiser and EMA
 // =================================================================================================
 
-const LAYOUT: StateLayout = { entries: new Map(), nWeights: 300, nTrainable: 350, nCopy: 400, nTotal: 450 };
+// [300, 320): a whitening bias, with its own lr (airbench94)
+const LAYOUT: StateLayout = {
+  entries: new Map(),
+  nWeights: 300,
+  whitenBiasEnd: 320,
+  nTrainable: 350,
+  nCopy: 400,
+  nTotal: 450,
+};
 const STATE_LEN = 470; // a tail past nTotal that nothing may touch
 
 function stateBuffer(data: Float32Array<ArrayBuffer>) {
@@ -704,37 +722,46 @@ function stateBuffer(data: Float32Array<ArrayBuffer>) {
   return b;
 }
 
-Deno.test("sgdNesterov: two steps, per-group lr and weight decay, nothing past nTrainable changes", async () => {
-  const rng = new Prng(801);
-  const p0 = rng.normals(STATE_LEN), m0 = rng.normals(STATE_LEN, 0.1);
-  const g1 = rng.normals(STATE_LEN), g2 = rng.normals(STATE_LEN);
-  const wd = { weights: 0.05, biases: 0.003 }, mom = hyp.opt.momentum;
-  const lrs = [{ lrWeights: 0.1, lrBiases: 0.7 }, { lrWeights: 0.02, lrBiases: 1.3 }];
-  const mark = gpu.allocated.length;
-  const params = stateBuffer(p0), grads = stateBuffer(g1), momentum = stateBuffer(m0);
-  const step = sgdNesterov(gpu, LAYOUT, params, grads, momentum, wd);
-  setFrame(gpu, lrs[0]);
-  submit(gpu, step);
-  gpu.device.queue.writeBuffer(grads, 0, g2);
-  setFrame(gpu, lrs[1]);
-  submit(gpu, step);
-  const p = await readBuffer(gpu, params, 0, STATE_LEN * 4), m = await readBuffer(gpu, momentum, 0, STATE_LEN * 4);
-  checkGpu(gpu);
-  freeSince(gpu, mark);
-  const pRef = Array.from(p0), mRef = Array.from(m0);
-  [g1, g2].forEach((grad, s) => {
-    for (let i = 0; i < LAYOUT.nTrainable; i++) {
-      const weight = i < LAYOUT.nWeights;
-      const lr = weight ? lrs[s].lrWeights : lrs[s].lrBiases, decay = weight ? wd.weights : wd.biases;
-      const g = grad[i] + decay * pRef[i];
-      mRef[i] = mom * mRef[i] + g;
-      pRef[i] -= lr * (g + mom * mRef[i]);
+Deno.test("sgdNesterov: two steps, per-group lr and weight decay, nothing outside [start, nTrainable) changes", async () => {
+  for (const start of [0, 128]) { // 128: from a later tensor (airbench94: from the head; Muon trains the convs)
+    const rng = new Prng(801);
+    const p0 = rng.normals(STATE_LEN), m0 = rng.normals(STATE_LEN, 0.1);
+    const g1 = rng.normals(STATE_LEN), g2 = rng.normals(STATE_LEN);
+    const wd = { weights: 0.05, biases: 0.003 }, mom = hyp.opt.momentum;
+    const lrs = [
+      { lrWeights: 0.1, lrBiases: 0.7, lrWhitenBias: 0.4 },
+      { lrWeights: 0.02, lrBiases: 1.3, lrWhitenBias: 0 }, // 0: frozen, the parameter stays as it is
+    ];
+    const mark = gpu.allocated.length;
+    const params = stateBuffer(p0), grads = stateBuffer(g1), momentum = stateBuffer(m0);
+    const step = sgdNesterov(gpu, LAYOUT, params, grads, momentum, wd, mom, start);
+    setFrame(gpu, lrs[0]);
+    submit(gpu, step);
+    gpu.device.queue.writeBuffer(grads, 0, g2);
+    setFrame(gpu, lrs[1]);
+    submit(gpu, step);
+    const p = await readBuffer(gpu, params, 0, STATE_LEN * 4), m = await readBuffer(gpu, momentum, 0, STATE_LEN * 4);
+    checkGpu(gpu);
+    freeSince(gpu, mark);
+    const pRef = Array.from(p0), mRef = Array.from(m0);
+    [g1, g2].forEach((grad, s) => {
+      for (let i = start; i < LAYOUT.nTrainable; i++) {
+        const weight = i < LAYOUT.nWeights, whitenBias = !weight && i < LAYOUT.whitenBiasEnd;
+        const lr = weight ? lrs[s].lrWeights : whitenBias ? lrs[s].lrWhitenBias : lrs[s].lrBiases;
+        const decay = weight ? wd.weights : wd.biases, g = grad[i] + decay * pRef[i];
+        mRef[i] = mom * mRef[i] + g;
+        pRef[i] -= lr * (g + mom * mRef[i]);
+      }
+    });
+    const at = `from ${start}`;
+    assertEach(`sgd params ${at}`, p, pRef, 1e-6, 1e-5);
+    assertEach(`sgd momentum ${at}`, m, mRef, 1e-6, 1e-5);
+    for (const [what, got, was] of [["params", p, p0], ["momentum", m, m0]] as const) {
+      assertEach(`sgd untouched ${what} before ${start}`, got.subarray(0, start), was.subarray(0, start), 0, 0);
+      const tail = LAYOUT.nTrainable;
+      assertEach(`sgd untouched ${what} past nTrainable`, got.subarray(tail), was.subarray(tail), 0, 0);
     }
-  });
-  assertEach("sgd params", p, pRef, 1e-6, 1e-5);
-  assertEach("sgd momentum", m, mRef, 1e-6, 1e-5);
-  assertEach("sgd untouched params", p.subarray(LAYOUT.nTrainable), p0.subarray(LAYOUT.nTrainable), 0, 0);
-  assertEach("sgd untouched momentum", m.subarray(LAYOUT.nTrainable), m0.subarray(LAYOUT.nTrainable), 0, 0);
+  }
 });
 
 Deno.test("emaUpdate: two steps, copy back below nCopy only, nothing past nTotal changes", async () => {
@@ -822,12 +849,12 @@ Deno.test("augmentTrain: crop offsets, reflect edges, flip, cutmix with partner 
     [3, 0, 1, 0, 0, 0, 1],
     [1, 2, 1, 1, 15, 1, 4],
     [2, 1, 0, 1, 30, 16, 3], // its own partner: target stays one-hot
-    [3, 3, 0, 0, 0, 0, 0],
-    [0, 0, 1, 1, 7, 9, 2],
+    [4, 3, 0, 0, 0, 0, 0], // offset 4: airbench94 draws it, hlb never does
+    [0, 4, 1, 1, 7, 9, 2],
   ];
   const params = new Uint32Array(2 * N_IMAGES);
   spec.forEach(([dy, dx, flip, cut, cy, cx, partner], i) => {
-    params[2 * i] = dy | (dx << 2) | (flip << 4) | (cut << 5) | (cy << 6) | (cx << 11);
+    params[2 * i] = dy | (dx << 3) | (flip << 6) | (cut << 7) | (cy << 8) | (cx << 13);
     params[2 * i + 1] = partner;
   });
   const perm = Uint32Array.from([5, 2, 0, 4, 1, 3, 2, 5]), offset = 2, rows = 5; // images 0, 4, 1, 3, 2
@@ -865,27 +892,33 @@ Deno.test("augmentTrain: crop offsets, reflect edges, flip, cutmix with partner 
   }
 });
 
-Deno.test("gatherEval: rows < h unflipped from frame.offset (clamped), rows >= h mirrored", async () => {
+Deno.test("gatherEval: each TTA view of images frame.offset.. (clamped): mirrored, translated 1 pixel with reflection", async () => {
   const raw = randomImages(902, N_IMAGES);
   const h = 3, offset = 4; // images 4, 5, 5 (clamped to the last)
-  const mark = gpu.allocated.length;
-  const imgs = uploadSplit(raw, LABELS);
-  const images = upload(gpu, garbage(2 * h * 3072), [2 * h, 32, 32, 3]),
-    targets = upload(gpu, garbage(2 * h * 10), [2 * h, 10]);
-  setFrame(gpu, { offset });
-  const [got, tg] = await run(gatherEval(gpu, imgs, NORM, images, targets), [images, targets], mark);
-  for (let r = 0; r < 2 * h; r++) {
-    const img = Math.min(offset + (r % h), N_IMAGES - 1), mirror = r >= h;
-    const ref = new Float64Array(3072);
-    for (let y = 0; y < 32; y++) {
-      for (let x = 0; x < 32; x++) {
-        for (let c = 0; c < 3; c++) ref[(y * 32 + x) * 3 + c] = normalised(raw, img, c, y, mirror ? 31 - x : x);
+  // view v: mirrored if odd; 2, 3 read pixel (y - 1, x - 1) and 4, 5 pixel (y + 1, x + 1) (of the mirror for 3, 5),
+  // reflected at the edges (PyTorch's reflect padding: -1 -> 1, 32 -> 30)
+  const reflect = (q: number) => (q < 0 ? -q : q > 31 ? 62 - q : q);
+  for (const views of [1, 2, 6]) {
+    const mark = gpu.allocated.length;
+    const imgs = uploadSplit(raw, LABELS);
+    const images = upload(gpu, garbage(views * h * 3072), [views * h, 32, 32, 3]),
+      targets = upload(gpu, garbage(views * h * 10), [views * h, 10]);
+    setFrame(gpu, { offset });
+    const [got, tg] = await run(gatherEval(gpu, imgs, NORM, images, targets, views), [images, targets], mark);
+    for (let r = 0; r < views * h; r++) {
+      const img = Math.min(offset + (r % h), N_IMAGES - 1), v = Math.floor(r / h);
+      const shift = v < 2 ? 0 : v < 4 ? -1 : 1, ref = new Float64Array(3072);
+      for (let y = 0; y < 32; y++) {
+        for (let x = 0; x < 32; x++) {
+          const sx = reflect((v % 2 ? 31 - x : x) + shift), sy = reflect(y + shift);
+          for (let c = 0; c < 3; c++) ref[(y * 32 + x) * 3 + c] = normalised(raw, img, c, sy, sx);
+        }
       }
-    }
-    assertEach(`gatherEval row ${r}`, got.subarray(r * 3072, (r + 1) * 3072), ref, 2e-6, 2e-6);
-    if (r < h) {
-      const t = Array.from({ length: 10 }, (_, k) => (k === LABELS[img] ? 1 : 0));
-      assertEach(`gatherEval targets row ${r}`, tg.subarray(r * 10, (r + 1) * 10), t, 0, 0);
+      assertEach(`gatherEval ${views} views row ${r}`, got.subarray(r * 3072, (r + 1) * 3072), ref, 2e-6, 2e-6);
+      if (r < h) {
+        const t = Array.from({ length: 10 }, (_, k) => (k === LABELS[img] ? 1 : 0));
+        assertEach(`gatherEval targets row ${r}`, tg.subarray(r * 10, (r + 1) * 10), t, 0, 0);
+      }
     }
   }
 });
@@ -1029,6 +1062,26 @@ Deno.test("emaDecay: 0.95^5 * (step / T)^3", () => {
   assert.ok(Math.abs(emaDecay(581, 581) - 0.7737809375) < 1e-15);
   assert.ok(Math.abs(emaDecay(100, 581) - 0.7737809375 * (100 / 581) ** 3) < 1e-15);
   assert.equal(emaDecay(0, 581), 0);
+});
+
+Deno.test("epochAugmentation: hlb's offsets 0..3 and random flips; airbench94's 0..4 and alternating flips", () => {
+  const n = 4000, count = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
+  const draws = (params: Uint32Array) =>
+    Array.from(
+      { length: n },
+      (_, i) => ({ dy: params[2 * i] & 7, dx: (params[2 * i] >> 3) & 7, flip: (params[2 * i] >> 6) & 1 }),
+    );
+  const hlb = draws(epochAugmentation(new Rng(5), n, false, hyp.net).params);
+  assert.deepEqual([...new Set(hlb.map((d) => d.dy))].sort(), [0, 1, 2, 3]); // the original's quirk: never 4
+  assert.ok(Math.abs(count(hlb.map((d) => d.flip)) / n - 0.5) < 0.05);
+  const first = firstEpochFlips(7, n);
+  assert.deepEqual(firstEpochFlips(7, n), first); // a resumed run draws the same ones
+  assert.ok(Math.abs(count([...first]) / n - 0.5) < 0.05, "a random half");
+  for (const epoch of [0, 1, 2, 3]) {
+    const a = draws(epochAugmentation(new Rng(5), n, false, airbench94.net, { epoch, firstFlips: first }).params);
+    assert.deepEqual([...new Set(a.map((d) => d.dx))].sort(), [0, 1, 2, 3, 4]);
+    a.forEach((d, i) => assert.equal(d.flip, first[i] ^ (epoch % 2), `epoch ${epoch}, image ${i}`));
+  }
 });
 
 Deno.test("trainingPlan(50000, 1024, 12.1): 48 steps/epoch, 581 steps, 13 epochs", () => {
@@ -1177,7 +1230,7 @@ f16Test(
     const targets = upload(gpu, garbage(40), [4, 10]);
     setFrame(gpu, { offset: 1 });
     const [a, b] = await run(
-      [...gatherEval(gpu, imgs, NORM, i32, targets), ...gatherEval(gpu, imgs, NORM, i16, targets)],
+      [...gatherEval(gpu, imgs, NORM, i32, targets, 2), ...gatherEval(gpu, imgs, NORM, i16, targets, 2)],
       [i32, i16],
       mark,
     );

@@ -197,7 +197,7 @@ Deno.test("gatherEval in slices writes the same images and targets, bit for bit"
     const norm = { mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26] };
     const gather = (g: Gpu) => {
       const x = tensor(gpu, [74, 32, 32, 3]), t = tensor(gpu, [74, 10]); // 37 images and their mirrors
-      return { list: gatherEval(g, imgs, norm, x, t), outs: [x, t] };
+      return { list: gatherEval(g, imgs, norm, x, t, 2), outs: [x, t] };
     };
     setFrame(gpu, { offset: 2 });
     // 33 rows fit 400 KiB; the targets' 40-byte rows start a binding every 32 rows: slices of 32, 32 and 10
@@ -283,7 +283,7 @@ Deno.test("training (3 steps, the EMA every step) in slices of 32 images, then e
   // comparison is over 3 steps, with a recipe whose EMA starts at once and updates every step (copy, then 2 updates).
   const rng = new Prng(1), n = 128, images = Uint8Array.from({ length: n * 3072 }, () => rng.int(256));
   const labels = Uint8Array.from({ length: n }, () => rng.int(10));
-  const h = { ...hyp, misc: { ...hyp.misc, ema: { ...hyp.misc.ema, everyNSteps: 1 } } };
+  const h = { ...hyp, misc: { ...hyp.misc, ema: { ...hyp.misc.ema!, everyNSteps: 1 } } };
   const mark = gpu.allocated.length;
   try {
     const data = uploadDataset(gpu, {

@@ -1,7 +1,17 @@
 // The comparison statistics against values worked out by hand (closed forms of Student's t for
 // 1 and 2 degrees of freedom, a textbook quantile, and a Welch test computed step by step).
 import assert from "node:assert/strict";
-import { incompleteBeta, logGamma, mean, std, tQuantileTwoSided, tTwoSided, welch } from "../bench/stats.ts";
+import {
+  fCdf,
+  fTest,
+  incompleteBeta,
+  logGamma,
+  mean,
+  std,
+  tQuantileTwoSided,
+  tTwoSided,
+  welch,
+} from "../bench/stats.ts";
 
 const close = (got: number, want: number, tol: number, what: string) =>
   assert.ok(Math.abs(got - want) <= tol, `${what}: got ${got}, want ${want}`);
@@ -40,4 +50,19 @@ Deno.test("Welch's t-test, step by step", () => {
   close(w.low, -3 - half, 1e-9, "interval low");
   close(w.high, -3 + half, 1e-9, "interval high");
   assert.equal(welch([1, 1, 1], [1, 1, 1]).p, 1);
+});
+
+Deno.test("F-test of two variances: closed forms, and a ratio worked out by hand", () => {
+  // F(1, d) is t(d) squared; F(2, 2) has the cdf f / (1 + f)
+  for (const t of [0.5, 1.7, 3]) close(1 - fCdf(t * t, 1, 7), tTwoSided(t, 7), 1e-12, `F(1, 7) at ${t}^2`);
+  for (const f of [0.2, 1, 4]) close(fCdf(f, 2, 2), f / (1 + f), 1e-12, `F(2, 2) at ${f}`);
+  // var(a) = 10, var(b) = 2.5: F = 4 on (4, 4) degrees of freedom
+  const a = [2, 4, 6, 8, 10], b = [1, 2, 3, 4, 5], r = fTest(a, b);
+  close(r.f, 4, 1e-12, "F");
+  assert.deepEqual([r.d1, r.d2], [4, 4]);
+  close(r.pWider, 1 - fCdf(4, 4, 4), 1e-15, "one-sided p");
+  close(r.p, 2 * r.pWider, 1e-15, "two-sided p");
+  // P(F(4, 4) > 4) = 1 - I_0.8(2, 2) = I_0.2(2, 2), and I_x(2, 2) = 3 x^2 - 2 x^3: 0.104
+  close(r.pWider, 3 * 0.2 ** 2 - 2 * 0.2 ** 3, 1e-12, "P(F(4,4) > 4)");
+  close(fTest(b, a).pWider, 1 - r.pWider, 1e-12, "the other way round");
 });
