@@ -193,7 +193,10 @@ export function stateViews(buffer: GPUBuffer, layout: StateLayout): Record<strin
   return views;
 }
 
-/** Initial state on the CPU: PyTorch's default uniform init, then dirac on each group's convs. */
+/**
+ * Initial state on the CPU: PyTorch's default uniform init (+-1/sqrt(fan in), for weights and the whitening bias), then
+ * dirac on each group's convs (hlb's, or airbench94's `convInit`) and airbench94's unit-std head.
+ */
 export function initState(
   layout: StateLayout,
   rng: Rng,
@@ -205,16 +208,11 @@ export function initState(
     const e = layout.entries.get(name)!;
     return state.subarray(e.offset, e.offset + numel(e.shape));
   };
+  const fanIns: Record<string, number> = { [WHITEN_BIAS]: 3 * h.net.whitening.kernelSize ** 2 }; // its conv's
   for (const [name, e] of layout.entries) {
-    const t = at(name);
-    if (
-      name.endsWith("conv1.weight") || name.endsWith("conv2.weight") || name === "linear.weight" || name === WHITEN_BIAS
-    ) {
-      const fanIn = name === "linear.weight"
-        ? e.shape[1]
-        : name === WHITEN_BIAS
-        ? 3 * h.net.whitening.kernelSize ** 2
-        : e.shape[0] * e.shape[1] * e.shape[2];
+    const t = at(name), conv = /conv[12]\.weight$/.test(name);
+    if (conv || name === "linear.weight" || name === WHITEN_BIAS) {
+      const fanIn = conv ? e.shape[0] * e.shape[1] * e.shape[2] : fanIns[name] ?? e.shape[1];
       const bound = 1 / Math.sqrt(fanIn);
       for (let i = 0; i < t.length; i++) t[i] = (2 * rng.next() - 1) * bound;
     } else if (name.endsWith("norm1.weight") || name.endsWith("norm2.weight") || name.endsWith("running_var")) {
@@ -4319,14 +4317,16 @@ export const HELP = `hlb-CIFAR10 on WebGPU: trains a small convnet on CIFAR-10 t
 usage: deno run -A main.ts [flags]
 
   --recipe R          hlb (default: hlb-CIFAR10 v0.7) or airbench94 (airbench94_muon.py: Muon, 8 epochs at batch
-                      2000, about half the arithmetic); the defaults below are hlb's, airbench94 has its own
+                      2000, about half the arithmetic); the defaults below name both
   --data DIR          cifar-10-batches-bin folder (default: $CIFAR10_DIR, else data/cifar-10-batches-bin,
                       downloaded and verified on first use)
   --runs N            train N times with seeds seed, seed+1, ... and print mean and std (default 1)
-  --epochs E          training epochs, fractions allowed (default ${hyp.misc.trainEpochs}); cutmix runs from
-                      epoch E-${hyp.net.cutmixEpochs}, the EMA from epoch floor(E)-${hyp.misc.ema!.epochs}
-  --base-depth D      width of the first group; groups are D, 4D, 8D (default ${hyp.net.baseDepth})
-  --batch-size B      training batch size (default ${hyp.misc.batchSize})
+  --epochs E          training epochs, fractions allowed (default ${hyp.misc.trainEpochs}, airbench94 ${airbench94.misc.trainEpochs});
+                      hlb's cutmix runs from epoch E-${hyp.net.cutmixEpochs}, its EMA from epoch floor(E)-${
+  hyp.misc.ema!.epochs
+}
+  --base-depth D      width of the first group; groups are D, 4D, 8D (airbench94: D, 4D, 4D; default ${hyp.net.baseDepth})
+  --batch-size B      training batch size (default ${hyp.misc.batchSize}, airbench94 ${airbench94.misc.batchSize})
   --train-subset N    train on the first N training images in file order (default: all 50000)
   --test-subset N     evaluate on the first N test images (default: all 10000)
   --seed S            seed of the first run, 0..4294967295 (default: random, printed)
@@ -4339,8 +4339,8 @@ usage: deno run -A main.ts [flags]
                       every epoch and on Ctrl-C
   --resume FILE       continue the run FILE holds, from the end of its last epoch, with the same bits on the same
                       device (its flags are the defaults; checkpoints go on to FILE unless --checkpoint says where)
-  --eval FILE         no training: print the test accuracy and loss (flip TTA) of a network saved with --save,
-                      normalised with its own statistics and evaluated at its run's batch size and precision
+  --eval FILE         no training: print the test accuracy and loss of a network saved with --save, with its
+                      recipe's final TTA, normalised with its own statistics, at its run's batch size and precision
   --conv-kernels K    conv kernel set: tiled (workgroup-memory tiles, the GPU default), block (the
                       first version's), wide (the CPU-device default); default: chosen from the device
   --feature-level L   core (default; compatibility if none) or compatibility: the WebGPU adapter to ask for

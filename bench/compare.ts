@@ -1,7 +1,7 @@
 // Compare two forks of main.ts: `deno task compare A.ts B.ts [--runs N] [flags for both ...]`.
 // Runs A and B alternately, N times each, each run a separate process with the same flags and seed
 // (run i uses seed --seed + i, default 0 + i), reads the run logs they write, and prints mean and
-// std of the final EMA accuracy and training time, the differences B - A with 95% intervals, and
+// std of the final (EMA) accuracy and training time, the differences B - A with 95% intervals, and
 // Welch's t-test p-values. A crashing run is reported and left out; it does not stop the others.
 import { join } from "node:path";
 import { mean, std, welch } from "./stats.ts";
@@ -10,6 +10,7 @@ import { type EpochRow, meanCurve, plotSvg } from "./plot.ts";
 
 interface Outcome {
   acc: number;
+  ema: boolean; // acc is the EMA's (hlb), or the network's (a recipe without EMA: airbench94)
   seconds: number;
   epochs: EpochRow[]; // per-epoch metrics, for --plot
 }
@@ -35,8 +36,11 @@ async function runOnce(script: string, flags: string[], seed: number, logDir: st
   if (files.length !== 1) return `expected one run log in ${logDir}, found ${files.length}`;
   const log = JSON.parse(await Deno.readTextFile(join(logDir, files[0])));
   const run = log.runs[0];
+  // the recipe's final accuracy: the EMA's (hlb), or the network's where the recipe has no EMA (airbench94)
+  const ran = { seconds: run.trainSeconds, epochs: run.epochs };
+  if (log.hyp?.misc?.ema === null) return { acc: run.valAcc, ema: false, ...ran };
   if (run.emaValAcc === null) return "the EMA never started (too few steps): no accuracy to compare";
-  return { acc: run.emaValAcc, seconds: run.trainSeconds, epochs: run.epochs };
+  return { acc: run.emaValAcc, ema: true, ...ran };
 }
 
 const argv = [...Deno.args];
@@ -77,7 +81,9 @@ try {
         console.log(`${label}: FAILED (${r})`);
       } else {
         results[script].push(r);
-        console.log(`${label}: EMA acc ${(100 * r.acc).toFixed(2)}%, train ${r.seconds.toFixed(2)} s`);
+        console.log(
+          `${label}: ${r.ema ? "EMA" : "final"} acc ${(100 * r.acc).toFixed(2)}%, train ${r.seconds.toFixed(2)} s`,
+        );
       }
     }
   }
@@ -88,11 +94,12 @@ try {
 const fmt = (xs: number[], scale: number, digits: number, unit: string) =>
   xs.length ? `${(scale * mean(xs)).toFixed(digits)}${unit} ± ${(scale * std(xs)).toFixed(digits)}` : "n/a";
 const width = Math.max(a.length, b.length, 7);
-console.log(`\n${"variant".padEnd(width)}  ok  ${"EMA val acc (mean ± std)".padEnd(24)}  train s (mean ± std)`);
+const accName = [...results[a], ...results[b]].every((r) => r.ema) ? "EMA val acc" : "final val acc";
+console.log(`\n${"variant".padEnd(width)}  ok  ${`${accName} (mean ± std)`.padEnd(26)}  train s (mean ± std)`);
 for (const s of [a, b]) {
   const r = results[s];
   console.log(
-    `${s.padEnd(width)}  ${String(r.length).padStart(2)}  ${fmt(r.map((x) => x.acc), 100, 2, "%").padEnd(24)}  ${
+    `${s.padEnd(width)}  ${String(r.length).padStart(2)}  ${fmt(r.map((x) => x.acc), 100, 2, "%").padEnd(26)}  ${
       fmt(r.map((x) => x.seconds), 1, 2, " s")
     }`,
   );

@@ -98,6 +98,10 @@ Deno.test("--resume refuses another run's flags, kernels, script or data with on
       /^error: --resume .*ck\.safetensors continues a run with --batch-size 64, not 32: leave --batch-size out$/,
     );
     await refused(
+      resume("--recipe", "airbench94"),
+      /^error: --resume .* continues a run with --recipe hlb, not airbench94: leave --recipe out$/,
+    );
+    await refused(
       resume("--precision", "f16"),
       /^error: --resume .* continues a run with --precision f32, not f16: leave --precision out$/,
     );
@@ -163,6 +167,7 @@ function sample(): Checkpoint {
   });
   return {
     flags: {
+      recipe: "hlb",
       runs: "1",
       epochs: "2",
       "base-depth": "2",

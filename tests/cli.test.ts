@@ -26,6 +26,11 @@ Deno.test("flags: defaults follow hyp, values parse", () => {
   assert.equal(parseFlags(["--conv-kernels", "block"]).convKernels, "block");
   assert.equal(d.precision, "f32");
   assert.equal(parseFlags(["--precision", "f16"]).precision, "f16");
+  // --recipe: hlb by default; airbench94's own defaults where no flag says otherwise
+  assert.equal(d.recipe, "hlb");
+  const a = parseFlags(["--recipe", "airbench94"]);
+  assert.deepEqual([a.recipe, a.epochs, a.batchSize, a.baseDepth], ["airbench94", 8, 2000, 64]);
+  assert.equal(parseFlags(["--recipe", "airbench94", "--epochs", "2"]).epochs, 2);
 });
 
 Deno.test("flags: a bad value names the flag and its range", () => {
@@ -43,6 +48,8 @@ Deno.test("flags: a bad value names the flag and its range", () => {
     [["--data"], /^--data needs a value: see --help$/],
     [["--precision", "bf16"], /^--precision must be f32 or f16, got "bf16"$/],
     [["--conv-kernels", "fast"], /^--conv-kernels must be one of tiled, block, wide, got "fast"$/],
+    [["--recipe", "airbench"], /^--recipe must be one of hlb, airbench94, got "airbench"$/],
+    [["--recipe", "toString"], /^--recipe must be one of hlb, airbench94, got "toString"$/],
     [["stray"], /^unexpected argument stray: flags start with --, see --help$/],
   ];
   for (const [args, message] of cases) {
@@ -57,7 +64,7 @@ Deno.test("flags: a bad value names the flag and its range", () => {
 Deno.test("flags: a --web page's address query parses as the command line does, and takes only training flags", () => {
   const argv = ["--runs", "2", "--epochs", "2.5", "--base-depth", "4", "--batch-size", "32", "--train-subset", "256"]
     .concat(["--test-subset", "32", "--seed", "7", "--conv-kernels", "wide", "--feature-level", "compatibility"])
-    .concat(["--precision", "f16"]);
+    .concat(["--precision", "f16", "--recipe", "airbench94"]);
   const query = new URLSearchParams();
   for (let i = 0; i < argv.length; i += 2) query.set(argv[i].slice(2), argv[i + 1]);
   assert.deepEqual([...query.keys()].sort(), [...PAGE_FLAGS].sort()); // every page flag is exercised
@@ -66,8 +73,8 @@ Deno.test("flags: a --web page's address query parses as the command line does, 
   const cases: [string, RegExp][] = [
     ["?epochs=0x10", /^--epochs must be a number from 0.01 to 1000, got "0x10"$/],
     ["?epochs=", /^--epochs must be a number from 0.01 to 1000, got ""$/],
-    ["?frobnicate=1", /^unknown flag frobnicate in the page's address: the page takes runs, epochs, /],
-    ["?json=r.json", /^--json is the terminal's, not the page's: the page takes runs, /],
+    ["?frobnicate=1", /^unknown flag frobnicate in the page's address: the page takes recipe, runs, epochs, /],
+    ["?json=r.json", /^--json is the terminal's, not the page's: the page takes recipe, runs, /],
     ["?web", /^--web is the terminal's, not the page's/],
     ["?precision=bf16", /^--precision must be f32 or f16, got "bf16"$/],
   ];
@@ -149,6 +156,35 @@ Deno.test("main: --precision f16 and --conv-kernels reach the run (header line, 
     const out = JSON.parse(await Deno.readTextFile(json));
     assert.deepEqual([out.precision, out.convKernels], ["f16", "block"]);
     assert.ok(out.runs[0].valAcc >= 0 && out.runs[0].valAcc <= 1);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("main: --recipe airbench94 trains, saves, and --eval of the file gives its final accuracy (TTA level 2)", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = await writeFixtureDataset(dir), json = join(dir, "r.json"), saved = join(dir, "net.safetensors");
+    const r = await runMain([
+      ...["--recipe", "airbench94", "--data", data, "--train-subset", "128", "--test-subset", "20"],
+      ...["--base-depth", "4", "--batch-size", "64", "--epochs", "2", "--seed", "3", "--no-log"],
+      ...["--json", json, "--save", saved],
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^recipe: airbench94 \| device: .* \| base depth 4 \| training [\d.]+ GFLOP$/m);
+    const final = r.stdout.match(/^final val accuracy \(TTA level 2\): ([\d.]+)% \| train time [\d.]+ s$/m);
+    assert.ok(final, r.stdout);
+    const out = JSON.parse(await Deno.readTextFile(json));
+    assert.equal(out.flags.recipe, "airbench94");
+    assert.equal((100 * out.runs[0].valAcc).toFixed(2), final[1]);
+    assert.equal(out.runs[0].emaValAcc, null);
+    // the saved file names its recipe: --eval takes the network and the TTA from it, at the run's batch size
+    const e = await runMain(["--eval", saved, "--data", data, "--test-subset", "20"]);
+    assert.equal(e.code, 0, e.stderr);
+    assert.match(
+      e.stdout,
+      new RegExp(`test accuracy ${final[1]}% \\| test loss [\\d.]+ \\| 20 images, TTA level 2$`, "m"),
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -64,20 +64,25 @@ function assertSameRun(page: any, deno: any, seed: number) {
   }
 }
 
-chromiumTest("--web: the page trains in headless Chromium and its run log matches Deno's", async () => {
+/** A tiny run on the page (served by --web with `recipe` flags) and the same in Deno: the same run. */
+async function pageMatchesDeno(recipe: string[]) {
   const dir = await Deno.makeTempDir();
   try {
     const data = await writeFixtureDataset(dir), pageLogs = join(dir, "page"), denoLogs = join(dir, "deno");
     const flags = ["--train-subset", "256", "--test-subset", "32", "--base-depth", "4", "--batch-size", "32"]
-      .concat(["--epochs", "2", "--seed", "1"]);
+      .concat(["--epochs", "2", "--seed", "1", ...recipe]);
     const server = spawnMain(["--web", "--data", data, "--log-dir", pageLogs, ...flags]);
     let page: Page | undefined;
     try {
       await server.until(/training page: (http:\/\/127\.0\.0\.1:\d+\/\S*)/);
       const url = (await server.stdoutSoFar()).match(/training page: (\S+)/)![1];
-      assert.match(url, /\?train-subset=256&test-subset=32&base-depth=4&batch-size=32&epochs=2&seed=1$/);
+      const query = "?train-subset=256&test-subset=32&base-depth=4&batch-size=32&epochs=2&seed=1";
+      assert.ok(url.endsWith(query + recipe.map((f, i) => (i % 2 ? `=${f}` : `&${f.slice(2)}`)).join("")), url);
       page = await chromiumPage(chromium!, url);
       await within(server.until(/run log from the page \(status completed\): /), 240_000, "no run log from the page");
+      if (recipe.length) {
+        assert.match(await page.evaluate("document.body.innerText") as string, /final val accuracy \(TTA level 2\)/);
+      }
     } finally {
       await page?.close();
       server.child.kill("SIGTERM");
@@ -85,10 +90,20 @@ chromiumTest("--web: the page trains in headless Chromium and its run log matche
     }
     const cli = await runMain(["--data", data, "--log-dir", denoLogs, ...flags]);
     assert.equal(cli.code, 0, cli.stderr);
-    assertSameRun(await onlyLog(pageLogs), await onlyLog(denoLogs), 1);
+    const pageLog = await onlyLog(pageLogs);
+    assertSameRun(pageLog, await onlyLog(denoLogs), 1);
+    assert.equal(pageLog.flags.recipe, recipe[1] ?? "hlb");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+}
+
+chromiumTest("--web: the page trains in headless Chromium and its run log matches Deno's", async () => {
+  await pageMatchesDeno([]);
+});
+
+chromiumTest("--web: the page trains --recipe airbench94 (recipe=airbench94) as Deno does", async () => {
+  await pageMatchesDeno(["--recipe", "airbench94"]);
 });
 
 chromiumTest("--web: the Stop button stops the page's run after the current step, like Ctrl-C", async () => {
