@@ -369,7 +369,7 @@ export function forward(
   const ops: Dispatch[] = [
     ...conv2d(gpu, A.x, P["initial_block.whiten.weight"], A.w0, 0, k.conv),
     ...(wb
-      ? batchNorm(gpu, A.w0, { ...wb, bias: P[WHITEN_BIAS] }, A.a0, wb.stats, false, "gelu", batchNormHyp(h))
+      ? batchNorm(gpu, A.w0, { ...wb, bias: P[WHITEN_BIAS] }, A.a0, wb.stats, false, "gelu", WHITEN_BIAS_NORM)
       : gelu(gpu, A.w0, A.a0)),
   ];
   let input = A.a0;
@@ -450,20 +450,9 @@ export function backward(
       ops.push(...conv2dBackwardData(gpu, dc, P[`${g}.conv1.weight`], din, 1, k.conv));
       d = din;
     }
-    if (wb) {
-      ops.push(
-        ...batchNormBackward(
-          gpu,
-          A.w0,
-          d,
-          wb.stats,
-          { ...wb, bias: P[WHITEN_BIAS] },
-          null,
-          G[WHITEN_BIAS],
-          wb.dweight,
-          "gelu",
-        ),
-      );
+    if (wb) { // through the GELU, summed per channel: the bias's gradient (see whitenBiasNorm)
+      const p = { ...wb, bias: P[WHITEN_BIAS] };
+      ops.push(...batchNormBackward(gpu, A.w0, d, wb.stats, p, null, G[WHITEN_BIAS], wb.dweight, "gelu"));
     }
   }
   return ops;
@@ -810,19 +799,10 @@ function buildRun(
   // Muon (airbench94) trains the conv filters, one after another on one shared scratch; SGD the rest, from the head
   const convs = [...layout.entries.keys()].filter((name) => /conv[12]\.weight$/.test(name)), muon = h.opt.muon;
   const scratch = muon && muonScratch(gpu, convs.map((name) => P[name].shape));
-  const MB = stateViews(momentum, layout);
+  const MB = stateViews(momentum, layout), sgdFrom = muon ? layout.entries.get("linear.weight")!.offset : 0;
   const optimise = [
     ...(muon ? convs.flatMap((name) => muonStep(gpu, P[name], G[name], MB[name], scratch!, muon.momentum)) : []),
-    ...sgdNesterov(
-      gpu,
-      layout,
-      state,
-      grads,
-      momentum,
-      wd,
-      h.opt.momentum,
-      muon ? layout.entries.get("linear.weight")!.offset : 0,
-    ),
+    ...sgdNesterov(gpu, layout, state, grads, momentum, wd, h.opt.momentum, sgdFrom),
   ];
   const update = [...backward(gpu, A, P, G, h), ...optimise];
   const updateFrozenWhitenBias = layout.whitenBiasEnd > layout.nWeights
@@ -1884,10 +1864,11 @@ export function makeActivations(
 }
 
 /**
- * The whitening bias (airbench94) as a batch norm in eval mode with running mean 0, variance 1 and scale 1: its output
- * is x + bias exactly (1 / sqrt(1 + 1e-12) is 1 in f32), and the norm's GELU and its backward's sum of g give the
- * bias's forward and gradient with no kernel of their own. The scale's gradient lands in `dweight`, unused.
+ * The whitening bias (airbench94) as a batch norm in eval mode with running mean 0, variance 1, scale 1 and eps 0
+ * (WHITEN_BIAS_NORM): its output is x + bias exactly, and the norm's GELU and its backward's sum of g give the bias's
+ * forward and gradient with no kernel of their own. The scale's gradient lands in `dweight`, unused.
  */
+const WHITEN_BIAS_NORM: BatchNormHyp = { momentum: 0, eps: 0 };
 function whitenBiasNorm(gpu: Gpu, channels: number) {
   const t = (fill: number) => upload(gpu, new Float32Array(channels).fill(fill), [channels]);
   return { weight: t(1), runningMean: t(0), runningVar: t(1), stats: tensor(gpu, [channels, 2]), dweight: t(0) };
