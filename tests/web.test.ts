@@ -43,7 +43,7 @@ async function onlyLog(dir: string) {
 
 /** A page's run log against Deno's for the same flags and `seed`: the same script, kernels and run. */
 // deno-lint-ignore no-explicit-any
-function assertSameRun(page: any, deno: any, seed: number) {
+function assertSameRun(page: any, deno: any, seed: number, laterEpochs = true) {
   // the same script, kernels, flags and seed; a browser and a WebGPU implementation of its own
   assert.equal(page.status, "completed");
   assert.equal(page.script.sha256, deno.script.sha256);
@@ -59,8 +59,9 @@ function assertSameRun(page: any, deno: any, seed: number) {
     `first batch loss ${p[0].trainLoss} vs ${d[0].trainLoss}`,
   );
   for (let e = 0; e < p.length; e++) {
+    assert.ok(Number.isFinite(p[e].valLoss) && p[e].totalTimeSeconds > 0);
+    if (!laterEpochs) continue;
     assert.ok(Math.abs(p[e].valLoss - d[e].valLoss) < 0.05, `epoch ${e} val loss ${p[e].valLoss} vs ${d[e].valLoss}`);
-    assert.ok(p[e].totalTimeSeconds > 0);
   }
 }
 
@@ -91,7 +92,11 @@ async function pageMatchesDeno(recipe: string[]) {
     const cli = await runMain(["--data", data, "--log-dir", denoLogs, ...flags]);
     assert.equal(cli.code, 0, cli.stderr);
     const pageLog = await onlyLog(pageLogs);
-    assertSameRun(pageLog, await onlyLog(denoLogs), 1);
+    // airbench94's later epochs are not compared: Muon's Newton-Schulz brings every singular value of a step to ~1, so
+    // rounding-sized differences in a gradient's weakest directions become full-size differences in the step. At this
+    // size a 1e-4 relative change of the whitening eps moved epoch 0's val loss by 0.09 in Deno (hlb's: 0.04), and the
+    // page (Dawn) and Deno (lavapipe) ended epoch 0 at 2.49 and 2.37. The first batch, before any step, is compared.
+    assertSameRun(pageLog, await onlyLog(denoLogs), 1, recipe.length === 0);
     assert.equal(pageLog.flags.recipe, recipe[1] ?? "hlb");
   } finally {
     await Deno.remove(dir, { recursive: true });
