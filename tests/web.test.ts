@@ -140,11 +140,11 @@ async function pageMatchesDeno(recipe: string[]) {
   }
 }
 
-chromiumTest("--web: the page trains in headless Chromium and its run log matches Deno's", async () => {
+chromiumTest("--web: flags typed in the page's form, Start trains, the address carries them, the run matches Deno's", async () => {
   await pageMatchesDeno([]);
 });
 
-chromiumTest("--web: the page trains --recipe airbench94 (recipe=airbench94) as Deno does", async () => {
+chromiumTest("--web: the page opened with recipe=airbench94 fills its form, Start trains as Deno does", async () => {
   await pageMatchesDeno(["--recipe", "airbench94"]);
 });
 
@@ -465,5 +465,39 @@ chromiumTest("--web page: a lost device ends the run with a sentence on the page
       server.child.kill("SIGTERM");
       await server.finish();
     }
+  });
+});
+
+chromiumTest("--web page: after a failed run, the form takes a corrected value and Start again trains", async () => {
+  await withFixture(async (dir, data) => {
+    const logs = join(dir, "logs");
+    // base depth 64 at batch 50000 does not fit (as above); base depth 4 at batch 32: 2 steps
+    const flags = ["--train-subset", "64", "--test-subset", "16", "--epochs", "1", "--seed", "6"]
+      .concat(["--batch-size", "50000"]);
+    const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
+    await server.until(/training page: \S+/);
+    const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+    try {
+      await pressStart(page);
+      await within(server.until(/run log from the page \(status failed\): /), 120_000, "no failed run log");
+      await waitFor(page, "document.getElementById('start').textContent === 'Start again'", "no Start again", 30_000);
+      assert.match(await textOf(page, "e-batch-size"), /^a batch of 50000 needs .*: use --batch-size \d+ or less$/);
+      // the server keeps one run log a page: Start again reloads the page with the new address, and it starts at once
+      await fillForm(page, { "base-depth": "4", "batch-size": "32" });
+      await pressStart(page);
+      await within(server.until(/run log from the page \(status completed\): /), 240_000, "no completed run log");
+      assert.deepEqual(
+        flagsOf(String(await page.evaluate("location.search"))),
+        flagsOf("?epochs=1&base-depth=4&batch-size=32&train-subset=64&test-subset=16&seed=6"),
+      );
+      await waitFor(page, "document.title === 'done: completed'", "the new page did not finish", 30_000);
+      assert.match(String(await page.evaluate("document.body.innerText")), /run 1\/1, seed 6\n/);
+    } finally {
+      await page.close();
+      server.child.kill("SIGTERM");
+      await server.finish();
+    }
+    const names = [...Deno.readDirSync(logs)].map((e) => JSON.parse(Deno.readTextFileSync(join(logs, e.name))));
+    assert.deepEqual(names.map((l) => `${l.status} ${l.flags.batchSize}`).sort(), ["completed 32", "failed 50000"]);
   });
 });
