@@ -140,9 +140,12 @@ async function pageMatchesDeno(recipe: string[]) {
   }
 }
 
-chromiumTest("--web: flags typed in the page's form, Start trains, the address carries them, the run matches Deno's", async () => {
-  await pageMatchesDeno([]);
-});
+chromiumTest(
+  "--web: flags typed in the page's form, Start trains, the address carries them, the run matches Deno's",
+  async () => {
+    await pageMatchesDeno([]);
+  },
+);
 
 chromiumTest("--web: the page opened with recipe=airbench94 fills its form, Start trains as Deno does", async () => {
   await pageMatchesDeno(["--recipe", "airbench94"]);
