@@ -405,7 +405,7 @@ chromiumTest(
 );
 
 chromiumTest(
-  "--web page: a batch too large for the adapter is refused, naming the largest batch that fits",
+  "--web page: a batch too large for the adapter is refused, naming the largest that fits; corrected, Start again checks the tarball's md5",
   async () => {
     await withStaticPage(async (file) => {
       // base depth 64 (the default) at batch 50000: 12 GiB for the widest activation, over any adapter's buffers
@@ -425,7 +425,15 @@ chromiumTest(
         assert.match(expected, /: use --batch-size \d+ or less$/);
         assert.ok(String(await page.evaluate("document.body.innerText")).includes(`error: ${expected}`));
         assert.equal(await textOf(page, "e-batch-size"), expected);
-        assert.equal(await page.evaluate("document.getElementById('start').disabled"), false); // to try another
+        // corrected, Start again trains in place (no server: the file chosen stays chosen), and reads it: not the
+        // official tarball, which the page says with both md5s
+        await fillForm(page, { "base-depth": "4", "batch-size": "32" });
+        await pressStart(page);
+        await waitFor(page, "document.title.startsWith('done:')", "no end of the second run", 60_000);
+        const text = String(await page.evaluate("document.body.innerText"));
+        assert.match(text, new RegExp(`\nerror: page.html has md5 [0-9a-f]{32}, expected ${CIFAR10_MD5} \\(not the`));
+        assert.ok(!text.includes(expected), "the first run's error is still shown");
+        assert.equal(await page.evaluate("location.search"), "?base-depth=4&batch-size=32");
       } finally {
         await page.close();
       }
