@@ -5643,7 +5643,8 @@ const WEB_PAGE = `<!doctype html>
   #status, #hint { color: #555 } .error { color: #b00020 } button { font-size: 1rem }
   #pick { border: 2px dashed #999; padding: 1rem } #pick.over { background: #eef }
   #fields { border: 0; padding: 0; margin: 0 } #fields div { margin: .25rem 0 }
-  #fields label { display: inline-block; width: 7.5rem } #fields input, #fields select { width: 9rem }
+  #settings { margin-top: 1rem } #fields label { display: inline-block; width: 7.5rem }
+  #fields input, #fields select { width: 9rem; box-sizing: border-box }
   #fields .error { margin-left: .8rem }
 </style></head>
 <body>
