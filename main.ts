@@ -1179,12 +1179,6 @@ const WORKGROUP_THREADS = 256; // the largest @workgroup_size of any kernel (x o
 /** Kernel files already read (a page has no file system): their folder, for the run log, and each text by name. */
 export type KernelTexts = { dir: string; files: Record<string, string> };
 
-/**
- * The device, its limits and the kernel sources. `convKernels` overrides the conv kernel set chosen from the
- * adapter; `kernelDir` the kernel folder (default KERNEL_DIR, next to this file), or `kernels` their texts.
- * `limits`: "spec" asks for WebGPU's default limits only (SPEC_LIMITS), as a browser or small GPU grants; numbers
- * lower what the run plans for below the device's (tests force a few MiB per binding to exercise the slicing).
- */
 /** A browser without WebGPU, said to the page's visitor (the page says it on opening, initGpu in its worker). */
 export const BROWSER_NO_WEBGPU = "this browser has no WebGPU: open the page in a recent Chrome or Edge, " +
   "or turn WebGPU on where it is still a setting (Firefox Nightly, Safari Technology Preview)";
@@ -1192,6 +1186,12 @@ export const BROWSER_NO_WEBGPU = "this browser has no WebGPU: open the page in a
 export const BROWSER_NO_ADAPTER = "this browser offers no WebGPU adapter (its GPU or driver may be blocked: see " +
   "chrome://gpu in Chrome): update the GPU driver, turn on hardware acceleration, or try a recent Chrome or Edge";
 
+/**
+ * The device, its limits and the kernel sources. `convKernels` overrides the conv kernel set chosen from the
+ * adapter; `kernelDir` the kernel folder (default KERNEL_DIR, next to this file), or `kernels` their texts.
+ * `limits`: "spec" asks for WebGPU's default limits only (SPEC_LIMITS), as a browser or small GPU grants; numbers
+ * lower what the run plans for below the device's (tests force a few MiB per binding to exercise the slicing).
+ */
 export async function initGpu(
   opts: {
     profile?: boolean;
