@@ -5770,7 +5770,7 @@ function inPage() {
   return channel.port1;
 }
 const { main: _, plot: __, ...shared } = config;
-let flags, tarball, running = false, ran = false;
+let flags, tarball, running = false, ran = false, posting; // posting: the run log on its way to the server
 const startable = () => !gpuProblem && !running && (config.server || tarball);
 function refresh() {
   $("start").disabled = !startable();
@@ -5804,6 +5804,7 @@ $("settings").onsubmit = async (e) => {
   const query = new URLSearchParams(values).toString();
   history.replaceState(null, "", query ? "?" + query : location.pathname);
   if (ran && config.server) {
+    await posting?.catch(() => {}); // the last run's log, kept (or refused) before the page goes
     sessionStorage.setItem(AGAIN, query);
     return location.reload();
   }
@@ -5847,7 +5848,8 @@ worker.onmessage = async ({ data: m }) => {
       // the server keeps one run log per page it served: this page's ticket says which
       const ticket = document.querySelector("meta[name=page-ticket]").content;
       const headers = { "content-type": "application/json", "x-page-ticket": ticket };
-      const saved = await (await fetch("log", { method: "POST", headers, body: JSON.stringify(m.log) })).json();
+      posting = fetch("log", { method: "POST", headers, body: JSON.stringify(m.log) }).then((r) => r.json());
+      const saved = await posting;
       kept = saved.path ? "; run log also kept at " + saved.path : saved.error ? "; the server kept no run log: " + saved.error : "";
     }
     say("status", "status " + m.log.status + kept);
