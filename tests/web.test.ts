@@ -444,8 +444,8 @@ chromiumTest(
 chromiumTest("--web page: a lost device ends the run with a sentence on the page", async () => {
   await withFixture(async (dir, data) => {
     const logs = join(dir, "logs");
-    // 160 steps of batch 16: the device is lost while the first epoch trains
-    const flags = ["--train-subset", "2560", "--test-subset", "32", "--base-depth", "4", "--batch-size", "16"]
+    // 40 steps of batch 16: the device is lost while the first epoch trains
+    const flags = ["--train-subset", "640", "--test-subset", "32", "--base-depth", "4", "--batch-size", "16"]
       .concat(["--epochs", "1", "--seed", "5"]);
     const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
     await server.until(/training page: \S+/);
