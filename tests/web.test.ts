@@ -3,7 +3,17 @@
 // without it the test reports itself skipped, with the reason.
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { BROWSER_NO_WEBGPU, checkFits, CIFAR10_MD5, type Gpu, Md5, parseFlags, RECIPES, webPage } from "../main.ts";
+import {
+  BROWSER_NO_ADAPTER,
+  BROWSER_NO_WEBGPU,
+  checkFits,
+  CIFAR10_MD5,
+  type Gpu,
+  Md5,
+  parseFlags,
+  RECIPES,
+  webPage,
+} from "../main.ts";
 import { chromiumPage, findChromium, runMain, spawnMain, withFixture, writeFixtureDataset } from "./util.ts";
 
 const chromium = findChromium();
@@ -384,7 +394,7 @@ chromiumTest(
 );
 
 chromiumTest(
-  "--web page: a browser without WebGPU is told so, and what to try, in a sentence on the page",
+  "--web page: a browser without WebGPU, or without an adapter, is told so, and what to try, in a sentence on the page",
   async () => {
     await withStaticPage(async (file) => {
       // a browser without WebGPU: navigator.gpu removed before the page's scripts run
@@ -399,6 +409,16 @@ chromiumTest(
         assert.equal(await page.evaluate("document.getElementById('start').disabled"), true);
       } finally {
         await page.close();
+      }
+      // WebGPU, but no adapter (a blocklisted GPU, hardware acceleration off): said too
+      const none = await chromiumPage(chromium!, `file://${file}`, {
+        initScript: "GPU.prototype.requestAdapter = async () => null;",
+      });
+      try {
+        await waitFor(none, "!document.getElementById('settings').hidden", "no settings form", 60_000);
+        assert.equal(await textOf(none, "device"), `error: ${BROWSER_NO_ADAPTER}`);
+      } finally {
+        await none.close();
       }
     });
   },
