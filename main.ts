@@ -1179,6 +1179,13 @@ const WORKGROUP_THREADS = 256; // the largest @workgroup_size of any kernel (x o
 /** Kernel files already read (a page has no file system): their folder, for the run log, and each text by name. */
 export type KernelTexts = { dir: string; files: Record<string, string> };
 
+/** A browser without WebGPU, said to the page's visitor (the page says it on opening, initGpu in its worker). */
+export const BROWSER_NO_WEBGPU = "this browser has no WebGPU: open the page in a recent Chrome or Edge, " +
+  "or turn WebGPU on where it is still a setting (Firefox Nightly, Safari Technology Preview)";
+/** A browser with WebGPU that offers no adapter (a blocklisted GPU or driver, hardware acceleration off). */
+export const BROWSER_NO_ADAPTER = "this browser offers no WebGPU adapter (its GPU or driver may be blocked: see " +
+  "chrome://gpu in Chrome): update the GPU driver, turn on hardware acceleration, or try a recent Chrome or Edge";
+
 /**
  * The device, its limits and the kernel sources. `convKernels` overrides the conv kernel set chosen from the
  * adapter; `kernelDir` the kernel folder (default KERNEL_DIR, next to this file), or `kernels` their texts.
@@ -1195,9 +1202,11 @@ export async function initGpu(
     limits?: "spec" | Partial<GpuLimits>;
   } = {},
 ): Promise<Gpu> {
-  const noAdapter = "no WebGPU adapter found: install or update your GPU driver (Vulkan, Metal or D3D12); " +
-    "on Linux without a GPU, `apt-get install mesa-vulkan-drivers` gives a (slow) CPU device";
-  if (!("gpu" in navigator)) throw new Error(noAdapter);
+  // a terminal's user fixes a missing adapter with a driver, a page's visitor with another browser or its settings
+  const browser = !globalThis.Deno;
+  const noAdapter = browser ? BROWSER_NO_ADAPTER : "no WebGPU adapter found: install or update your GPU driver " +
+    "(Vulkan, Metal or D3D12); on Linux without a GPU, `apt-get install mesa-vulkan-drivers` gives a (slow) CPU device";
+  if (!("gpu" in navigator)) throw new Error(browser ? BROWSER_NO_WEBGPU : noAdapter);
   // a core adapter, else (or if asked) a compatibility one: a browser on OpenGL ES, such as Chromium through ANGLE
   const compatibility = { featureLevel: "compatibility" } as GPURequestAdapterOptions;
   const adapter = opts.featureLevel === "compatibility"
@@ -5425,7 +5434,8 @@ export type WebMessage =
   | { type: "row"; row: EpochMetrics }
   | { type: "result"; result: RunResult }
   | { type: "log"; log: unknown }
-  | { type: "error"; message: string };
+  | { type: "error"; message: string }
+  | { type: "end"; status: RunStatus }; // the last message of every start, whether or not a run log came
 
 /**
  * What the page sends its worker to start: the flags, the page's config, and the tarball chosen (no server) or the
@@ -5507,6 +5517,7 @@ export function webWorker(scope: {
   scope.addEventListener("message", async (e: MessageEvent) => {
     if (e.data?.type === "stop") stopRequested = true;
     if (e.data?.type !== "start") return;
+    stopRequested = false; // a page without a server may train again, with the same worker
     const { flags, config, tarball, page, resume } = e.data as WebStart, startedAt = new Date(), runs: RunResult[] = [];
     let gpu: Gpu | undefined, partial: PartialRun | undefined, status: RunStatus = "completed", resumedAt, o = flags;
     try {
@@ -5514,6 +5525,7 @@ export function webWorker(scope: {
       if (resumed) o = resumeFlags({ ...flags, resume: KEPT }, resumed);
       gpu = await initGpu({ convKernels: o.convKernels, featureLevel: o.featureLevel, kernels: config.kernels });
       checkPrecision(gpu, o.precision);
+      checkFits(gpu, o.batchSize, o.baseDepth, o.precision, RECIPES[o.recipe]); // as main: before any data is read
       const here = { script: await sha256(config.script.source), kernels: await kernelHashes(gpu) };
       const why = resumed && checkpointMismatch(resumed, here);
       if (why) throw new Error(`${KEPT} ${why}: start over`);
@@ -5595,6 +5607,7 @@ export function webWorker(scope: {
       scope.postMessage({ type: "log", log });
       releaseGpu(gpu);
     }
+    scope.postMessage({ type: "end", status });
   });
 }
 
@@ -5615,10 +5628,11 @@ async function serverCifar(o: CliOptions, page: string): Promise<Cifar10> {
 }
 
 /**
- * The page: the device, the table as the terminal prints it, the curves, Stop, and the run log; with no server, a
- * file picker (and drop) for the tarball. Its config (WebConfig) replaces the {}-comment placeholder. It trains in a
- * module Worker made from the bundle; a page opened from a file gets none (browsers refuse module workers to file:
- * pages), so there the run shares the page's thread, yielding to it at every step.
+ * The page: the settings (a form: the page's flags, checked by parseQuery as the command line's), the device, the
+ * table as the terminal prints it, the curves, Stop, and the run log; with no server, first a file picker (and drop)
+ * for the tarball. Its config (WebConfig) replaces the {}-comment placeholder. It trains in a module Worker made from
+ * the bundle; a page opened from a file gets none (browsers refuse module workers to file: pages), so there the run
+ * shares the page's thread, yielding to it at every step.
  */
 const WEB_PAGE = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hlb-CIFAR10 on WebGPU</title>
@@ -5626,18 +5640,24 @@ const WEB_PAGE = `<!doctype html>
 <style>
   body { font: 15px system-ui, sans-serif; margin: 2rem; max-width: 72rem; color: #222 }
   pre { font: 12px ui-monospace, monospace; background: #f6f6f6; padding: .8rem; overflow-x: auto }
-  #status, #flags { color: #555 } .error { color: #b00020 } button { font-size: 1rem }
+  #status, #hint { color: #555 } .error { color: #b00020 } button { font-size: 1rem }
   #pick { border: 2px dashed #999; padding: 1rem } #pick.over { background: #eef }
+  #fields { border: 0; padding: 0; margin: 0 } #fields div { margin: .25rem 0 }
+  #settings { margin-top: 1rem } #fields label { display: inline-block; width: 7.5rem }
+  #fields input, #fields select { width: 9rem; box-sizing: border-box }
+  #fields .error { margin-left: .8rem }
 </style></head>
 <body>
 <h1>hlb-CIFAR10 on WebGPU</h1>
 <p id="device">loading...</p>
-<p id="flags"></p>
 <div id="pick" hidden>This page has no server: choose the official CIFAR-10 tarball, <code id="tarname"></code>
   (170 MB, from <a id="tarurl"></a>), or drop it here. It is checked (md5) and unpacked in this tab; nothing is uploaded.
   <p><input type="file" id="tarball" accept=".gz,.tgz,application/gzip"></p></div>
-<p id="resume" hidden><span id="resumetext"></span> <button id="resumebtn">Resume</button>
-  <button id="fresh">Start over</button></p>
+<form id="settings" hidden><fieldset id="fields"></fieldset>
+  <p id="hint">Empty fields take the recipe's defaults (shown greyed). Start puts the settings in the address: a link
+  to it opens this form filled, and a reload keeps them.</p>
+  <p><button id="start" type="submit" disabled>Start</button> <span id="formerror" class="error"></span></p></form>
+<p id="resume" hidden><span id="resumetext"></span> <button id="resumebtn">Resume</button> (Start starts over)</p>
 <p><button id="stop" disabled>Stop</button> <a id="download" hidden download="run-log.json">download the run log</a>
   <span id="status"></span></p>
 <pre id="table"></pre>
@@ -5645,6 +5665,7 @@ const WEB_PAGE = `<!doctype html>
 <script type="application/json" id="config">{/*config*/}</script>
 <script type="module">
 const $ = (id) => document.getElementById(id);
+const say = (id, text, error) => { $(id).textContent = text; $(id).className = error ? "error" : ""; };
 const config = JSON.parse($("config").textContent);
 const blobUrl = (text) => URL.createObjectURL(new Blob([text], { type: "text/javascript" }));
 const mainUrl = blobUrl(config.main);
@@ -5658,107 +5679,229 @@ function drawCurves() {
   if (!plot || !runs.length || !runs[0].epochs.length) return;
   $("plot").innerHTML = plot.plotSvg([plot.meanCurve("this page", runs)]);
 }
-let flags;
-try {
-  flags = main.parseQuery(location.search);
-} catch (e) {
-  $("device").textContent = "error: " + e.message;
-  $("device").className = "error";
+
+// The settings: one field per flag of the form, named as on the command line; the address's other page flags
+// (conv-kernels, feature-level) are kept as they are. Every value is checked by parseQuery, the command line's
+// checks and messages, and a message naming a field's flag is shown next to that field.
+const FIELDS = ["recipe", "epochs", "base-depth", "batch-size", "train-subset", "test-subset", "seed", "precision", "runs"];
+const CHOICES = { recipe: Object.keys(main.RECIPES), precision: ["f32", "f16"] };
+const given = new URLSearchParams(location.search);
+// the recipe's defaults, as parseQuery gives them (a recipe it refuses: the default recipe's)
+const defaults = (recipe) => { try { return main.parseQuery(recipe ? "recipe=" + encodeURIComponent(recipe) : ""); } catch { return main.parseQuery(""); } };
+for (const name of FIELDS) {
+  const row = document.createElement("div"), label = document.createElement("label");
+  const input = document.createElement(CHOICES[name] ? "select" : "input"), error = document.createElement("span");
+  row.id = "row-" + name;
+  label.textContent = name;
+  label.htmlFor = input.id = "f-" + name;
+  error.id = "e-" + name;
+  error.className = "error";
+  for (const choice of CHOICES[name] ?? []) input.add(new Option(choice));
+  input.value = given.get(name) ?? (CHOICES[name] ? defaults()[name] : "");
+  input.oninput = () => check(formValues());
+  row.append(label, input, error);
+  $("fields").append(row);
 }
-if (flags) {
-  $("flags").textContent = "flags: " + (location.search.slice(1).replaceAll("&", " ") || "the defaults") +
-    ", set in the address as on the command line: ?epochs=2&seed=1";
-  const worker = location.protocol === "file:" ? inPage() : new Worker(blobUrl(
-    'import { webWorker } from "' + mainUrl + '"; webWorker(self);'), { type: "module" });
-  function inPage() {
-    const channel = new MessageChannel();
-    main.webWorker(channel.port2);
-    channel.port2.start();
-    return channel.port1;
+function placeholders() {
+  const d = defaults($("f-recipe").value);
+  const shown = { epochs: d.epochs, "base-depth": d.baseDepth, "batch-size": d.batchSize, "train-subset": "all",
+    "test-subset": "all", seed: "random", runs: d.runs };
+  for (const [name, text] of Object.entries(shown)) $("f-" + name).placeholder = text;
+}
+$("f-recipe").addEventListener("input", placeholders);
+placeholders();
+/** The form as the page's flags: empty fields, and the selects at their default, left out. */
+function formValues() {
+  const values = {}, d = defaults();
+  for (const name of FIELDS) {
+    const value = $("f-" + name).value.trim();
+    if (value && !(CHOICES[name] && value === d[name])) values[name] = value;
   }
-  const { main: _, plot: __, ...shared } = config;
-  // a checkpoint this browser kept of this address's run (a reload, a closed tab): offered before anything starts
-  let resume;
-  const start = (tarball) => {
-    $("pick").hidden = true;
-    $("stop").disabled = false;
-    $("device").textContent = "asking for a WebGPU adapter...";
-    // browsers give a page opened from a file no module Worker: the run shares this page's thread
-    if (location.protocol === "file:") $("status").textContent = "opened from a file: training on the page's thread";
-    worker.postMessage({ type: "start", flags, config: shared, tarball, page: location.href, resume });
-  };
-  $("stop").onclick = () => { worker.postMessage({ type: "stop" }); $("status").textContent = "stopping after the current step"; };
-  worker.onmessage = async ({ data: m }) => {
-    if (m.type === "status") $("status").textContent = m.text;
-    if (m.type === "note") lines.push(m.text);
-    if (m.type === "device") { $("device").textContent = m.header; $("status").textContent = ""; }
-    if (m.type === "run") { lines.push("", main.runTitle(m.run, m.runs, m.seed), main.tableHeader()); runs.push({ epochs: [] }); }
-    if (m.type === "step") live = "|  " + main.stepText(m.progress, m.runsAfter);
-    if (m.type === "row") { live = ""; lines.push(main.formatRow(main.rowValues(m.row))); runs.at(-1).epochs.push(m.row); drawCurves(); }
-    if (m.type === "result") {
-      lines.push(main.tableRule());
-      const r = m.result;
-      results.push(r);
-      lines.push(r.interrupted ? "stopped in epoch " + r.interrupted.epoch + ", after " + r.interrupted.steps + " steps"
-        : main.runResultText(r, main.RECIPES[flags.recipe]));
+  for (const name of main.PAGE_FLAGS) if (!FIELDS.includes(name) && given.has(name)) values[name] = given.get(name);
+  return values;
+}
+/** A message next to the field of the flag it names (the flag it says to change), else below the form. */
+function showError(message) {
+  const name = message.match(/(?:^|use )--([\\w-]+)/)?.[1];
+  const at = FIELDS.includes(name) && !$("row-" + name).hidden ? "e-" + name : "formerror";
+  $(at).textContent = message;
+}
+/** The flags of \`values\`, checked (each value alone, so that every bad field shows its message), or undefined. */
+function check(values) {
+  for (const span of document.querySelectorAll("#settings .error")) span.textContent = "";
+  let ok = true;
+  for (const [name, value] of Object.entries(values)) {
+    try {
+      main.parseQuery(new URLSearchParams({ [name]: value }).toString());
+    } catch (e) {
+      ok = false;
+      showError(e.message);
     }
-    if (m.type === "error") fail(m.message);
-    if (m.type === "log") {
-      $("stop").disabled = true;
-      const blob = new Blob([JSON.stringify(m.log, null, 1) + "\\n"], { type: "application/json" });
-      $("download").href = URL.createObjectURL(blob);
-      $("download").hidden = false;
-      let kept = "";
-      if (config.server) {
-        // the server keeps one run log per page it served: this page's ticket says which
-        const ticket = document.querySelector("meta[name=page-ticket]").content;
-        const headers = { "content-type": "application/json", "x-page-ticket": ticket };
-        const saved = await (await fetch("log", { method: "POST", headers, body: JSON.stringify(m.log) })).json();
-        kept = saved.path ? "; run log also kept at " + saved.path : saved.error ? "; the server kept no run log: " + saved.error : "";
-      }
-      $("status").textContent = "status " + m.log.status + kept;
-      if (results.length > 1 && m.log.status === "completed") lines.push("", main.summaryText(results, main.RECIPES[flags.recipe]));
-      document.title = "done: " + m.log.status;
-    }
-    show();
-  };
-  worker.onerror = (e) => fail(e.message);
-  const begin = () => {
-    if (config.server) start();
-    else pickTarball();
-  };
-  const kept = await main.keptCheckpoint();
-  let offer;
+  }
   try {
-    offer = kept && (await main.decodeCheckpoint(kept, "the checkpoint kept in this browser"));
+    const flags = main.parseQuery(new URLSearchParams(values).toString());
+    if (ok) return flags;
   } catch (e) {
-    $("status").textContent = e.message + " (it is removed)";
-    await main.keepCheckpoint().catch(() => {});
+    if (ok) showError(e.message);
   }
-  if (offer && main.resumable(offer, flags)) {
-    $("resumetext").textContent = "This browser keeps a checkpoint of this run: run " + offer.run + ", seed " +
-      ((Number(offer.flags.seed) + offer.run - 1) >>> 0) + ", at the end of epoch " + (offer.train.epoch - 1) +
-      " (started " + offer.startedAt + ").";
-    $("device").textContent = "";
-    $("resume").hidden = false;
-    $("resumebtn").onclick = () => { $("resume").hidden = true; resume = kept; begin(); };
-    $("fresh").onclick = async () => { $("resume").hidden = true; await main.keepCheckpoint().catch(() => {}); begin(); };
-  } else begin();
-  function pickTarball() {
-    const name = main.CIFAR10_URL.split("/").pop();
-    $("tarname").textContent = name;
-    $("tarurl").textContent = $("tarurl").href = main.CIFAR10_URL;
-    $("device").textContent = "waiting for " + name;
-    $("pick").hidden = false;
-    $("tarball").onchange = () => $("tarball").files[0] && start($("tarball").files[0]);
-    addEventListener("dragover", (e) => { e.preventDefault(); $("pick").classList.add("over"); });
-    addEventListener("dragleave", () => $("pick").classList.remove("over"));
-    addEventListener("drop", (e) => {
-      e.preventDefault();
-      $("pick").classList.remove("over");
-      if (!$("pick").hidden && e.dataTransfer.files[0]) start(e.dataTransfer.files[0]);
-    });
+}
+
+// WebGPU, asked for at once: a visitor without it learns so before choosing anything; the precision field is
+// offered only where the adapter has shader-f16 (or where the address names a precision)
+let gpuProblem = "", adapter;
+if (!("gpu" in navigator)) gpuProblem = main.BROWSER_NO_WEBGPU;
+else {
+  adapter = await navigator.gpu.requestAdapter().catch(() => null) ??
+    await navigator.gpu.requestAdapter({ featureLevel: "compatibility" }).catch(() => null);
+  if (!adapter) gpuProblem = main.BROWSER_NO_ADAPTER;
+}
+$("row-precision").hidden = !adapter?.features.has("shader-f16") && !given.has("precision");
+$("settings").hidden = false;
+const flagsGiven = check(Object.fromEntries(given));
+if (gpuProblem) say("device", "error: " + gpuProblem, true);
+else say("device", config.server ? "Choose the settings and press Start: the run trains in this tab." : "");
+
+const worker = location.protocol === "file:" ? inPage() : new Worker(blobUrl(
+  'import { webWorker } from "' + mainUrl + '"; webWorker(self);'), { type: "module" });
+function inPage() {
+  const channel = new MessageChannel();
+  main.webWorker(channel.port2);
+  channel.port2.start();
+  return channel.port1;
+}
+const { main: _, plot: __, ...shared } = config;
+let flags, tarball, running = false, ran = false, posting; // posting: the run log on its way to the server
+const startable = () => !gpuProblem && !running && (config.server || tarball);
+function refresh() {
+  $("start").disabled = !startable();
+  $("start").textContent = ran ? "Start again" : "Start";
+  $("fields").disabled = running;
+}
+// A run: \`f\` checked flags, \`resume\` the checkpoint this browser kept of the address's run, to continue it
+const start = (f, resume) => {
+  flags = f;
+  running = true;
+  refresh();
+  lines.length = runs.length = results.length = 0;
+  live = "";
+  show();
+  $("table").className = "";
+  $("plot").innerHTML = "";
+  $("download").hidden = $("resume").hidden = $("pick").hidden = true;
+  $("stop").disabled = false;
+  document.title = "hlb-CIFAR10 on WebGPU";
+  say("device", "asking for a WebGPU adapter...");
+  // browsers give a page opened from a file no module Worker: the run shares this page's thread
+  say("status", location.protocol === "file:" ? "opened from a file: training on the page's thread" : "");
+  worker.postMessage({ type: "start", flags: f, config: shared, tarball, page: location.href, resume });
+};
+// the server keeps one run log per page it served: a served page trains again as a new page, started at once
+const AGAIN = "hlb-cifar10-start";
+$("settings").onsubmit = async (e) => {
+  e.preventDefault();
+  const values = formValues(), f = check(values);
+  if (!f || !startable()) return;
+  const query = new URLSearchParams(values).toString();
+  history.replaceState(null, "", query ? "?" + query : location.pathname);
+  if (ran && config.server) {
+    await posting?.catch(() => {}); // the last run's log, kept (or refused) before the page goes
+    sessionStorage.setItem(AGAIN, query);
+    return location.reload();
   }
+  await main.keepCheckpoint().catch(() => {}); // Start starts over: a checkpoint kept of another run is dropped
+  start(f);
+};
+$("stop").onclick = () => { worker.postMessage({ type: "stop" }); say("status", "stopping after the current step"); };
+worker.onmessage = async ({ data: m }) => {
+  if (m.type === "status") say("status", m.text);
+  if (m.type === "note") lines.push(m.text);
+  if (m.type === "device") { say("device", m.header); say("status", ""); }
+  if (m.type === "run") { lines.push("", main.runTitle(m.run, m.runs, m.seed), main.tableHeader()); runs.push({ epochs: [] }); }
+  if (m.type === "step") live = "|  " + main.stepText(m.progress, m.runsAfter);
+  if (m.type === "row") { live = ""; lines.push(main.formatRow(main.rowValues(m.row))); runs.at(-1).epochs.push(m.row); drawCurves(); }
+  if (m.type === "result") {
+    lines.push(main.tableRule());
+    const r = m.result;
+    results.push(r);
+    lines.push(r.interrupted ? "stopped in epoch " + r.interrupted.epoch + ", after " + r.interrupted.steps + " steps"
+      : main.runResultText(r, main.RECIPES[flags.recipe]));
+  }
+  if (m.type === "error") {
+    fail(m.message);
+    showError(m.message); // a batch too large for this adapter, say: also next to its field
+    if ($("device").textContent.endsWith("...")) say("device", ""); // no device header came: not still asking
+  }
+  if (m.type === "end") {
+    running = false;
+    ran = true;
+    $("stop").disabled = true;
+    if (!config.server) $("pick").hidden = false; // another tarball may be chosen (the same one stays chosen)
+    refresh();
+    if (!document.title.startsWith("done: ")) document.title = "done: " + m.status; // no run log came
+  }
+  if (m.type === "log") {
+    const blob = new Blob([JSON.stringify(m.log, null, 1) + "\\n"], { type: "application/json" });
+    $("download").href = URL.createObjectURL(blob);
+    $("download").hidden = false;
+    let kept = "";
+    if (config.server) {
+      // the server keeps one run log per page it served: this page's ticket says which
+      const ticket = document.querySelector("meta[name=page-ticket]").content;
+      const headers = { "content-type": "application/json", "x-page-ticket": ticket };
+      posting = fetch("log", { method: "POST", headers, body: JSON.stringify(m.log) }).then((r) => r.json());
+      const saved = await posting;
+      kept = saved.path ? "; run log also kept at " + saved.path : saved.error ? "; the server kept no run log: " + saved.error : "";
+    }
+    say("status", "status " + m.log.status + kept);
+    if (results.length > 1 && m.log.status === "completed") lines.push("", main.summaryText(results, main.RECIPES[flags.recipe]));
+    document.title = "done: " + m.log.status;
+  }
+  show();
+};
+worker.onerror = (e) => fail(e.message);
+
+if (!config.server) pickTarball();
+const again = sessionStorage.getItem(AGAIN);
+sessionStorage.removeItem(AGAIN);
+// a checkpoint this browser kept of this address's run (a reload, a closed tab): offered before anything starts
+const kept = again === null && flagsGiven && !gpuProblem ? await main.keptCheckpoint() : undefined;
+let offer;
+try {
+  offer = kept && (await main.decodeCheckpoint(kept, "the checkpoint kept in this browser"));
+} catch (e) {
+  say("status", e.message + " (it is removed)");
+  await main.keepCheckpoint().catch(() => {});
+}
+if (again !== null && again === given.toString() && flagsGiven && startable()) {
+  await main.keepCheckpoint().catch(() => {});
+  start(flagsGiven);
+} else if (offer && main.resumable(offer, flagsGiven)) {
+  $("resumetext").textContent = "This browser keeps a checkpoint of this run: run " + offer.run + ", seed " +
+    ((Number(offer.flags.seed) + offer.run - 1) >>> 0) + ", at the end of epoch " + (offer.train.epoch - 1) +
+    " (started " + offer.startedAt + ").";
+  $("resume").hidden = false;
+  $("resumebtn").onclick = () => startable() && start(flagsGiven, kept);
+}
+refresh();
+function pickTarball() {
+  const name = main.CIFAR10_URL.split("/").pop();
+  $("tarname").textContent = name;
+  $("tarurl").textContent = $("tarurl").href = main.CIFAR10_URL;
+  if (!gpuProblem) say("device", "first choose " + name + ", then press Start");
+  $("pick").hidden = false;
+  const chosen = (file) => {
+    tarball = file;
+    say("status", "chosen: " + file.name);
+    refresh();
+  };
+  $("tarball").onchange = () => $("tarball").files[0] && chosen($("tarball").files[0]);
+  addEventListener("dragover", (e) => { e.preventDefault(); $("pick").classList.add("over"); });
+  addEventListener("dragleave", () => $("pick").classList.remove("over"));
+  addEventListener("drop", (e) => {
+    e.preventDefault();
+    $("pick").classList.remove("over");
+    if (!$("pick").hidden && e.dataTransfer.files[0]) chosen(e.dataTransfer.files[0]);
+  });
 }
 </script>
 </body></html>

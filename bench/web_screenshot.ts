@@ -1,5 +1,5 @@
 // The README's picture of the --web page: serves it (main.ts --web with the flags given here), opens it in headless
-// Chromium, waits for the run to finish (the page's title becomes "done: <status>") and saves a PNG through the
+// Chromium, presses Start, waits for the run to finish (the page's title becomes "done: <status>") and saves a PNG through the
 // DevTools protocol.
 //   deno run -A bench/web_screenshot.ts OUT.png [main.ts flags, e.g. --data DIR --epochs 4]
 import { chromiumPage, findChromium, spawnMain } from "../tests/util.ts";
@@ -14,6 +14,11 @@ await server.until(/training page: \S+/);
 const url = (await server.stdoutSoFar()).match(/training page: (\S+)/)![1];
 const page = await chromiumPage(chromium, url);
 try {
+  // the page opens with its form filled from the address; Start starts (once the page has enabled it)
+  while (await page.evaluate("document.getElementById('start')?.disabled ?? true")) {
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  await page.evaluate("document.getElementById('start').click()");
   while (!String(await page.evaluate("document.title")).startsWith("done:")) {
     await new Promise((r) => setTimeout(r, 1000));
   }

@@ -183,12 +183,18 @@ export async function launchChromium(chromium: string, url: string, args: string
 
 /**
  * A page in headless Chromium, driven through the DevTools protocol (no npm dependency): `evaluate` runs an
- * expression in the page and returns its value, `screenshot` returns a PNG, `close` ends the browser.
+ * expression in the page and returns its value, `screenshot` returns a PNG, `close` ends the browser. `initScript`
+ * runs in the page before its own scripts (the page is then opened once it is in place); `inWorker` sends a DevTools
+ * command to the page's first dedicated Worker.
  */
-export async function chromiumPage(chromium: string, url: string, windowSize = "1100,1000") {
+export async function chromiumPage(
+  chromium: string,
+  url: string,
+  opts: { windowSize?: string; initScript?: string } = {},
+) {
   const port = 9300 + Math.floor(Math.random() * 600);
-  const { close } = await launchChromium(chromium, url, [
-    `--window-size=${windowSize}`,
+  const { close } = await launchChromium(chromium, opts.initScript ? "about:blank" : url, [
+    `--window-size=${opts.windowSize ?? "1100,1000"}`,
     `--remote-debugging-port=${port}`,
   ]);
   let target: { type: string; webSocketDebuggerUrl: string } | undefined;
@@ -204,7 +210,8 @@ export async function chromiumPage(chromium: string, url: string, windowSize = "
   const ws = new WebSocket(target.webSocketDebuggerUrl);
   await new Promise((r) => ws.addEventListener("open", r, { once: true }));
   let id = 0;
-  const call = (method: string, params = {}) =>
+  // sessionId: a target attached through this page's connection (its Worker), else the page itself
+  const call = (method: string, params = {}, sessionId?: string) =>
     new Promise<Record<string, unknown>>((resolve, reject) => {
       const mine = ++id;
       const on = (e: MessageEvent) => {
@@ -215,13 +222,31 @@ export async function chromiumPage(chromium: string, url: string, windowSize = "
         else resolve(m.result);
       };
       ws.addEventListener("message", on);
-      ws.send(JSON.stringify({ id: mine, method, params }));
+      ws.send(JSON.stringify({ id: mine, method, params, sessionId }));
+    });
+  if (opts.initScript) {
+    await call("Page.enable");
+    await call("Page.addScriptToEvaluateOnNewDocument", { source: opts.initScript });
+    await call("Page.navigate", { url });
+  }
+  let worker: Promise<string> | undefined;
+  const workerSession = () =>
+    worker ??= new Promise<string>((resolve) => {
+      const on = (e: MessageEvent) => {
+        const m = JSON.parse(e.data);
+        if (m.method !== "Target.attachedToTarget" || m.params.targetInfo.type !== "worker") return;
+        ws.removeEventListener("message", on);
+        resolve(m.params.sessionId);
+      };
+      ws.addEventListener("message", on);
+      call("Target.setAutoAttach", { autoAttach: true, waitForDebuggerOnStart: false, flatten: true });
     });
   return {
     evaluate: async (expression: string) =>
       ((await call("Runtime.evaluate", { expression, returnByValue: true, awaitPromise: true })).result as {
         value?: unknown;
       })?.value,
+    inWorker: async (method: string, params = {}) => await call(method, params, await workerSession()),
     /** Chooses `paths` in the page's file input `selector`, as a user would (the input's change event fires). */
     chooseFiles: async (selector: string, paths: string[]) => {
       const found = await call("Runtime.evaluate", {

@@ -3,8 +3,18 @@
 // without it the test reports itself skipped, with the reason.
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { CIFAR10_MD5, Md5, webPage } from "../main.ts";
-import { chromiumPage, findChromium, runMain, spawnMain, writeFixtureDataset } from "./util.ts";
+import {
+  BROWSER_NO_ADAPTER,
+  BROWSER_NO_WEBGPU,
+  checkFits,
+  CIFAR10_MD5,
+  type Gpu,
+  Md5,
+  parseFlags,
+  RECIPES,
+  webPage,
+} from "../main.ts";
+import { chromiumPage, findChromium, runMain, spawnMain, withFixture, writeFixtureDataset } from "./util.ts";
 
 const chromium = findChromium();
 
@@ -23,6 +33,37 @@ async function waitFor(page: Page, expression: string, what: string, ms = 240_00
     }
     await new Promise((r) => setTimeout(r, 250));
   }
+}
+
+/** Presses the page's Start once the page has enabled it (its bundle loaded, WebGPU asked for, a tarball chosen). */
+async function pressStart(page: Page) {
+  await waitFor(page, "!document.getElementById('start').disabled", "Start stayed disabled", 60_000);
+  await page.evaluate("document.getElementById('start').click()");
+}
+
+/** Types `values` into the page's form (field by flag name), as a visitor would: each field's input event fires. */
+async function fillForm(page: Page, values: Record<string, string>) {
+  await waitFor(page, "!document.getElementById('settings').hidden", "no settings form", 60_000);
+  await page.evaluate(
+    `for (const [name, value] of ${JSON.stringify(Object.entries(values))}) {
+      const field = document.getElementById("f-" + name);
+      field.value = value;
+      field.dispatchEvent(new Event("input"));
+    }`,
+  );
+}
+
+/** A query's flags, in a fixed order: the address the form writes orders them as the form does. */
+const flagsOf = (search: string) => [...new URLSearchParams(search)].sort(([a], [b]) => a.localeCompare(b));
+
+/** The command line's message for `args` (parseFlags: what a terminal user reads). */
+function cliMessage(args: string[]) {
+  try {
+    parseFlags(args);
+  } catch (e) {
+    return (e as Error).message;
+  }
+  throw new Error(`the command line takes ${args.join(" ")}`);
 }
 
 /** `promise`, or a failure saying `what` after `ms`. */
@@ -79,7 +120,18 @@ async function pageMatchesDeno(recipe: string[]) {
       const url = (await server.stdoutSoFar()).match(/training page: (\S+)/)![1];
       const query = "?train-subset=256&test-subset=32&base-depth=4&batch-size=32&epochs=2&seed=1";
       assert.ok(url.endsWith(query + recipe.map((f, i) => (i % 2 ? `=${f}` : `&${f.slice(2)}`)).join("")), url);
-      page = await chromiumPage(chromium!, url);
+      // hlb: the page opened without a query, the flags typed into its form; airbench94: the page opened with the
+      // query, its form filled from it. Either way Start trains with the form's values and puts them in the address.
+      const search = new URL(url).search;
+      page = await chromiumPage(chromium!, recipe.length ? url : url.replace(/\?.*$/, ""));
+      if (!recipe.length) await fillForm(page, Object.fromEntries(new URLSearchParams(search)));
+      else {
+        await waitFor(page, "!document.getElementById('settings').hidden", "no settings form", 60_000);
+        assert.equal(await page.evaluate("document.getElementById('f-recipe').value"), recipe[1]);
+        assert.equal(await page.evaluate("document.getElementById('f-batch-size').value"), "32");
+      }
+      await pressStart(page);
+      assert.deepEqual(flagsOf(String(await page.evaluate("location.search"))), flagsOf(search));
       await within(server.until(/run log from the page \(status completed\): /), 240_000, "no run log from the page");
       if (recipe.length) {
         assert.match(await page.evaluate("document.body.innerText") as string, /final val accuracy \(TTA level 2\)/);
@@ -103,11 +155,14 @@ async function pageMatchesDeno(recipe: string[]) {
   }
 }
 
-chromiumTest("--web: the page trains in headless Chromium and its run log matches Deno's", async () => {
-  await pageMatchesDeno([]);
-});
+chromiumTest(
+  "--web: flags typed in the page's form, Start trains, the address carries them, the run matches Deno's",
+  async () => {
+    await pageMatchesDeno([]);
+  },
+);
 
-chromiumTest("--web: the page trains --recipe airbench94 (recipe=airbench94) as Deno does", async () => {
+chromiumTest("--web: the page opened with recipe=airbench94 fills its form, Start trains as Deno does", async () => {
   await pageMatchesDeno(["--recipe", "airbench94"]);
 });
 
@@ -122,6 +177,7 @@ chromiumTest("--web: the Stop button stops the page's run after the current step
     await server.until(/training page: \S+/);
     const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
     try {
+      await pressStart(page);
       await waitFor(
         page,
         "/\\|\\s+0\\s+\\|/.test(document.body.textContent)",
@@ -166,6 +222,7 @@ chromiumTest(
       let alone: string[] = [], resumed: string[] = [], text = "";
       const first = await chromiumPage(chromium!, url); // a profile of its own: nothing kept
       try {
+        await pressStart(first);
         await waitFor(first, done, "the page did not finish");
         alone = await rows(first);
       } finally {
@@ -173,6 +230,7 @@ chromiumTest(
       }
       const page = await chromiumPage(chromium!, url);
       try {
+        await pressStart(page);
         await waitFor(
           page,
           "/\\|\\s+1\\s+\\|/.test(document.body.textContent)",
@@ -245,6 +303,7 @@ chromiumTest(
       try {
         await waitFor(page, "!document.getElementById('pick').hidden", "no file picker");
         await page.chooseFiles("#tarball", [tarball]);
+        await pressStart(page);
         await waitFor(page, "document.title.startsWith('done:')", "no end of the run");
         const text = String(await page.evaluate("document.body.innerText"));
         assert.match(text, new RegExp(`error: cifar-10-binary.tar.gz has md5 [0-9a-f]{32}, expected ${CIFAR10_MD5} `));
@@ -261,6 +320,7 @@ chromiumTest(
       try {
         await waitFor(page, "!document.getElementById('pick').hidden", "no file picker");
         await page.chooseFiles("#tarball", [tarball]);
+        await pressStart(page);
         await waitFor(page, "document.title.startsWith('done:')", "no end of the run");
         const text = String(await page.evaluate("document.body.innerText"));
         assert.match(text, /run 2\/2, seed 4\n/);
@@ -282,3 +342,198 @@ chromiumTest(
     }
   },
 );
+
+/** The --static page, written to a temp folder for `fn`: for the tests that need no data (the form, early errors). */
+async function withStaticPage(fn: (file: string) => Promise<void>) {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = join(dir, "page.html");
+    await Deno.writeTextFile(file, await webPage({ server: false }));
+    await fn(file);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** The text of the page's element `id`. */
+const textOf = async (page: Page, id: string) =>
+  String(await page.evaluate(`document.getElementById("${id}").textContent`));
+
+chromiumTest(
+  "--web page: the form shows a bad value's command-line message next to its field; Start refuses it",
+  async () => {
+    await withStaticPage(async (file) => {
+      const page = await chromiumPage(chromium!, `file://${file}?recipe=airbench94&batch-size=1`);
+      try {
+        await waitFor(page, "!document.getElementById('settings').hidden", "no settings form", 60_000);
+        // the address's bad value: next to its field, in the command line's words
+        assert.equal(await textOf(page, "e-batch-size"), cliMessage(["--batch-size", "1"]));
+        // empty fields are the recipe's defaults, shown as placeholders
+        const placeholder = async (name: string) =>
+          String(await page.evaluate(`document.getElementById("f-${name}").placeholder`));
+        assert.equal(await placeholder("epochs"), String(RECIPES.airbench94.misc.trainEpochs));
+        assert.equal(await placeholder("batch-size"), String(RECIPES.airbench94.misc.batchSize));
+        await fillForm(page, { recipe: "hlb" });
+        assert.equal(await placeholder("batch-size"), String(RECIPES.hlb.misc.batchSize));
+        // precision is offered only where the adapter has shader-f16 (SwiftShader has not)
+        const f16 = await page.evaluate("navigator.gpu.requestAdapter().then((a) => a.features.has('shader-f16'))");
+        assert.equal(await page.evaluate("document.getElementById('row-precision').hidden"), !f16);
+        // typed: every bad field its own message, a corrected one none
+        await fillForm(page, { epochs: "0", "batch-size": "32", seed: "-1" });
+        assert.equal(await textOf(page, "e-epochs"), cliMessage(["--epochs", "0"]));
+        assert.equal(await textOf(page, "e-seed"), cliMessage(["--seed=-1"]));
+        assert.equal(await textOf(page, "e-batch-size"), "");
+        assert.match(String(await page.evaluate("document.body.innerText")), /--epochs must be a number from/);
+        // Start (enabled once a file is chosen) refuses: nothing starts, the address stays as it was
+        await waitFor(page, "!document.getElementById('pick').hidden", "no file picker");
+        await page.chooseFiles("#tarball", [file]);
+        await pressStart(page);
+        assert.equal(await page.evaluate("location.search"), "?recipe=airbench94&batch-size=1");
+        assert.equal(await textOf(page, "table"), "");
+        assert.equal(await page.evaluate("document.getElementById('stop').disabled"), true);
+      } finally {
+        await page.close();
+      }
+    });
+  },
+);
+
+chromiumTest(
+  "--web page: a browser without WebGPU, or without an adapter, is told so, and what to try, in a sentence on the page",
+  async () => {
+    await withStaticPage(async (file) => {
+      // a browser without WebGPU: navigator.gpu removed before the page's scripts run
+      const page = await chromiumPage(chromium!, `file://${file}`, { initScript: "delete Navigator.prototype.gpu;" });
+      try {
+        await waitFor(page, "!document.getElementById('settings').hidden", "no settings form", 60_000);
+        assert.equal(await page.evaluate("'gpu' in navigator"), false);
+        assert.equal(await textOf(page, "device"), `error: ${BROWSER_NO_WEBGPU}`);
+        assert.ok(String(await page.evaluate("document.body.innerText")).includes(BROWSER_NO_WEBGPU));
+        assert.match(BROWSER_NO_WEBGPU, /Chrome or Edge/);
+        await page.chooseFiles("#tarball", [file]);
+        assert.equal(await page.evaluate("document.getElementById('start').disabled"), true);
+      } finally {
+        await page.close();
+      }
+      // WebGPU, but no adapter (a blocklisted GPU, hardware acceleration off): said too
+      const none = await chromiumPage(chromium!, `file://${file}`, {
+        initScript: "GPU.prototype.requestAdapter = async () => null;",
+      });
+      try {
+        await waitFor(none, "!document.getElementById('settings').hidden", "no settings form", 60_000);
+        assert.equal(await textOf(none, "device"), `error: ${BROWSER_NO_ADAPTER}`);
+      } finally {
+        await none.close();
+      }
+    });
+  },
+);
+
+chromiumTest(
+  "--web page: a batch too large for the adapter is refused, naming the largest that fits; corrected, Start again checks the tarball's md5",
+  async () => {
+    await withStaticPage(async (file) => {
+      // base depth 64 (the default) at batch 50000: 12 GiB for the widest activation, over any adapter's buffers
+      const page = await chromiumPage(chromium!, `file://${file}?batch-size=50000`);
+      try {
+        await waitFor(page, "!document.getElementById('pick').hidden", "no file picker");
+        await page.chooseFiles("#tarball", [file]); // never read: the check comes first
+        await pressStart(page);
+        await waitFor(page, "document.title.startsWith('done:')", "no end of the run", 60_000);
+        // the terminal's words for this adapter's limits (a device gets the default alignment, 256)
+        const [maxBinding, maxBuffer] = await page.evaluate(
+          "navigator.gpu.requestAdapter().then((a) => [a.limits.maxStorageBufferBindingSize, a.limits.maxBufferSize])",
+        ) as number[];
+        const gpu = { limits: { maxBinding, maxBuffer, align: 256 } } as unknown as Gpu;
+        let expected = "";
+        assert.throws(() => checkFits(gpu, 50000, 64), (e: Error) => (expected = e.message, true));
+        assert.match(expected, /: use --batch-size \d+ or less$/);
+        assert.ok(String(await page.evaluate("document.body.innerText")).includes(`error: ${expected}`));
+        assert.equal(await textOf(page, "e-batch-size"), expected);
+        // corrected, Start again trains in place (no server: the file chosen stays chosen), and reads it: not the
+        // official tarball, which the page says with both md5s
+        await fillForm(page, { "base-depth": "4", "batch-size": "32" });
+        await pressStart(page);
+        await waitFor(page, "document.title.startsWith('done:')", "no end of the second run", 60_000);
+        const text = String(await page.evaluate("document.body.innerText"));
+        assert.match(text, new RegExp(`\nerror: page.html has md5 [0-9a-f]{32}, expected ${CIFAR10_MD5} \\(not the`));
+        assert.ok(!text.includes(expected), "the first run's error is still shown");
+        assert.equal(await page.evaluate("location.search"), "?base-depth=4&batch-size=32");
+      } finally {
+        await page.close();
+      }
+    });
+  },
+);
+
+chromiumTest("--web page: a lost device ends the run with a sentence on the page", async () => {
+  await withFixture(async (dir, data) => {
+    const logs = join(dir, "logs");
+    // 40 steps of batch 16: the device is lost while the first epoch trains
+    const flags = ["--train-subset", "640", "--test-subset", "32", "--base-depth", "4", "--batch-size", "16"]
+      .concat(["--epochs", "1", "--seed", "5"]);
+    const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
+    await server.until(/training page: \S+/);
+    const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+    try {
+      await pressStart(page);
+      await waitFor(page, "document.body.textContent.includes('training epoch 0')", "no training step", 180_000);
+      // what a driver reset does: the device is destroyed from outside the run, through DevTools, in the Worker
+      // that trains (every GPUDevice there: the run has one)
+      const proto = await page.inWorker("Runtime.evaluate", { expression: "GPUDevice.prototype" });
+      const devices = await page.inWorker("Runtime.queryObjects", {
+        prototypeObjectId: (proto.result as { objectId: string }).objectId,
+      });
+      const destroyed = await page.inWorker("Runtime.callFunctionOn", {
+        objectId: (devices.objects as { objectId: string }).objectId,
+        functionDeclaration: "function () { this.forEach((d) => d.destroy()); return this.length; }",
+        returnByValue: true,
+      });
+      assert.ok((destroyed.result as { value: number }).value >= 1, "no GPUDevice in the page's Worker");
+      await within(server.until(/run log from the page \(status failed\): /), 120_000, "no failed run log");
+      await waitFor(page, "document.title.startsWith('done:')", "no end of the run", 60_000);
+      assert.match(
+        String(await page.evaluate("document.body.innerText")),
+        /\nerror: the GPU device was lost \([^\n]*\): restart the run; if it happens again, update the GPU driver/,
+      );
+    } finally {
+      await page.close();
+      server.child.kill("SIGTERM");
+      await server.finish();
+    }
+  });
+});
+
+chromiumTest("--web page: after a failed run, the form takes a corrected value and Start again trains", async () => {
+  await withFixture(async (dir, data) => {
+    const logs = join(dir, "logs");
+    // base depth 64 at batch 50000 does not fit (as above); base depth 4 at batch 32: 2 steps
+    const flags = ["--train-subset", "64", "--test-subset", "16", "--epochs", "1", "--seed", "6"]
+      .concat(["--batch-size", "50000"]);
+    const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
+    await server.until(/training page: \S+/);
+    const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+    try {
+      await pressStart(page);
+      await within(server.until(/run log from the page \(status failed\): /), 120_000, "no failed run log");
+      await waitFor(page, "document.getElementById('start').textContent === 'Start again'", "no Start again", 30_000);
+      assert.match(await textOf(page, "e-batch-size"), /^a batch of 50000 needs .*: use --batch-size \d+ or less$/);
+      // the server keeps one run log a page: Start again reloads the page with the new address, and it starts at once
+      await fillForm(page, { "base-depth": "4", "batch-size": "32" });
+      await pressStart(page);
+      await within(server.until(/run log from the page \(status completed\): /), 240_000, "no completed run log");
+      assert.deepEqual(
+        flagsOf(String(await page.evaluate("location.search"))),
+        flagsOf("?epochs=1&base-depth=4&batch-size=32&train-subset=64&test-subset=16&seed=6"),
+      );
+      await waitFor(page, "document.title === 'done: completed'", "the new page did not finish", 30_000);
+      assert.match(String(await page.evaluate("document.body.innerText")), /run 1\/1, seed 6\n/);
+    } finally {
+      await page.close();
+      server.child.kill("SIGTERM");
+      await server.finish();
+    }
+    const names = [...Deno.readDirSync(logs)].map((e) => JSON.parse(Deno.readTextFileSync(join(logs, e.name))));
+    assert.deepEqual(names.map((l) => `${l.status} ${l.flags.batchSize}`).sort(), ["completed 32", "failed 50000"]);
+  });
+});
