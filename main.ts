@@ -1,5 +1,5 @@
-// main.ts: hlb-CIFAR10 (tysam-code, v0.7) ported to Deno + WebGPU. Trains a small convnet on CIFAR-10 to ~94%
-// test accuracy. This is the one file to fork: the recipe comes first and reads top to bottom, every GPU kernel
+// main.ts: hlb-CIFAR10 (tysam-code, v0.7) ported to Deno + WebGPU, and its successor airbench94 (--recipe airbench94).
+// Trains a small convnet on CIFAR-10 to ~94% test accuracy. This is the one file to fork: the recipe comes first and reads top to bottom, every GPU kernel
 // lives in kernels/*.wgsl.  1. hyperparameters  2. network (state, init, forward, backward)  3. training (schedule,
 // EMA, augmentation draws, the epoch loop)  4. evaluation.  Below a line of #s, the machinery a fork rarely touches:
 // 5. GPU plumbing  6. ops (one function per kernel)  7. data  8. printing  9. run logs, saved weights  10. command line
@@ -12,7 +12,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 
 // =================================================================================================
-// 1. Hyperparameters (the numbers of hlb-CIFAR10 v0.7; flags only override a few of them)
+// 1. Hyperparameters: hlb-CIFAR10 v0.7's (hyp, the default), then airbench94's (--recipe); flags override a few
 // =================================================================================================
 
 export const hyp = {
