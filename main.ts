@@ -4371,19 +4371,7 @@ const FLAG_OPTIONS = {
 } as Record<string, { type: "boolean" | "string"; short?: string }>;
 
 /** The flags a --web page takes from its URL query: those of training itself (the rest are the terminal's). */
-export const PAGE_FLAGS = [
-  "recipe",
-  "runs",
-  "epochs",
-  "base-depth",
-  "batch-size",
-  "train-subset",
-  "test-subset",
-  "seed",
-  "conv-kernels",
-  "feature-level",
-  "precision",
-];
+export const PAGE_FLAGS = [...RUN_FLAGS, "conv-kernels", "feature-level"];
 
 export function parseFlags(argv: string[]): CliOptions {
   let parsed;
