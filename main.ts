@@ -654,15 +654,17 @@ export async function train(o: TrainOptions): Promise<RunResult> {
     const firstFlips = h.net.flip === "alternating" ? firstEpochFlips(o.seed, N) : undefined;
     await compilePipelines(gpu, run.programs);
 
-    // The epoch loop. The CPU waits for the GPU only at the end of each epoch's steps (for the clock) and for the
-    // metrics after evaluating; a step is one submit of recorded programs, with this step's numbers in `frame`.
-    // A run resumed from a checkpoint goes on from the end of its epoch, with its generator, buffers and rows.
+    // The epoch loop. The CPU waits for the GPU only at the end of each epoch's steps (for the clock), for the
+    // metrics after evaluating, and while STEPS_IN_FLIGHT steps are queued; a step is one submit of recorded
+    // programs, with this step's numbers in `frame`. A run resumed from a checkpoint goes on from the end of its
+    // epoch, with its generator, buffers and rows.
     const at = o.resume
       ? resumeRun(gpu, run, rng, plan, o.resume)
       : { epoch: 0, step: 0, emaExists: false, trainSeconds: 0 };
     const first = at.epoch, epochs: EpochMetrics[] = [...(o.resume?.epochs ?? [])], started = performance.now();
     let { step, emaExists, trainSeconds } = at; // step: optimiser steps taken so far (the schedule's index)
     let evalSeconds = 0; // for the time left (Progress)
+    const inFlight: Promise<void>[] = []; // the queued steps' completions, oldest first
     const checkpoint = async (epoch: number) =>
       o.onCheckpoint &&
       await o.onCheckpoint(await trainState(gpu, run, rng, { epoch, step, emaExists, trainSeconds, epochs }));
@@ -695,6 +697,8 @@ export async function train(o: TrainOptions): Promise<RunResult> {
           emaNow && !emaExists ? run.copyToEma : undefined,
         );
         if (emaNow) emaExists = true;
+        inFlight.push(gpu.device.queue.onSubmittedWorkDone());
+        if (inFlight.length > STEPS_IN_FLIGHT) await inFlight.shift();
         await gpu.profiler?.collect();
         const now = performance.now(), synced = { steps: step - s, seconds: trainSeconds }; // as of the epoch's start
         o.onStep?.({
@@ -742,6 +746,13 @@ export async function train(o: TrainOptions): Promise<RunResult> {
     freeSince(gpu, mark);
   }
 }
+
+/**
+ * Steps queued on the GPU at most: enough to keep it busy, few enough that the progress shown is the GPU's (a browser
+ * queues every submit, so the bars would reach the epoch's end at once and then stand still), that a Stop is heard
+ * within as many steps, and that a page training on its own thread repaints while it waits.
+ */
+const STEPS_IN_FLIGHT = 3;
 
 // The metrics buffer, read once per epoch: a (loss sum, correct count) f32 pair per slot (the epoch's first train
 // batch, the network on the test set, the EMA on the test set), then one u32: the first step whose loss was not
@@ -988,7 +999,7 @@ function evalPrograms(
     accumulateMetrics(gpu, r(A.loss), r(A.correct), metrics, slot),
   ];
   const gather = gatherEval(gpu, data.test, data.norm, EV.x, EV.targets, views);
-  return { part, nTest: data.test.count, evalOf, gather };
+  return { part, nTest: data.test.count, evalOf, gather, tta };
 }
 /**
  * The views of each TTA level (airbench94's infer): 0 the image; 1 it and its mirror; 2 those and the two 1-pixel
@@ -1001,11 +1012,19 @@ export const TTA_VIEWS = [1, 2, 6];
  * the GPU is waited for every EVAL_SYNC_IMAGES images and the event loop let run after every batch, so that a Ctrl-C
  * is heard within a few batches, not after the whole test set.
  */
-async function evaluateTestSet(gpu: Gpu, nTest: number, part: number, list: Dispatch[], stop?: () => boolean) {
+async function evaluateTestSet(
+  gpu: Gpu,
+  nTest: number,
+  part: number,
+  list: Dispatch[],
+  stop?: () => boolean,
+  after?: (enc: GPUCommandEncoder, start: number, valid: number) => void, // a copy after each batch
+) {
   const syncEvery = Math.max(1, Math.floor(EVAL_SYNC_IMAGES / part));
   for (let start = 0, batch = 1; start < nTest; start += part, batch++) {
-    setFrame(gpu, { offset: start, valid: Math.min(part, nTest - start) });
-    submit(gpu, list);
+    const valid = Math.min(part, nTest - start);
+    setFrame(gpu, { offset: start, valid });
+    submit(gpu, list, after && ((enc) => after(enc, start, valid)));
     await gpu.profiler?.collect();
     if (!stop) continue;
     if (batch % syncEvery === 0) await gpu.device.queue.onSubmittedWorkDone();
@@ -1016,7 +1035,11 @@ async function evaluateTestSet(gpu: Gpu, nTest: number, part: number, list: Disp
 }
 const EVAL_SYNC_IMAGES = 1024;
 
-/** Test accuracy and loss (flip TTA) of saved weights; the network's widths come from the weights. */
+/**
+ * Test accuracy and loss (with the recipe's final TTA) of saved weights; the network's widths come from the weights.
+ * With `answers`, also each test image's logits (those its accuracy is counted on, TTA views combined: copied on the
+ * GPU batch after batch and read back once): what the page shows of a network.
+ */
 export async function evaluateWeights(
   gpu: Gpu,
   data: Pick<GpuData, "test" | "norm">,
@@ -1025,7 +1048,8 @@ export async function evaluateWeights(
   file: string,
   precision: DType = "f32",
   h: Hyp = hyp, // the recipe that trained them: its network, and its final TTA level
-) {
+  answers = false,
+): Promise<{ valLoss: number; valAcc: number; logits?: Float32Array }> {
   const first = weights.get("conv_group_1.conv1.weight"), depth = first?.shape[3] ?? 0;
   if (!first || first.shape.length !== 4) {
     throw new Error(`${file} has no conv_group_1.conv1.weight: not a network of ours`);
@@ -1050,11 +1074,19 @@ export async function evaluateWeights(
     const state = createBuffer(gpu, layout.nTotal * 4), metrics = createBuffer(gpu, METRICS_FLOATS * 4);
     gpu.device.queue.writeBuffer(state, 0, values);
     const A = makeActivations(gpu, batchSize, depth, precision, netKernels(gpu, h), h);
-    const { part, evalOf, gather } = evalPrograms(gpu, data, A, metrics, h, h.misc.finalTtaLevel);
-    await evaluateTestSet(gpu, data.test.count, part, [
-      ...gather,
-      ...evalOf(stateViews(state, layout), METRIC_SLOTS.val),
-    ]);
+    const { part, evalOf, gather, tta } = evalPrograms(gpu, data, A, metrics, h, h.misc.finalTtaLevel);
+    const classes = h.misc.numClasses,
+      row = classes * 4,
+      logits = answers ? createBuffer(gpu, data.test.count * row) : undefined;
+    await evaluateTestSet(
+      gpu,
+      data.test.count,
+      part,
+      [...gather, ...evalOf(stateViews(state, layout), METRIC_SLOTS.val)],
+      undefined,
+      logits &&
+        ((enc, start, valid) => enc.copyBufferToBuffer(tta.buffer, tta.offset, logits, start * row, valid * row)),
+    );
     const val = metricSlot(await readBuffer(gpu, metrics, 0, METRICS_FLOATS * 4), "val");
     const valLoss = val.loss / data.test.count;
     // finite weights can still overflow (a 3e38 in a weight): a NaN or infinite loss is no result to print
@@ -1066,10 +1098,23 @@ export async function evaluateWeights(
             : "its weights are corrupt; save the network again with --save"),
       );
     }
-    return { valLoss, valAcc: val.correct / data.test.count };
+    const answered = logits && (await readBuffer(gpu, logits, 0, data.test.count * row));
+    return { valLoss, valAcc: val.correct / data.test.count, logits: answered };
   } finally {
     freeSince(gpu, mark);
   }
+}
+
+/** Each row of `logits` ([rows][classes]) as probabilities (softmax, its max subtracted first: no overflow). */
+export function softmaxRows(logits: Float32Array, classes: number): Float32Array {
+  const out = new Float32Array(logits.length);
+  for (let at = 0; at < logits.length; at += classes) {
+    const row = logits.subarray(at, at + classes), max = Math.max(...row);
+    let sum = 0;
+    for (let c = 0; c < classes; c++) sum += out[at + c] = Math.exp(row[c] - max);
+    for (let c = 0; c < classes; c++) out[at + c] /= sum;
+  }
+  return out;
 }
 
 // #################################################################################################
@@ -2896,7 +2941,20 @@ export const CIFAR10_TRAIN_FILES = [
 export const CIFAR10_TEST_FILE = "test_batch.bin";
 export const RECORD_BYTES = 3073;
 export const FILE_BYTES = 30_730_000;
-const IMAGE_BYTES = RECORD_BYTES - 1; // 3 * 32 * 32
+export const IMAGE_BYTES = RECORD_BYTES - 1; // 3 * 32 * 32
+/** The labels' names (the release's batches.meta.txt), label 0 first. */
+export const CIFAR10_CLASSES = [
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+];
 const RECORDS_PER_FILE = FILE_BYTES / RECORD_BYTES; // 10,000
 const DATA_FOLDER = "cifar-10-batches-bin";
 const USE_DATA = "pass --data DIR pointing at an existing cifar-10-batches-bin folder";
@@ -3492,15 +3550,21 @@ export function stepText(p: Progress, runsAfter = 0): string {
   const head = `training epoch ${p.epoch}: ${p.step}/${p.steps} steps submitted | ${
     durationText(p.wallSeconds)
   } elapsed`;
+  const left = timeLeftText(p, runsAfter);
+  return left ? `${head} | ${left}` : head;
+}
+
+/** timeLeft in words (the terminal's live line, the page's run bar); "" until a step was timed. */
+export function timeLeftText(p: Progress, runsAfter = 0): string {
   const left = timeLeft(p);
-  if (!left) return head;
+  if (!left) return "";
   const all = runsAfter > 0
     ? `, ${durationText(left.seconds + runsAfter * left.run)} for all ${runsAfter + 1} runs`
     : "";
   const run = left.partial
     ? `over ${durationText(left.seconds)} left (evaluation not timed yet)`
     : `about ${durationText(left.seconds)} left`;
-  return `${head} | ${run}${all}`;
+  return run + all;
 }
 
 export const rowValues = (m: EpochMetrics) => [
@@ -5052,29 +5116,10 @@ async function evalMain(o: CliOptions) {
   const file = o.eval!;
   if (o.json) await checkWritableFile("--json", o.json);
   const saved = await readSavedNetwork(file); // before the GPU and the dataset: a bad file costs no download
-  // without --batch-size the batch size is the file's: one the command line would refuse, or this GPU cannot run, is
-  // then the file's fault, not a flag the user gave, and --batch-size overrides it
-  const fromFile = !o.explicit.includes("batch-size"), sizes = FLAG_RANGES["batch-size"];
-  const batchSize = fromFile ? saved.evalBatchSize : o.batchSize;
-  if (fromFile && !(batchSize >= sizes.min && batchSize <= sizes.max)) {
-    throw new Error(
-      `${file} has evalBatchSize ${batchSize}, outside ${sizes.min}..${sizes.max}: ` +
-        `pass --batch-size N (${sizes.min}..${sizes.max}) to override it`,
-    );
-  }
+  const batch = evalBatchSize(saved, o, file);
   const gpu = await initGpu(gpuOptions(o));
-  const precision = o.explicit.includes("precision") ? o.precision : saved.precision;
-  checkPrecision(gpu, precision);
-  if (fromFile) {
-    try {
-      checkFits(gpu, batchSize, saved.baseDepth, precision, saved.recipe);
-    } catch (e) {
-      checkFits(gpu, sizes.min, saved.baseDepth, precision, saved.recipe); // the network itself does not fit: as it is
-      throw new Error(
-        `${file} has evalBatchSize ${batchSize}, too large for this GPU (--batch-size overrides it): ${errorText(e)}`,
-      );
-    }
-  }
+  const precision = evalPrecision(gpu, saved, o, file, batch);
+  const batchSize = batch.size;
   const { dir, source } = await datasetDir(o);
   const cifar = await loadCifar10(dir, { trainSubset: 0, testSubset: o.testSubset, source });
   const test = uploadImages(gpu, cifar.testImages, cifar.testLabels);
@@ -5087,10 +5132,7 @@ async function evalMain(o: CliOptions) {
     precision,
     saved.recipe,
   );
-  say(
-    `${file}: test accuracy ${(100 * r.valAcc).toFixed(2)}% | test loss ${r.valLoss.toFixed(4)} | ` +
-      `${test.count} images, ${ttaText(saved.recipe.misc.finalTtaLevel)}`,
-  );
+  say(evalText(file, r, test.count, saved.recipe));
   if (o.json) {
     const out = {
       eval: file,
@@ -5108,9 +5150,60 @@ async function evalMain(o: CliOptions) {
   releaseGpu(gpu);
 }
 
+/**
+ * --eval's batch size: without --batch-size, the file's. One the command line would refuse (or, in evalPrecision,
+ * one this GPU cannot run) is then the file's fault, not a flag the user gave, and --batch-size overrides it.
+ */
+export function evalBatchSize(saved: SavedNetwork, o: CliOptions, file: string) {
+  const fromFile = !o.explicit.includes("batch-size"), sizes = FLAG_RANGES["batch-size"];
+  const size = fromFile ? saved.evalBatchSize : o.batchSize;
+  if (fromFile && !(size >= sizes.min && size <= sizes.max)) {
+    throw new Error(
+      `${file} has evalBatchSize ${size}, outside ${sizes.min}..${sizes.max}: ` +
+        `pass --batch-size N (${sizes.min}..${sizes.max}) to override it`,
+    );
+  }
+  return { size, fromFile };
+}
+
+/** --eval's precision (the file's, unless --precision says), checked on `gpu`, with the batch size checked to fit. */
+export function evalPrecision(
+  gpu: Gpu,
+  saved: SavedNetwork,
+  o: CliOptions,
+  file: string,
+  batch: { size: number; fromFile: boolean },
+): DType {
+  const precision = o.explicit.includes("precision") ? o.precision : saved.precision;
+  checkPrecision(gpu, precision);
+  if (batch.fromFile) {
+    try {
+      checkFits(gpu, batch.size, saved.baseDepth, precision, saved.recipe);
+    } catch (e) {
+      // the network itself does not fit: said as it is
+      checkFits(gpu, FLAG_RANGES["batch-size"].min, saved.baseDepth, precision, saved.recipe);
+      throw new Error(
+        `${file} has evalBatchSize ${batch.size}, too large for this GPU (--batch-size overrides it): ${errorText(e)}`,
+      );
+    }
+  }
+  return precision;
+}
+
+/** --eval's line (the page's too). */
+export const evalText = (file: string, r: { valAcc: number; valLoss: number }, images: number, h: Hyp) =>
+  `${file}: test accuracy ${(100 * r.valAcc).toFixed(2)}% | test loss ${r.valLoss.toFixed(4)} | ` +
+  `${images} images, ${ttaText(h.misc.finalTtaLevel)}`;
+
 /** A file written by --save, checked whole (tensors, values and metadata) before anything else runs. */
-export async function readSavedNetwork(file: string) {
-  const bytes = await readSafetensorsFile("--eval", file);
+export async function readSavedNetwork(file: string): Promise<SavedNetwork> {
+  return savedNetwork(await readSafetensorsFile("--eval", file), file);
+}
+
+export type SavedNetwork = ReturnType<typeof savedNetwork>;
+
+/** A --save file's bytes (`file` names it in the messages), checked whole: what --eval and the page's drop read. */
+export function savedNetwork(bytes: Uint8Array, file: string) {
   const { weights, metadata } = decodeSafetensors(bytes, file);
   const bad = (why: string) => new Error(`${file} ${why}: save the network again with --save`);
   // a metadata value as the line shows it: quoted (so " 4 " shows its spaces, and a newline stays in one line), short
@@ -5423,7 +5516,23 @@ export type WebMessage =
   | { type: "result"; result: RunResult }
   | { type: "log"; log: unknown }
   | { type: "error"; message: string }
-  | { type: "end"; status: RunStatus }; // the last message of every start, whether or not a run log came
+  | { type: "end"; status: RunStatus } // the last message of every start, whether or not a run log came
+  | { type: "answers"; answers: Answers } // after a completed run, or a WebEvaluate
+  | { type: "classified"; logits: Float32Array } // a WebClassify's answer
+  | { type: "answerError"; message: string }; // a WebEvaluate or a WebClassify refused
+
+/** A network's answers on the page's test set: --eval's line, each image's class probabilities, the grid's images. */
+export interface Answers {
+  text: string;
+  logits: Float32Array; // [test images][10], as evaluateWeights counts its accuracy on them
+  labels: Uint8Array; // the test set's
+  images: Uint8Array; // the first GRID_IMAGES test images, CHW bytes
+}
+
+/** What the page sends its worker to evaluate a dropped --save file: as WebStart, the file instead of a run. */
+export type WebEvaluate = Omit<WebStart, "type" | "resume"> & { type: "evaluate"; file: File };
+/** The visitor's image, 32 x 32 in the dataset's layout (imageFromRgba), for the network the page answers with. */
+export type WebClassify = { type: "classify"; pixels: Uint8Array };
 
 /**
  * What the page sends its worker to start: the flags, the page's config, and the tarball chosen (no server) or the
@@ -5494,17 +5603,46 @@ export function resumable(c: Checkpoint, flags: CliOptions): boolean {
 
 /**
  * The worker's side of the page: trains as `main` does, with the flags the page sends (a WebStart), on data from the
- * server or the tarball, and posts what the table needs; {type: "stop"} is the Ctrl-C of the page. `scope` is the
+ * server or the tarball, and posts what the table needs; {type: "stop"} is the Ctrl-C of the page. After a run, and
+ * for a --save file dropped on the page (a WebEvaluate, --eval's checks), it posts the network's answers on the test
+ * set, then keeps that network, and a GPU, to classify the visitor's own images (a WebClassify). `scope` is the
  * Worker's global, or a MessagePort where the page has no Worker (opened from a file).
  */
 export function webWorker(scope: {
   postMessage(message: WebMessage): void;
   addEventListener(type: "message", listener: (e: MessageEvent) => void): void;
 }) {
-  let stopRequested = false;
+  let stopRequested = false, answering: { gpu: Gpu; net: PageNetwork } | undefined;
+  const forget = () => {
+    if (answering && !answering.gpu.released) releaseGpu(answering.gpu);
+    answering = undefined;
+  };
+  /** The answers of `net` on the test set of `cifar` (uploaded as `test`): posted, and `net` kept on `gpu`. */
+  const answer = async (gpu: Gpu, net: PageNetwork, test: GpuImages, cifar: Cifar10) => {
+    const r = await evaluateWeights(
+      gpu,
+      { test, norm: net.norm },
+      net.weights,
+      net.batchSize,
+      net.source,
+      net.precision,
+      net.h,
+      true,
+    );
+    const images = cifar.testImages.slice(0, Math.min(test.count, GRID_IMAGES) * IMAGE_BYTES);
+    const text = evalText(net.source, r, test.count, net.h);
+    scope.postMessage({
+      type: "answers",
+      answers: { text, logits: r.logits!, labels: cifar.testLabels, images },
+    });
+    answering = { gpu, net };
+  };
   scope.addEventListener("message", async (e: MessageEvent) => {
     if (e.data?.type === "stop") stopRequested = true;
+    if (e.data?.type === "classify") await classify((e.data as WebClassify).pixels);
+    if (e.data?.type === "evaluate") forget(), await evaluate(e.data as WebEvaluate);
     if (e.data?.type !== "start") return;
+    forget();
     stopRequested = false; // a page without a server may train again, with the same worker
     const { flags, config, tarball, page, resume } = e.data as WebStart, startedAt = new Date(), runs: RunResult[] = [];
     let gpu: Gpu | undefined, partial: PartialRun | undefined, status: RunStatus = "completed", resumedAt, o = flags;
@@ -5521,7 +5659,7 @@ export function webWorker(scope: {
       const cifar = tarball
         ? await cifarFromTarball(tarball, { trainSubset: o.trainSubset, testSubset: o.testSubset, md5: config.md5 })
         : await serverCifar(o, page);
-      const data = uploadDataset(gpu, cifar, RECIPES[o.recipe]);
+      const dataMark = gpu.allocated.length, data = uploadDataset(gpu, cifar, RECIPES[o.recipe]);
       if (resumed && JSON.stringify(resumed.norm) !== JSON.stringify(data.norm)) {
         throw new Error(`${KEPT} was written for other training images: start over`);
       }
@@ -5549,6 +5687,7 @@ export function webWorker(scope: {
         const first = resumed?.startedAt ?? startedAt.toISOString();
         const result = await train({
           ...trainOptions(gpu, data, o, seed),
+          returnWeights: r === o.runs - 1, // the page's answers come from the last run's network
           resume: from?.train,
           onCheckpoint: (state) =>
             keep(
@@ -5573,6 +5712,21 @@ export function webWorker(scope: {
         if (result.interrupted) status = "interrupted";
       }
       if (status === "completed" && keeping) await keepCheckpoint().catch(() => {}); // nothing left to resume
+      const last = runs.at(-1);
+      if (status === "completed" && last?.weights) {
+        const h = RECIPES[o.recipe], source = `the network of run ${runs.length} (seed ${last.seed})`;
+        scope.postMessage({ type: "status", text: "the trained network answers the test set" });
+        const net = {
+          source,
+          weights: last.weights,
+          norm: data.norm,
+          h,
+          batchSize: o.batchSize,
+          precision: o.precision,
+        };
+        await answer(gpu, net, data.test, cifar);
+        freeSince(gpu, dataMark); // the dataset: the network and the GPU stay, for the visitor's own images
+      }
     } catch (err) {
       status = err instanceof TrainingDiverged ? "diverged" : "failed";
       if (partial) partial.error = errorText(err);
@@ -5593,18 +5747,134 @@ export function webWorker(scope: {
         resumed: resumedAt,
       });
       scope.postMessage({ type: "log", log });
-      releaseGpu(gpu);
+      if (answering?.gpu !== gpu) releaseGpu(gpu);
     }
     scope.postMessage({ type: "end", status });
   });
+
+  /** --eval on the page: a dropped --save file, checked as --eval checks it, answers the page's test set. */
+  async function evaluate({ file, flags, config, tarball, page }: WebEvaluate) {
+    let gpu: Gpu | undefined;
+    try {
+      const saved = savedNetwork(new Uint8Array(await file.arrayBuffer()), file.name);
+      const batch = evalBatchSize(saved, flags, file.name);
+      gpu = await initGpu({
+        convKernels: flags.convKernels,
+        featureLevel: flags.featureLevel,
+        kernels: config.kernels,
+      });
+      const precision = evalPrecision(gpu, saved, flags, file.name, batch);
+      scope.postMessage({ type: "status", text: `${file.name}: reading the test set` });
+      const cifar = tarball
+        ? await cifarFromTarball(tarball, { trainSubset: 0, testSubset: flags.testSubset, md5: config.md5 })
+        : await serverCifar({ ...flags, trainSubset: 0 }, page);
+      const test = uploadImages(gpu, cifar.testImages, cifar.testLabels);
+      const net = { source: file.name, ...saved, batchSize: batch.size, precision, h: saved.recipe };
+      await answer(gpu, net, test, cifar);
+      scope.postMessage({ type: "status", text: "" });
+    } catch (err) {
+      if (gpu && answering?.gpu !== gpu) releaseGpu(gpu);
+      scope.postMessage({ type: "answerError", message: errorText(err) });
+    }
+  }
+
+  /** The visitor's image (32 x 32, the dataset's layout) through the kept network, as the test set went. */
+  async function classify(pixels: Uint8Array) {
+    if (!answering) {
+      return scope.postMessage({ type: "answerError", message: "no network yet: train one, or drop a --save file" });
+    }
+    const { gpu, net } = answering, mark = gpu.allocated.length;
+    try {
+      const test = uploadImages(gpu, pixels, new Uint8Array(1)), views = TTA_VIEWS[net.h.misc.finalTtaLevel];
+      const r = await evaluateWeights(
+        gpu,
+        { test, norm: net.norm },
+        net.weights,
+        Math.max(2, views),
+        net.source,
+        net.precision,
+        net.h,
+        true,
+      );
+      scope.postMessage({ type: "classified", logits: r.logits! });
+    } catch (err) {
+      scope.postMessage({ type: "answerError", message: errorText(err) });
+    } finally {
+      if (!gpu.released) freeSince(gpu, mark);
+    }
+  }
 }
 
-/** The four arrays of the page's subsets, from the server that sent the page (its /data/ answers). */
+/** A network the page answers with: the last run's, or a dropped --save file's; `source` names it. */
+interface PageNetwork {
+  source: string;
+  weights: Weights;
+  norm: ChannelStats;
+  h: Hyp;
+  batchSize: number;
+  precision: DType;
+}
+
+/** The test images the page shows with the network's answers (the first ones of the test set). */
+export const GRID_IMAGES = 48;
+
+/** The page's two bars: where the epoch and the run are, in steps, and the terminal's estimate of the time left. */
+export function progressBars(p: Progress, run: number, runs: number) {
+  const left = timeLeftText(p, runs - run);
+  return {
+    epoch: p.step / p.steps,
+    run: p.stepsDone / p.totalSteps,
+    epochText: `epoch ${p.epoch} (${p.numEpochs} in all, from 0): step ${p.step} of ${p.steps}`,
+    runText: `run ${run} of ${runs}: step ${p.stepsDone} of ${p.totalSteps} | ${durationText(p.wallSeconds)} elapsed` +
+      (left ? ` | ${left}` : ""),
+  };
+}
+
+/** The class of each row of `logits` ([images][classes]): its largest (the first of equals, as the GPU counts). */
+export function predictedClasses(logits: Float32Array, classes: number): Uint8Array {
+  const out = new Uint8Array(logits.length / classes);
+  for (let i = 0; i < out.length; i++) {
+    const row = logits.subarray(i * classes, (i + 1) * classes);
+    out[i] = row.indexOf(Math.max(...row));
+  }
+  return out;
+}
+
+/** counts[true class][predicted class] over the test set: its rows sum to each class's images, the whole to all. */
+export function confusionMatrix(predicted: Uint8Array, labels: Uint8Array, classes: number): number[][] {
+  const counts = Array.from({ length: classes }, () => new Array(classes).fill(0));
+  predicted.forEach((p, i) => counts[labels[i]][p]++);
+  return counts;
+}
+
+/** The `k` most probable classes of one image's probabilities, most probable first. */
+export const topClasses = (probabilities: Float32Array, k: number) =>
+  [...probabilities].map((p, c) => ({ c, p })).sort((a, b) => b.p - a.p || a.c - b.c).slice(0, k);
+
+/** A 32 x 32 RGBA picture (a canvas's pixels; alpha ignored) in the dataset's layout: CHW bytes. */
+export function imageFromRgba(rgba: ArrayLike<number>): Uint8Array {
+  const plane = IMAGE_SIDE * IMAGE_SIDE, out = new Uint8Array(3 * plane);
+  for (let i = 0; i < plane; i++) for (let ch = 0; ch < 3; ch++) out[ch * plane + i] = rgba[4 * i + ch];
+  return out;
+}
+
+/** One image in the dataset's layout (CHW bytes) as opaque RGBA, to draw on a canvas. */
+export function rgbaFromImage(chw: Uint8Array): Uint8ClampedArray<ArrayBuffer> {
+  const plane = IMAGE_SIDE * IMAGE_SIDE, out = new Uint8ClampedArray(4 * plane).fill(255);
+  for (let i = 0; i < plane; i++) for (let ch = 0; ch < 3; ch++) out[4 * i + ch] = chw[ch * plane + i];
+  return out;
+}
+
+/**
+ * The four arrays of the page's subsets, from the server that sent the page (its /data/ answers); with a train subset
+ * of 0, no training images are asked for (the page's --eval).
+ */
 async function serverCifar(o: CliOptions, page: string): Promise<Cifar10> {
   const subsets = new URLSearchParams();
   if (o.trainSubset) subsets.set("train-subset", String(o.trainSubset));
   if (o.testSubset) subsets.set("test-subset", String(o.testSubset));
   const part = async (name: keyof Cifar10) => {
+    if (o.trainSubset === 0 && name.startsWith("train")) return new Uint8Array(0);
     const res = await fetch(new URL(`data/${name}?${subsets}`, page));
     if (!res.ok) throw new Error((await res.json()).error);
     return new Uint8Array(await res.arrayBuffer());
@@ -5634,6 +5904,14 @@ const WEB_PAGE = `<!doctype html>
   #settings { margin-top: 1rem } #fields label { display: inline-block; width: 7.5rem }
   #fields input, #fields select { width: 9rem; box-sizing: border-box }
   #fields .error { margin-left: .8rem }
+  #progress div { margin: .2rem 0 } #progress progress { width: 18rem; vertical-align: middle }
+  #progress label { display: inline-block; width: 3.5rem }
+  #grid { display: flex; flex-wrap: wrap; gap: .4rem } #grid figure { margin: 0; width: 6.2rem; font-size: 12px }
+  #grid canvas, #owncanvas { width: 96px; height: 96px; image-rendering: pixelated; display: block }
+  #grid figure.wrong canvas { outline: 3px solid #b00020 } #grid figure.right canvas { outline: 1px solid #999 }
+  #grid .said { color: #b00020 } #matrix { border-collapse: collapse; font: 12px ui-monospace, monospace }
+  #matrix td, #matrix th { border: 1px solid #ddd; padding: .15rem .35rem; text-align: right }
+  #own { display: flex; gap: 1rem; align-items: flex-start }
 </style></head>
 <body>
 <h1>hlb-CIFAR10 on WebGPU</h1>
@@ -5646,10 +5924,30 @@ const WEB_PAGE = `<!doctype html>
   to it opens this form filled, and a reload keeps them.</p>
   <p><button id="start" type="submit" disabled>Start</button> <span id="formerror" class="error"></span></p></form>
 <p id="resume" hidden><span id="resumetext"></span> <button id="resumebtn">Resume</button> (Start starts over)</p>
+<p id="netpick">Or evaluate a network saved with <code>--save</code>: choose (or drop) its .safetensors file
+  <input type="file" id="netfile" accept=".safetensors"> <span id="neterror" class="error"></span></p>
 <p><button id="stop" disabled>Stop</button> <a id="download" hidden download="run-log.json">download the run log</a>
   <span id="status"></span></p>
+<div id="progress" hidden>
+  <div><label for="pepoch">epoch</label> <progress id="pepoch" max="1" value="0"></progress> <span id="tepoch"></span></div>
+  <div><label for="prun">run</label> <progress id="prun" max="1" value="0"></progress> <span id="trun"></span></div>
+</div>
 <pre id="table"></pre>
 <div id="plot"></div>
+<section id="answers" hidden>
+  <h2>The network's answers</h2>
+  <p id="answertext"></p>
+  <p>The first test images, each with its true class and, below it, the class the network gives it with its
+  probability. ✓: right; ✗ and a red frame: wrong.</p>
+  <div id="grid"></div>
+  <h3>Per class: the confusion matrix</h3>
+  <p>Each row is a true class, each column the class the network said; the last column is the class's accuracy.</p>
+  <table id="matrix"></table>
+  <h3>Try your own image</h3>
+  <p>Choose (or drop) a picture: its centre square, at 32 x 32 as the network sees it, and the network's three most
+  probable classes. <input type="file" id="ownfile" accept="image/*"> <span id="ownerror" class="error"></span></p>
+  <div id="own" hidden><canvas id="owncanvas" width="32" height="32"></canvas><ol id="owntop"></ol></div>
+</section>
 <script type="application/json" id="config">{/*config*/}</script>
 <script type="module">
 const $ = (id) => document.getElementById(id);
@@ -5759,11 +6057,13 @@ function inPage() {
 }
 const { main: _, plot: __, ...shared } = config;
 let flags, tarball, running = false, ran = false, posting; // posting: the run log on its way to the server
+let evaluating = false, run = { run: 1, runs: 1 }; // evaluating: a dropped --save file; run: the run training
 const startable = () => !gpuProblem && !running && (config.server || tarball);
 function refresh() {
-  $("start").disabled = !startable();
+  $("start").disabled = !startable() || evaluating;
   $("start").textContent = ran ? "Start again" : "Start";
   $("fields").disabled = running;
+  $("netfile").disabled = running || evaluating || gpuProblem !== "";
 }
 // A run: \`f\` checked flags, \`resume\` the checkpoint this browser kept of the address's run, to continue it
 const start = (f, resume) => {
@@ -5775,7 +6075,8 @@ const start = (f, resume) => {
   show();
   $("table").className = "";
   $("plot").innerHTML = "";
-  $("download").hidden = $("resume").hidden = $("pick").hidden = true;
+  $("download").hidden = $("resume").hidden = $("pick").hidden = $("answers").hidden = $("progress").hidden = true;
+  say("neterror", "");
   $("stop").disabled = false;
   document.title = "hlb-CIFAR10 on WebGPU";
   say("device", "asking for a WebGPU adapter...");
@@ -5804,12 +6105,30 @@ worker.onmessage = async ({ data: m }) => {
   if (m.type === "status") say("status", m.text);
   if (m.type === "note") lines.push(m.text);
   if (m.type === "device") { say("device", m.header); say("status", ""); }
-  if (m.type === "run") { lines.push("", main.runTitle(m.run, m.runs, m.seed), main.tableHeader()); runs.push({ epochs: [] }); }
-  if (m.type === "step") live = "|  " + main.stepText(m.progress, m.runsAfter);
-  if (m.type === "row") { live = ""; lines.push(main.formatRow(main.rowValues(m.row))); runs.at(-1).epochs.push(m.row); drawCurves(); }
+  if (m.type === "run") {
+    lines.push("", main.runTitle(m.run, m.runs, m.seed), main.tableHeader());
+    runs.push({ epochs: [] });
+    run = m;
+  }
+  if (m.type === "step") {
+    live = "|  " + main.stepText(m.progress, m.runsAfter);
+    showProgress(main.progressBars(m.progress, run.run, run.runs));
+  }
+  if (m.type === "row") {
+    live = "";
+    lines.push(main.formatRow(main.rowValues(m.row)));
+    runs.at(-1).epochs.push(m.row);
+    drawCurves();
+    $("tepoch").textContent = "epoch " + m.row.epoch + ": trained and evaluated";
+  }
   if (m.type === "result") {
     lines.push(main.tableRule());
     const r = m.result;
+    if (!r.interrupted) {
+      $("pepoch").value = $("prun").value = 1;
+      $("trun").textContent = "run " + run.run + " of " + run.runs + ": done, " + main.durationText(r.trainSeconds) +
+        " of training";
+    }
     results.push(r);
     lines.push(r.interrupted ? "stopped in epoch " + r.interrupted.epoch + ", after " + r.interrupted.steps + " steps"
       : main.runResultText(r, main.RECIPES[flags.recipe]));
@@ -5826,6 +6145,16 @@ worker.onmessage = async ({ data: m }) => {
     if (!config.server) $("pick").hidden = false; // another tarball may be chosen (the same one stays chosen)
     refresh();
     if (!document.title.startsWith("done: ")) document.title = "done: " + m.status; // no run log came
+  }
+  if (m.type === "answers") showAnswers(m.answers);
+  if (m.type === "classified") showTop(m.logits);
+  if (m.type === "answerError") {
+    say(evaluating ? "neterror" : "ownerror", "error: " + m.message, true);
+    say("status", "");
+  }
+  if (m.type === "answers" || m.type === "answerError") {
+    evaluating = false;
+    refresh();
   }
   if (m.type === "log") {
     const blob = new Blob([JSON.stringify(m.log, null, 1) + "\\n"], { type: "application/json" });
@@ -5847,6 +6176,117 @@ worker.onmessage = async ({ data: m }) => {
   show();
 };
 worker.onerror = (e) => fail(e.message);
+
+// Progress: the epoch's steps and the run's, with the terminal's estimate of the time left (main.progressBars)
+function showProgress(bars) {
+  $("progress").hidden = false;
+  $("pepoch").value = bars.epoch;
+  $("prun").value = bars.run;
+  $("tepoch").textContent = bars.epochText;
+  $("trun").textContent = bars.runText;
+}
+
+// The network's answers (after a run, or for a dropped --save file): --eval's line, the grid, the confusion matrix.
+// Colour marks the mistakes and shades the matrix, but every one is also said in text (✗, the numbers).
+const CLASSES = main.CIFAR10_CLASSES, SHORT = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+const percent = (p) => (100 * p).toFixed(1) + "%";
+function showAnswers(a) {
+  const n = a.labels.length, k = CLASSES.length, predicted = main.predictedClasses(a.logits, k);
+  const probabilities = main.softmaxRows(a.logits, k);
+  $("answers").hidden = false;
+  $("answertext").textContent = a.text;
+  $("grid").replaceChildren();
+  for (let i = 0; i < a.images.length / main.IMAGE_BYTES; i++) {
+    const figure = document.createElement("figure"), canvas = document.createElement("canvas");
+    const caption = document.createElement("figcaption"), truth = a.labels[i], said = predicted[i];
+    canvas.width = canvas.height = main.IMAGE_SIDE;
+    const pixels = main.rgbaFromImage(a.images.subarray(i * main.IMAGE_BYTES, (i + 1) * main.IMAGE_BYTES));
+    canvas.getContext("2d").putImageData(new ImageData(pixels, main.IMAGE_SIDE, main.IMAGE_SIDE), 0, 0);
+    figure.className = said === truth ? "right" : "wrong";
+    Object.assign(figure.dataset, { index: i, label: truth, predicted: said });
+    const line = document.createElement("div");
+    line.className = said === truth ? "" : "said";
+    line.textContent = (said === truth ? "✓ " : "✗ ") + CLASSES[said] + " " + percent(probabilities[i * k + said]);
+    caption.append(CLASSES[truth], line);
+    figure.append(canvas, caption);
+    $("grid").append(figure);
+  }
+  const counts = main.confusionMatrix(predicted, a.labels, k), rows = [];
+  const cell = (tag, text, style) => "<" + tag + (style ? ' style="' + style + '"' : "") + ">" + text + "</" + tag + ">";
+  rows.push("<tr>" + cell("th", "true ↓ said →") + SHORT.map((c) => cell("th", c)).join("") + cell("th", "accuracy") + "</tr>");
+  counts.forEach((row, t) => {
+    const total = row.reduce((x, y) => x + y, 0);
+    const tds = row.map((c, p) => {
+      const share = total ? c / total : 0, hue = p === t ? "0, 110, 200" : "200, 0, 30";
+      return '<td class="count" data-true="' + t + '" data-said="' + p + '" style="background: rgba(' + hue + ", " +
+        (0.6 * share).toFixed(3) + ')">' + c + "</td>";
+    });
+    rows.push("<tr>" + cell("th", CLASSES[t]) + tds.join("") + cell("td", total ? percent(row[t] / total) : "-") + "</tr>");
+  });
+  const right = counts.reduce((x, row, t) => x + row[t], 0);
+  rows.push("<tr>" + cell("th", "all") + cell("td", n + " images", "text-align: left") + '<td colspan="' + (k - 1) + '"></td>' +
+    cell("td", percent(right / n)) + "</tr>");
+  $("matrix").innerHTML = rows.join("");
+  $("own").hidden = true;
+  say("ownerror", "");
+  say("status", "");
+}
+// "Try your own image": the picture's centre square drawn at 32 x 32 (on white: a transparent picture shows its
+// colours on white), read back as the network reads the dataset (main.imageFromRgba), and classified by the worker
+async function ownImage(file) {
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file);
+  } catch {
+    return say("ownerror", "error: " + file.name + " is not a picture this browser can read: choose a PNG or a JPEG", true);
+  }
+  const side = Math.min(bitmap.width, bitmap.height), ctx = $("owncanvas").getContext("2d", { willReadFrequently: true });
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, main.IMAGE_SIDE, main.IMAGE_SIDE);
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(bitmap, (bitmap.width - side) / 2, (bitmap.height - side) / 2, side, side, 0, 0, main.IMAGE_SIDE, main.IMAGE_SIDE);
+  say("ownerror", "");
+  $("owntop").replaceChildren();
+  $("own").hidden = false;
+  worker.postMessage({ type: "classify", pixels: main.imageFromRgba(ctx.getImageData(0, 0, main.IMAGE_SIDE, main.IMAGE_SIDE).data) });
+}
+function showTop(logits) {
+  $("owntop").replaceChildren(...main.topClasses(main.softmaxRows(logits, CLASSES.length), 3).map(({ c, p }) => {
+    const li = document.createElement("li");
+    Object.assign(li.dataset, { class: c, p });
+    li.textContent = CLASSES[c] + " " + percent(p);
+    return li;
+  }));
+}
+$("ownfile").onchange = () => $("ownfile").files[0] && ownImage($("ownfile").files[0]);
+// --eval on the page: the file is checked and evaluated by the worker, on the test set the form's flags give
+function loadNetwork(file) {
+  if (running || evaluating) return;
+  if (!config.server && !tarball) {
+    return say("neterror", "error: first choose the CIFAR-10 tarball above: the network is evaluated on its test set", true);
+  }
+  const f = check(formValues());
+  if (!f) return;
+  evaluating = true;
+  refresh();
+  say("neterror", "");
+  $("answers").hidden = true;
+  say("status", "checking " + file.name);
+  worker.postMessage({ type: "evaluate", file, flags: f, config: shared, tarball, page: location.href });
+}
+$("netfile").onchange = () => $("netfile").files[0] && loadNetwork($("netfile").files[0]);
+// A file dropped anywhere: a --save file is evaluated, a picture classified, anything else taken for the tarball
+addEventListener("dragover", (e) => { e.preventDefault(); $("pick").classList.add("over"); });
+addEventListener("dragleave", () => $("pick").classList.remove("over"));
+addEventListener("drop", (e) => {
+  e.preventDefault();
+  $("pick").classList.remove("over");
+  const file = e.dataTransfer.files[0];
+  if (!file) return;
+  if (file.name.endsWith(".safetensors")) loadNetwork(file);
+  else if (file.type.startsWith("image/") && !$("answers").hidden) ownImage(file);
+  else if (!$("pick").hidden) chosen(file);
+});
 
 if (!config.server) pickTarball();
 const again = sessionStorage.getItem(AGAIN);
@@ -5877,19 +6317,12 @@ function pickTarball() {
   $("tarurl").textContent = $("tarurl").href = main.CIFAR10_URL;
   if (!gpuProblem) say("device", "first choose " + name + ", then press Start");
   $("pick").hidden = false;
-  const chosen = (file) => {
-    tarball = file;
-    say("status", "chosen: " + file.name);
-    refresh();
-  };
   $("tarball").onchange = () => $("tarball").files[0] && chosen($("tarball").files[0]);
-  addEventListener("dragover", (e) => { e.preventDefault(); $("pick").classList.add("over"); });
-  addEventListener("dragleave", () => $("pick").classList.remove("over"));
-  addEventListener("drop", (e) => {
-    e.preventDefault();
-    $("pick").classList.remove("over");
-    if (!$("pick").hidden && e.dataTransfer.files[0]) chosen(e.dataTransfer.files[0]);
-  });
+}
+function chosen(file) {
+  tarball = file;
+  say("status", "chosen: " + file.name);
+  refresh();
 }
 </script>
 </body></html>

@@ -3,25 +3,10 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { decodeSafetensors, encodeSafetensors, readSavedNetwork, savedMetadata, stateSpec } from "../main.ts";
-import { Prng, runMain, withFixture } from "./util.ts";
-
-type Weights = Map<string, { shape: number[]; data: Float32Array }>;
+import { randomNetwork, runMain, withFixture } from "./util.ts";
 
 /** A network of base depth 4 with small random weights (its BN scales and running variances 1). */
-function tinyNetwork(): Weights {
-  const rng = new Prng(17);
-  return new Map(
-    stateSpec(4).map(({ name, shape }) => {
-      const n = shape.reduce((a, b) => a * b, 1);
-      const data = /(norm\d\.weight|running_var)$/.test(name)
-        ? new Float32Array(n).fill(1)
-        : /(bias|running_mean)$/.test(name)
-        ? new Float32Array(n)
-        : rng.normals(n, 0.1);
-      return [name, { shape, data }];
-    }),
-  );
-}
+const tinyNetwork = () => randomNetwork(17, 0.1);
 
 const NORM = { mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25] };
 /** The metadata --save writes for the tiny network, `edits` applied. */

@@ -2,7 +2,7 @@
 // Nothing here reuses main.ts math.
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { FILE_BYTES, RECORD_BYTES } from "../main.ts";
+import { FILE_BYTES, RECORD_BYTES, stateSpec } from "../main.ts";
 
 /** mulberry32: a tiny seeded PRNG, so a failure reproduces. */
 export class Prng {
@@ -28,6 +28,25 @@ export class Prng {
     for (let i = 0; i < n; i++) a[i] = shift + scale * this.normal();
     return a;
   }
+}
+
+/**
+ * A network of base depth 4 (hlb's layout, stateSpec) with random weights of std `std` (seeded), its BN scales and
+ * running variances 1, biases and running means 0: what --save writes, without a training run.
+ */
+export function randomNetwork(seed: number, std: number): Map<string, { shape: number[]; data: Float32Array }> {
+  const rng = new Prng(seed);
+  return new Map(
+    stateSpec(4).map(({ name, shape }) => {
+      const n = shape.reduce((a, b) => a * b, 1);
+      const data = /(norm\d\.weight|running_var)$/.test(name)
+        ? new Float32Array(n).fill(1)
+        : /(bias|running_mean)$/.test(name)
+        ? new Float32Array(n)
+        : rng.normals(n, std);
+      return [name, { shape, data }];
+    }),
+  );
 }
 
 const maxAbs = (a: ArrayLike<number>) => {
