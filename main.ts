@@ -5724,7 +5724,10 @@ export function webWorker(scope: {
           batchSize: o.batchSize,
           precision: o.precision,
         };
-        await answer(gpu, net, data.test, cifar);
+        // a run that answered nothing (out of memory, say) is still a completed run: said apart, the run log kept
+        await answer(gpu, net, data.test, cifar).catch((err) =>
+          scope.postMessage({ type: "answerError", message: errorText(err) })
+        );
         freeSince(gpu, dataMark); // the dataset: the network and the GPU stay, for the visitor's own images
       }
     } catch (err) {
@@ -5925,7 +5928,7 @@ const WEB_PAGE = `<!doctype html>
   <p><button id="start" type="submit" disabled>Start</button> <span id="formerror" class="error"></span></p></form>
 <p id="resume" hidden><span id="resumetext"></span> <button id="resumebtn">Resume</button> (Start starts over)</p>
 <p id="netpick">Or evaluate a network saved with <code>--save</code>: choose (or drop) its .safetensors file
-  <input type="file" id="netfile" accept=".safetensors"> <span id="neterror" class="error"></span></p>
+  <input type="file" id="netfile" accept=".safetensors" disabled> <span id="neterror" class="error"></span></p>
 <p><button id="stop" disabled>Stop</button> <a id="download" hidden download="run-log.json">download the run log</a>
   <span id="status"></span></p>
 <div id="progress" hidden>
@@ -6149,8 +6152,10 @@ worker.onmessage = async ({ data: m }) => {
   if (m.type === "answers") showAnswers(m.answers);
   if (m.type === "classified") showTop(m.logits);
   if (m.type === "answerError") {
-    say(evaluating ? "neterror" : "ownerror", "error: " + m.message, true);
-    say("status", "");
+    // a dropped file's error next to its input, your own image's next to its; a trained network's below its table
+    if (evaluating || !$("answers").hidden) say(evaluating ? "neterror" : "ownerror", "error: " + m.message, true);
+    else lines.push("", "error: the trained network gave no answers: " + m.message);
+    if (evaluating) say("status", "");
   }
   if (m.type === "answers" || m.type === "answerError") {
     evaluating = false;

@@ -1,6 +1,6 @@
 // The README's picture of the --web page: serves it (main.ts --web with the flags given here), opens it in headless
-// Chromium, presses Start, waits for the run to finish (the page's title becomes "done: <status>") and saves a PNG through the
-// DevTools protocol.
+// Chromium, presses Start, waits for the run to finish (the page's title becomes "done: <status>") and for the trained
+// network's answers, and saves a PNG of the whole page through the DevTools protocol.
 //   deno run -A bench/web_screenshot.ts OUT.png [main.ts flags, e.g. --data DIR --epochs 4]
 import { chromiumPage, findChromium, spawnMain } from "../tests/util.ts";
 
@@ -20,6 +20,12 @@ try {
   }
   await page.evaluate("document.getElementById('start').click()");
   while (!String(await page.evaluate("document.title")).startsWith("done:")) {
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+  // a completed run: its network's answers (the grid, the matrix) come after the run log
+  while (
+    await page.evaluate("document.title === 'done: completed' && document.getElementById('answers').hidden")
+  ) {
     await new Promise((r) => setTimeout(r, 1000));
   }
   await Deno.writeFile(out, await page.screenshot());

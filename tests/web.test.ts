@@ -8,13 +8,35 @@ import {
   BROWSER_NO_WEBGPU,
   checkFits,
   CIFAR10_MD5,
+  confusionMatrix,
+  encodeSafetensors,
+  evaluateWeights,
+  freeSince,
   type Gpu,
+  imageFromRgba,
+  initGpu,
+  loadCifar10,
   Md5,
   parseFlags,
+  predictedClasses,
+  readSavedNetwork,
   RECIPES,
+  rgbaFromImage,
+  savedMetadata,
+  softmaxRows,
+  topClasses,
+  uploadImages,
   webPage,
 } from "../main.ts";
-import { chromiumPage, findChromium, runMain, spawnMain, withFixture, writeFixtureDataset } from "./util.ts";
+import {
+  chromiumPage,
+  findChromium,
+  randomNetwork,
+  runMain,
+  spawnMain,
+  withFixture,
+  writeFixtureDataset,
+} from "./util.ts";
 
 const chromium = findChromium();
 
@@ -34,6 +56,10 @@ async function waitFor(page: Page, expression: string, what: string, ms = 240_00
     await new Promise((r) => setTimeout(r, 250));
   }
 }
+
+/** The text of the page's element `id`. */
+const textOf = async (page: Page, id: string) =>
+  String(await page.evaluate(`document.getElementById("${id}").textContent`));
 
 /** Presses the page's Start once the page has enabled it (its bundle loaded, WebGPU asked for, a tarball chosen). */
 async function pressStart(page: Page) {
@@ -133,9 +159,26 @@ async function pageMatchesDeno(recipe: string[]) {
       await pressStart(page);
       assert.deepEqual(flagsOf(String(await page.evaluate("location.search"))), flagsOf(search));
       await within(server.until(/run log from the page \(status completed\): /), 240_000, "no run log from the page");
-      if (recipe.length) {
-        assert.match(await page.evaluate("document.body.innerText") as string, /final val accuracy \(TTA level 2\)/);
-      }
+      // the bars at their end, the run's time said; then the trained network's answers, whose accuracy is the run's
+      // last (the same network, test set and TTA: the EMA for hlb, the network for airbench94)
+      await waitFor(page, "!document.getElementById('answers').hidden", "no answers after the run", 60_000);
+      assert.deepEqual(await page.evaluate("['pepoch', 'prun'].map((id) => document.getElementById(id).value)"), [
+        1,
+        1,
+      ]);
+      assert.match(await textOf(page, "trun"), /^run 1 of 1: done, \d+ s of training$/);
+      const table = await textOf(page, "table"), answer = await textOf(page, "answertext");
+      const last = table.match(
+        recipe.length ? /final val accuracy \(TTA level 2\): ([\d.]+%)/ : /final EMA val accuracy: ([\d.]+%)/,
+      );
+      assert.ok(last, table);
+      assert.match(
+        answer,
+        new RegExp(
+          `^the network of run 1 \\(seed 1\\): test accuracy ${last[1]} \\| test loss [\\d.]+ \\| 32 images, `,
+        ),
+      );
+      assert.equal(await page.evaluate("document.querySelectorAll('#grid figure').length"), 32);
     } finally {
       await page?.close();
       server.child.kill("SIGTERM");
@@ -312,10 +355,11 @@ chromiumTest(
         await page.close();
         await host.shutdown();
       }
-      // 2. the same page expecting the fixture's md5, opened from the disk (no Worker there: the page's own thread)
+      // 2. the same page expecting the fixture's md5, opened from the disk (no Worker there: the page's own thread);
+      //    every frame the page paints records the run bar, to show that it moves between steps there too
       const md5 = new Md5().update(await Deno.readFile(tarball)).hex();
       await Deno.writeTextFile(written, await webPage({ server: false, md5 }));
-      page = await chromiumPage(chromium!, fileUrl!);
+      page = await chromiumPage(chromium!, fileUrl!, { initScript: PAINTED_BARS });
       let log;
       try {
         await waitFor(page, "!document.getElementById('pick').hidden", "no file picker");
@@ -331,6 +375,10 @@ chromiumTest(
         log = JSON.parse(
           String(await page.evaluate("fetch(document.getElementById('download').href).then((r) => r.text())")),
         );
+        // 8 steps an epoch, 2 epochs, 2 runs: the bar was painted part-way, at several steps of each run
+        const painted = new Set(await page.evaluate("window.paintedBars") as number[]);
+        const between = [...painted].filter((v) => v > 0 && v < 1);
+        assert.ok(between.length >= 4, `the run bar was painted at ${[...painted]} only`);
       } finally {
         await page.close();
       }
@@ -343,6 +391,15 @@ chromiumTest(
   },
 );
 
+/** Run before the page's scripts: each frame painted records the run bar's value (window.paintedBars). */
+const PAINTED_BARS = `window.paintedBars = [];
+const paint = () => {
+  const bar = document.getElementById("prun");
+  if (bar && !document.getElementById("progress").hidden) window.paintedBars.push(bar.value);
+  requestAnimationFrame(paint);
+};
+requestAnimationFrame(paint);`;
+
 /** The --static page, written to a temp folder for `fn`: for the tests that need no data (the form, early errors). */
 async function withStaticPage(fn: (file: string) => Promise<void>) {
   const dir = await Deno.makeTempDir();
@@ -354,10 +411,6 @@ async function withStaticPage(fn: (file: string) => Promise<void>) {
     await Deno.remove(dir, { recursive: true });
   }
 }
-
-/** The text of the page's element `id`. */
-const textOf = async (page: Page, id: string) =>
-  String(await page.evaluate(`document.getElementById("${id}").textContent`));
 
 chromiumTest(
   "--web page: the form shows a bad value's command-line message next to its field; Start refuses it",
@@ -537,3 +590,127 @@ chromiumTest("--web page: after a failed run, the form takes a corrected value a
     assert.deepEqual(names.map((l) => `${l.status} ${l.flags.batchSize}`).sort(), ["completed 32", "failed 50000"]);
   });
 });
+
+/** A 24-bit BMP picture (the simplest format a browser reads) of `width` x `height` with pixel(x, y) = [r, g, b]. */
+function bmp(width: number, height: number, pixel: (x: number, y: number) => number[]) {
+  const row = Math.ceil((width * 3) / 4) * 4, size = 54 + row * height, out = new Uint8Array(size);
+  const v = new DataView(out.buffer);
+  out.set([0x42, 0x4d]);
+  [[2, size], [10, 54], [14, 40], [18, width], [22, height], [34, row * height]].forEach(([at, x]) =>
+    v.setUint32(at, x, true)
+  );
+  v.setUint16(26, 1, true);
+  v.setUint16(28, 24, true);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const [r, g, b] = pixel(x, y), at = 54 + (height - 1 - y) * row + 3 * x; // rows bottom-up, BGR
+      out.set([b, g, r], at);
+    }
+  }
+  return out;
+}
+
+chromiumTest(
+  "--web page: a dropped --save file gets --eval's accuracy, and its grid and matrix are Deno's answers; so is your own image's top 3",
+  async () => {
+    await withFixture(async (dir, data) => {
+      // a network of random weights (several classes on these images, no two logits of an image within 0.001): what
+      // --save writes, and a file of another program
+      const file = join(dir, "net.safetensors"), bad = join(dir, "other.safetensors"), picture = join(dir, "me.bmp");
+      const norm = { mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25] }, weights = randomNetwork(1, 0.3);
+      await Deno.writeFile(file, encodeSafetensors(weights, { ...savedMetadata(norm, 4, 16, "f32") }));
+      await Deno.writeFile(bad, encodeSafetensors(weights, { ...savedMetadata(norm, 4, 16, "f32"), format: "other" }));
+      await Deno.writeFile(picture, bmp(48, 40, (x, y) => [5 * x, 6 * y, (x * y) % 256]));
+      const cli = await runMain(["--eval", file, "--data", data, "--test-subset", "100"]);
+      assert.equal(cli.code, 0, cli.stderr);
+      const cliBad = await runMain(["--eval", bad, "--data", data, "--test-subset", "100"]);
+      assert.equal(cliBad.code, 1);
+      // Deno's answers from the same file and test images
+      const saved = await readSavedNetwork(file), cifar = await loadCifar10(data, { trainSubset: 0, testSubset: 100 });
+      const gpu = await initGpu(), test = uploadImages(gpu, cifar.testImages, cifar.testLabels);
+      const classify = async (images: Uint8Array, labels: Uint8Array, batch: number) =>
+        (await evaluateWeights(
+          gpu,
+          { test: uploadImages(gpu, images, labels), norm },
+          saved.weights,
+          batch,
+          file,
+          "f32",
+          saved.recipe,
+          true,
+        )).logits!;
+      const deno = await evaluateWeights(gpu, { test, norm }, saved.weights, 16, file, "f32", saved.recipe, true);
+      const denoClasses = predictedClasses(deno.logits!, 10);
+      assert.ok(new Set(denoClasses.subarray(0, 48)).size >= 2, "one class for every image: a weak comparison");
+
+      const server = spawnMain(["--web", "--data", data, "--no-log", "--test-subset", "100"]);
+      await server.until(/training page: \S+/);
+      const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+      try {
+        await waitFor(page, "!document.getElementById('netfile').disabled", "no network input", 60_000);
+        // another program's file: --eval's line, the file named as the page knows it (its name, no folder)
+        await page.chooseFiles("#netfile", [bad]);
+        await waitFor(page, "document.getElementById('neterror').textContent !== ''", "no error for the file");
+        assert.equal(await textOf(page, "neterror"), cliBad.stderr.trim().replace(bad, "other.safetensors"));
+        assert.equal(await page.evaluate("document.getElementById('answers').hidden"), true);
+        // ours: --eval's line (its loss as two devices round it), the test set's first 48 images with Deno's classes
+        await page.chooseFiles("#netfile", [file]);
+        await waitFor(page, "!document.getElementById('answers').hidden", "no answers for the file");
+        const [line, cliLine] = [await textOf(page, "answertext"), cli.stdout.trim().replace(file, "net.safetensors")];
+        const [accuracy, loss, images] = line.split(" | "), [cliAccuracy, cliLoss, cliImages] = cliLine.split(" | ");
+        assert.deepEqual([accuracy, images], [cliAccuracy, cliImages]);
+        assert.ok(
+          Math.abs(Number(loss.split(" ").pop()) - Number(cliLoss.split(" ").pop())) < 1e-3,
+          `${line} vs ${cliLine}`,
+        );
+        const grid = await page.evaluate(`[...document.querySelectorAll("#grid figure")].map((f) => ({
+          label: Number(f.dataset.label), predicted: Number(f.dataset.predicted), text: f.innerText,
+          pixels: Array.from(f.querySelector("canvas").getContext("2d").getImageData(0, 0, 32, 32).data) }))`) as {
+          label: number;
+          predicted: number;
+          text: string;
+          pixels: number[];
+        }[];
+        assert.equal(grid.length, 48);
+        grid.forEach((g, i) => {
+          const image = cifar.testImages.subarray(i * 3072, (i + 1) * 3072);
+          assert.deepEqual(g.pixels, [...rgbaFromImage(image)], `image ${i} is not the test set's`);
+          assert.equal(g.label, cifar.testLabels[i]);
+          assert.equal(g.predicted, denoClasses[i], `image ${i}: the page says ${g.predicted}, Deno ${denoClasses[i]}`);
+          assert.equal(g.text.includes("✗"), g.predicted !== g.label, `image ${i}: ${g.text}`);
+        });
+        // the confusion matrix: Deno's, cell by cell; it sums to the test set's size
+        const cells = await page.evaluate(`[...document.querySelectorAll("#matrix td.count")]
+          .map((td) => [Number(td.dataset.true), Number(td.dataset.said), Number(td.textContent)])`) as number[][];
+        const expected = confusionMatrix(denoClasses, cifar.testLabels, 10);
+        assert.equal(cells.length, 100);
+        assert.equal(cells.reduce((n, [, , count]) => n + count, 0), 100);
+        for (const [t, said, count] of cells) assert.equal(count, expected[t][said], `matrix[${t}][${said}]`);
+        // your own image: the 32 x 32 pixels the page shows, through Deno, give the page's top 3
+        await page.chooseFiles("#ownfile", [picture]);
+        await waitFor(page, "document.querySelectorAll('#owntop li').length === 3", "no top 3 for the picture");
+        const shown = await page.evaluate(
+          "Array.from(document.getElementById('owncanvas').getContext('2d').getImageData(0, 0, 32, 32).data)",
+        ) as number[];
+        const top = await page.evaluate(
+          "[...document.querySelectorAll('#owntop li')].map((li) => [Number(li.dataset.class), Number(li.dataset.p)])",
+        ) as number[][];
+        const own = topClasses(softmaxRows(await classify(imageFromRgba(shown), new Uint8Array(1), 2), 10), 3);
+        assert.deepEqual(top.map(([c]) => c), own.map((t) => t.c));
+        top.forEach(([, p], i) => assert.ok(Math.abs(p - own[i].p) < 1e-3, `top ${i}: ${p} vs ${own[i].p}`));
+        // a file that is no picture, chosen as one: said, in a sentence
+        await page.chooseFiles("#ownfile", [bad]);
+        await waitFor(page, "document.getElementById('ownerror').textContent !== ''", "no error for a non-picture");
+        assert.match(
+          await textOf(page, "ownerror"),
+          /^error: other\.safetensors is not a picture this browser can read/,
+        );
+      } finally {
+        await page.close();
+        server.child.kill("SIGTERM");
+        await server.finish();
+        freeSince(gpu, 0);
+      }
+    });
+  },
+);
