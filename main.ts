@@ -5521,7 +5521,7 @@ export type WebMessage =
   | { type: "classified"; logits: Float32Array } // a WebClassify's answer
   | { type: "answerError"; message: string }; // a WebEvaluate or a WebClassify refused
 
-/** A network's answers on the page's test set: --eval's line, each image's class probabilities, the grid's images. */
+/** A network's answers on the page's test set: --eval's line, each image's logits, the grid's images. */
 export interface Answers {
   text: string;
   logits: Float32Array; // [test images][10], as evaluateWeights counts its accuracy on them
@@ -5640,7 +5640,10 @@ export function webWorker(scope: {
   scope.addEventListener("message", async (e: MessageEvent) => {
     if (e.data?.type === "stop") stopRequested = true;
     if (e.data?.type === "classify") await classify((e.data as WebClassify).pixels);
-    if (e.data?.type === "evaluate") forget(), await evaluate(e.data as WebEvaluate);
+    if (e.data?.type === "evaluate") {
+      forget();
+      await evaluate(e.data as WebEvaluate);
+    }
     if (e.data?.type !== "start") return;
     forget();
     stopRequested = false; // a page without a server may train again, with the same worker

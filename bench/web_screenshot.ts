@@ -29,6 +29,10 @@ try {
     await new Promise((r) => setTimeout(r, 1000));
   }
   await Deno.writeFile(out, await page.screenshot());
+  // what the picture shows, as text (for bench/RESULTS.md)
+  for (const id of ["device", "table", "tepoch", "trun", "answertext"]) {
+    console.log(await page.evaluate(`document.getElementById("${id}").textContent`));
+  }
   console.log(`screenshot written to ${out}`);
 } finally {
   await page.close();
