@@ -1,14 +1,14 @@
 // The GPU tests on a second WebGPU implementation: Chromium's Dawn (its own validation and its Tint shader compiler),
-// headless, on SwiftShader. Bundles tests/{kernels,muon,conv,network,weights,train,slicing}.test.ts for the browser,
-// with Deno.test and node:assert/strict stood in for, runs them file by file in one page, prints a line per test and
-// the suite's count, and exits 1 if any failed. Tests that need what the adapter lacks (shader-f16) report
+// headless, on SwiftShader. Bundles the GPU test files (FILES below) for the browser, with Deno.test and
+// node:assert/strict stood in for, runs them file by file in one page, prints a line per test and the suite's count,
+// and exits 1 if any failed. Tests that need what the adapter lacks (shader-f16) report
 // themselves ignored, with the reason in their name.
 //   deno run -A tests/dawn.ts [FILE.test.ts ...]
 import { join } from "node:path";
 import { bundleForBrowser } from "../main.ts";
 import { findChromium, launchChromium, ROOT } from "./util.ts";
 
-const FILES = ["kernels", "muon", "conv", "network", "weights", "train", "slicing", "airbench"].map((f) =>
+const FILES = ["kernels", "muon", "conv", "network", "weights", "train", "slicing", "airbench", "answers"].map((f) =>
   `${f}.test.ts`
 );
 const files = Deno.args.length ? Deno.args : FILES;
