@@ -653,8 +653,14 @@ chromiumTest(
         await waitFor(page, "document.getElementById('neterror').textContent !== ''", "no error for the file");
         assert.equal(await textOf(page, "neterror"), cliBad.stderr.trim().replace(bad, "other.safetensors"));
         assert.equal(await page.evaluate("document.getElementById('answers').hidden"), true);
-        // ours: --eval's line (its loss as two devices round it), the test set's first 48 images with Deno's classes
-        await page.chooseFiles("#netfile", [file]);
+        // ours, dropped on the page (a drop event carrying the file, as a drag from the desktop sends): --eval's line
+        // (its loss as two devices round it), the test set's first 48 images with Deno's classes
+        const base64 = btoa(Array.from(await Deno.readFile(file), (b) => String.fromCharCode(b)).join(""));
+        await page.evaluate(`{
+          const bytes = Uint8Array.from(atob("${base64}"), (c) => c.charCodeAt(0)), dropped = new DataTransfer();
+          dropped.items.add(new File([bytes], "net.safetensors"));
+          document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: dropped, bubbles: true, cancelable: true }));
+        }`);
         await waitFor(page, "!document.getElementById('answers').hidden", "no answers for the file");
         const [line, cliLine] = [await textOf(page, "answertext"), cli.stdout.trim().replace(file, "net.safetensors")];
         const [accuracy, loss, images] = line.split(" | "), [cliAccuracy, cliLoss, cliImages] = cliLine.split(" | ");
