@@ -3519,8 +3519,8 @@ export const tableRule = () => "-".repeat(tableHeader().indexOf("\n"));
 export const runTitle = (run: number, runs: number, seed: number) => `run ${run}/${runs}, seed ${seed}`;
 /**
  * How long a run has left, from what it measured: the time per step (over the steps finished at the last epoch end,
- * and over all but the last submitted step, since a submit waits for the GPU to take the next one: the larger of the
- * two, as the GPU may lag behind its submits) and the time per evaluation (the epochs evaluated so far). `run` is a
+ * and over the steps submitted but the last: the larger of the two, as the GPU lags its submits by up to
+ * STEPS_IN_FLIGHT steps) and the time per evaluation (the epochs evaluated so far). `run` is a
  * whole run's time at that pace; `partial` says no evaluation was timed yet, so `seconds` leaves it out. Null until a
  * step was timed.
  */
@@ -6293,6 +6293,7 @@ addEventListener("drop", (e) => {
   if (!file) return;
   if (file.name.endsWith(".safetensors")) loadNetwork(file);
   else if (file.type.startsWith("image/") && !$("answers").hidden) ownImage(file);
+  else if (file.type.startsWith("image/")) say("status", "a picture is classified once a network has answered: train one, or drop a --save file", true);
   else if (!$("pick").hidden) chosen(file);
 });
 
