@@ -3949,6 +3949,10 @@ export function savedMetadata(
   };
 }
 
+/** The bytes --save writes: a run's final network, with what --eval needs (the page offers the same file). */
+export const savedFile = (weights: Weights, norm: ChannelStats, o: CliOptions) =>
+  encodeSafetensors(weights, { ...savedMetadata(norm, o.baseDepth, o.batchSize, o.precision, RECIPES[o.recipe]) });
+
 export function encodeSafetensors(weights: Weights, metadata: Record<string, string>): Uint8Array {
   const header: Record<string, unknown> = { __metadata__: metadata };
   let offset = 0;
@@ -4737,8 +4741,7 @@ export async function main(argv: string[]) {
   }
   if (o.save && saved) {
     await output(async () => {
-      const meta = savedMetadata(data.norm, o.baseDepth, o.batchSize, o.precision, RECIPES[o.recipe]);
-      await writeBytesAtomic(o.save!, encodeSafetensors(saved, { ...meta }));
+      await writeBytesAtomic(o.save!, savedFile(saved, data.norm, o));
       say(`weights written to ${o.save}`);
     });
   }
@@ -5527,6 +5530,7 @@ export interface Answers {
   logits: Float32Array; // [test images][10], as evaluateWeights counts its accuracy on them
   labels: Uint8Array; // the test set's
   images: Uint8Array; // the first GRID_IMAGES test images, CHW bytes
+  saved?: Uint8Array; // a trained network's --save file (savedFile), for the page to offer
 }
 
 /** What the page sends its worker to evaluate a dropped --save file: as WebStart, the file instead of a run. */
@@ -5618,7 +5622,7 @@ export function webWorker(scope: {
     answering = undefined;
   };
   /** The answers of `net` on the test set of `cifar` (uploaded as `test`): posted, and `net` kept on `gpu`. */
-  const answer = async (gpu: Gpu, net: PageNetwork, test: GpuImages, cifar: Cifar10) => {
+  const answer = async (gpu: Gpu, net: PageNetwork, test: GpuImages, cifar: Cifar10, saved?: Uint8Array) => {
     const r = await evaluateWeights(
       gpu,
       { test, norm: net.norm },
@@ -5633,7 +5637,7 @@ export function webWorker(scope: {
     const text = evalText(net.source, r, test.count, net.h);
     scope.postMessage({
       type: "answers",
-      answers: { text, logits: r.logits!, labels: cifar.testLabels, images },
+      answers: { text, logits: r.logits!, labels: cifar.testLabels, images, saved },
     });
     answering = { gpu, net };
   };
@@ -5728,7 +5732,7 @@ export function webWorker(scope: {
           precision: o.precision,
         };
         // a run that answered nothing (out of memory, say) is still a completed run: said apart, the run log kept
-        await answer(gpu, net, data.test, cifar).catch((err) =>
+        await answer(gpu, net, data.test, cifar, savedFile(last.weights, data.norm, o)).catch((err) =>
           scope.postMessage({ type: "answerError", message: errorText(err) })
         );
         freeSince(gpu, dataMark); // the dataset: the network and the GPU stay, for the visitor's own images
@@ -5942,7 +5946,7 @@ const WEB_PAGE = `<!doctype html>
 <div id="plot"></div>
 <section id="answers" hidden>
   <h2>The network's answers</h2>
-  <p id="answertext"></p>
+  <p><span id="answertext"></span> <a id="savenet" hidden>download this network</a></p>
   <p>The first test images, each with its true class and, below it, the class the network gives it with its
   probability. ✓: right; ✗ and a red frame: wrong.</p>
   <div id="grid"></div>
@@ -6203,6 +6207,12 @@ function showAnswers(a) {
   const probabilities = main.softmaxRows(a.logits, k);
   $("answers").hidden = false;
   $("answertext").textContent = a.text;
+  // a trained network: the file --save writes, to keep, to drop on this page again, or to give --eval
+  $("savenet").hidden = !a.saved;
+  if (a.saved) {
+    $("savenet").href = URL.createObjectURL(new Blob([a.saved], { type: "application/octet-stream" }));
+    $("savenet").download = "hlb-cifar10-" + flags.recipe + "-seed" + run.seed + ".safetensors";
+  }
   $("grid").replaceChildren();
   for (let i = 0; i < a.images.length / main.IMAGE_BYTES; i++) {
     const figure = document.createElement("figure"), canvas = document.createElement("canvas");

@@ -179,6 +179,30 @@ async function pageMatchesDeno(recipe: string[]) {
         ),
       );
       assert.equal(await page.evaluate("document.querySelectorAll('#grid figure').length"), 32);
+      // the network offered for download is a --save file of this run: --eval reads it, and finds the page's accuracy
+      // (to one image of the 32: Deno's lavapipe and the page's SwiftShader round apart, as above)
+      assert.equal(
+        await page.evaluate("document.getElementById('savenet').download"),
+        `hlb-cifar10-${recipe[1] ?? "hlb"}-seed1.safetensors`,
+      );
+      const saved = join(dir, "page.safetensors"),
+        base64 = await page.evaluate(
+          `fetch(document.getElementById("savenet").href).then((r) => r.arrayBuffer()).then((b) => {
+          const bytes = new Uint8Array(b);
+          let text = "";
+          for (let i = 0; i < bytes.length; i++) text += String.fromCharCode(bytes[i]);
+          return btoa(text);
+        })`,
+        ) as string;
+      await Deno.writeFile(saved, Uint8Array.from(atob(base64), (c) => c.charCodeAt(0)));
+      const evaluated = await runMain(["--eval", saved, "--data", data, "--test-subset", "32"]);
+      assert.equal(evaluated.code, 0, evaluated.stderr);
+      const accuracy = (line: string) => Number(line.match(/test accuracy ([\d.]+)%/)![1]);
+      assert.ok(
+        Math.abs(accuracy(evaluated.stdout) - accuracy(answer)) <= 100 / 32 + 1e-9,
+        `${evaluated.stdout} vs ${answer}`,
+      );
+      assert.match(evaluated.stdout, / \| 32 images, /);
     } finally {
       await page?.close();
       server.child.kill("SIGTERM");
