@@ -1,6 +1,6 @@
 // main.ts: hlb-CIFAR10 (tysam-code, v0.7) ported to Deno + WebGPU, and its successor airbench94 (--recipe airbench94).
-// Trains a small convnet on CIFAR-10 to ~94% test accuracy. This is the one file to fork: the recipe comes first and reads top to bottom, every GPU kernel
-// lives in kernels/*.wgsl.  1. hyperparameters  2. network (state, init, forward, backward)  3. training (schedule,
+// Trains a small convnet on CIFAR-10 to ~94% test accuracy. This is the one file to fork: the recipe comes first and
+// reads top to bottom, every GPU kernel lives in kernels/*.wgsl.  1. hyperparameters  2. network (state, init, forward, backward)  3. training (schedule,
 // EMA, augmentation draws, the epoch loop)  4. evaluation.  Below a line of #s, the machinery a fork rarely touches:
 // 5. GPU plumbing  6. ops (one function per kernel)  7. data  8. printing  9. run logs, saved weights  10. command line
 // 11. the browser page (--web)
@@ -1075,9 +1075,7 @@ export async function evaluateWeights(
     gpu.device.queue.writeBuffer(state, 0, values);
     const A = makeActivations(gpu, batchSize, depth, precision, netKernels(gpu, h), h);
     const { part, evalOf, gather, tta } = evalPrograms(gpu, data, A, metrics, h, h.misc.finalTtaLevel);
-    const classes = h.misc.numClasses,
-      row = classes * 4,
-      logits = answers ? createBuffer(gpu, data.test.count * row) : undefined;
+    const row = h.misc.numClasses * 4, logits = answers ? createBuffer(gpu, data.test.count * row) : undefined;
     await evaluateTestSet(
       gpu,
       data.test.count,
@@ -1103,18 +1101,6 @@ export async function evaluateWeights(
   } finally {
     freeSince(gpu, mark);
   }
-}
-
-/** Each row of `logits` ([rows][classes]) as probabilities (softmax, its max subtracted first: no overflow). */
-export function softmaxRows(logits: Float32Array, classes: number): Float32Array {
-  const out = new Float32Array(logits.length);
-  for (let at = 0; at < logits.length; at += classes) {
-    const row = logits.subarray(at, at + classes), max = Math.max(...row);
-    let sum = 0;
-    for (let c = 0; c < classes; c++) sum += out[at + c] = Math.exp(row[c] - max);
-    for (let c = 0; c < classes; c++) out[at + c] /= sum;
-  }
-  return out;
 }
 
 // #################################################################################################
@@ -2943,18 +2929,7 @@ export const RECORD_BYTES = 3073;
 export const FILE_BYTES = 30_730_000;
 export const IMAGE_BYTES = RECORD_BYTES - 1; // 3 * 32 * 32
 /** The labels' names (the release's batches.meta.txt), label 0 first. */
-export const CIFAR10_CLASSES = [
-  "airplane",
-  "automobile",
-  "bird",
-  "cat",
-  "deer",
-  "dog",
-  "frog",
-  "horse",
-  "ship",
-  "truck",
-];
+export const CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split(" ");
 const RECORDS_PER_FILE = FILE_BYTES / RECORD_BYTES; // 10,000
 const DATA_FOLDER = "cifar-10-batches-bin";
 const USE_DATA = "pass --data DIR pointing at an existing cifar-10-batches-bin folder";
@@ -5621,18 +5596,14 @@ export function webWorker(scope: {
     if (answering && !answering.gpu.released) releaseGpu(answering.gpu);
     answering = undefined;
   };
+  const pageGpu = (o: CliOptions, config: WebStart["config"]) =>
+    initGpu({ convKernels: o.convKernels, featureLevel: o.featureLevel, kernels: config.kernels });
+  /** `net` evaluated on `test` as --eval does, with each image's logits. */
+  const evaluateNet = (gpu: Gpu, net: PageNetwork, test: GpuImages, batchSize = net.batchSize) =>
+    evaluateWeights(gpu, { test, norm: net.norm }, net.weights, batchSize, net.source, net.precision, net.h, true);
   /** The answers of `net` on the test set of `cifar` (uploaded as `test`): posted, and `net` kept on `gpu`. */
   const answer = async (gpu: Gpu, net: PageNetwork, test: GpuImages, cifar: Cifar10, saved?: Uint8Array) => {
-    const r = await evaluateWeights(
-      gpu,
-      { test, norm: net.norm },
-      net.weights,
-      net.batchSize,
-      net.source,
-      net.precision,
-      net.h,
-      true,
-    );
+    const r = await evaluateNet(gpu, net, test);
     const images = cifar.testImages.slice(0, Math.min(test.count, GRID_IMAGES) * IMAGE_BYTES);
     const text = evalText(net.source, r, test.count, net.h);
     scope.postMessage({
@@ -5656,7 +5627,7 @@ export function webWorker(scope: {
     try {
       const resumed = resume ? await decodeCheckpoint(resume, KEPT) : undefined;
       if (resumed) o = resumeFlags({ ...flags, resume: KEPT }, resumed);
-      gpu = await initGpu({ convKernels: o.convKernels, featureLevel: o.featureLevel, kernels: config.kernels });
+      gpu = await pageGpu(o, config);
       checkPrecision(gpu, o.precision);
       checkFits(gpu, o.batchSize, o.baseDepth, o.precision, RECIPES[o.recipe]); // as main: before any data is read
       const here = { script: await sha256(config.script.source), kernels: await kernelHashes(gpu) };
@@ -5721,16 +5692,9 @@ export function webWorker(scope: {
       if (status === "completed" && keeping) await keepCheckpoint().catch(() => {}); // nothing left to resume
       const last = runs.at(-1);
       if (status === "completed" && last?.weights) {
-        const h = RECIPES[o.recipe], source = `the network of run ${runs.length} (seed ${last.seed})`;
         scope.postMessage({ type: "status", text: "the trained network answers the test set" });
-        const net = {
-          source,
-          weights: last.weights,
-          norm: data.norm,
-          h,
-          batchSize: o.batchSize,
-          precision: o.precision,
-        };
+        const source = `the network of run ${runs.length} (seed ${last.seed})`, { batchSize, precision } = o;
+        const net = { source, weights: last.weights, norm: data.norm, h: RECIPES[o.recipe], batchSize, precision };
         // a run that answered nothing (out of memory, say) is still a completed run: said apart, the run log kept
         await answer(gpu, net, data.test, cifar, savedFile(last.weights, data.norm, o)).catch((err) =>
           scope.postMessage({ type: "answerError", message: errorText(err) })
@@ -5768,11 +5732,7 @@ export function webWorker(scope: {
     try {
       const saved = savedNetwork(new Uint8Array(await file.arrayBuffer()), file.name);
       const batch = evalBatchSize(saved, flags, file.name);
-      gpu = await initGpu({
-        convKernels: flags.convKernels,
-        featureLevel: flags.featureLevel,
-        kernels: config.kernels,
-      });
+      gpu = await pageGpu(flags, config);
       const precision = evalPrecision(gpu, saved, flags, file.name, batch);
       scope.postMessage({ type: "status", text: `${file.name}: reading the test set` });
       const cifar = tarball
@@ -5795,17 +5755,9 @@ export function webWorker(scope: {
     }
     const { gpu, net } = answering, mark = gpu.allocated.length;
     try {
-      const test = uploadImages(gpu, pixels, new Uint8Array(1)), views = TTA_VIEWS[net.h.misc.finalTtaLevel];
-      const r = await evaluateWeights(
-        gpu,
-        { test, norm: net.norm },
-        net.weights,
-        Math.max(2, views),
-        net.source,
-        net.precision,
-        net.h,
-        true,
-      );
+      // one image: a batch of its TTA views (2 at least, the smallest batch)
+      const test = uploadImages(gpu, pixels, new Uint8Array(1));
+      const r = await evaluateNet(gpu, net, test, Math.max(2, TTA_VIEWS[net.h.misc.finalTtaLevel]));
       scope.postMessage({ type: "classified", logits: r.logits! });
     } catch (err) {
       scope.postMessage({ type: "answerError", message: errorText(err) });
@@ -5846,6 +5798,18 @@ export function predictedClasses(logits: Float32Array, classes: number): Uint8Ar
   for (let i = 0; i < out.length; i++) {
     const row = logits.subarray(i * classes, (i + 1) * classes);
     out[i] = row.indexOf(Math.max(...row));
+  }
+  return out;
+}
+
+/** Each row of `logits` ([rows][classes]) as probabilities (softmax, its max subtracted first: no overflow). */
+export function softmaxRows(logits: Float32Array, classes: number): Float32Array {
+  const out = new Float32Array(logits.length);
+  for (let at = 0; at < logits.length; at += classes) {
+    const row = logits.subarray(at, at + classes), max = Math.max(...row);
+    let sum = 0;
+    for (let c = 0; c < classes; c++) sum += out[at + c] = Math.exp(row[c] - max);
+    for (let c = 0; c < classes; c++) out[at + c] /= sum;
   }
   return out;
 }

@@ -101,6 +101,24 @@ function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   return Promise.race([promise, late]).finally(() => clearTimeout(timer));
 }
 
+/** main.ts --web with `args`, once it has printed its page's address: the server and that address. */
+async function serveWeb(args: string[]) {
+  const server = spawnMain(["--web", ...args]);
+  try {
+    await server.until(/training page: \S+/);
+  } catch (e) {
+    await stopServer(server);
+    throw e;
+  }
+  return { server, url: (await server.stdoutSoFar()).match(/training page: (\S+)/)![1] };
+}
+
+/** Ends a --web server as Ctrl-C would, and waits for it. */
+async function stopServer(server: ReturnType<typeof spawnMain>) {
+  server.child.kill("SIGTERM");
+  await server.finish();
+}
+
 /** The one run log in `dir`. */
 async function onlyLog(dir: string) {
   const names = (await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name);
@@ -139,11 +157,10 @@ async function pageMatchesDeno(recipe: string[]) {
     const data = await writeFixtureDataset(dir), pageLogs = join(dir, "page"), denoLogs = join(dir, "deno");
     const flags = ["--train-subset", "256", "--test-subset", "32", "--base-depth", "4", "--batch-size", "32"]
       .concat(["--epochs", "2", "--seed", "1", ...recipe]);
-    const server = spawnMain(["--web", "--data", data, "--log-dir", pageLogs, ...flags]);
+    const { server, url } = await serveWeb(["--data", data, "--log-dir", pageLogs, ...flags]);
     let page: Page | undefined;
     try {
-      await server.until(/training page: (http:\/\/127\.0\.0\.1:\d+\/\S*)/);
-      const url = (await server.stdoutSoFar()).match(/training page: (\S+)/)![1];
+      assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\//);
       const query = "?train-subset=256&test-subset=32&base-depth=4&batch-size=32&epochs=2&seed=1";
       assert.ok(url.endsWith(query + recipe.map((f, i) => (i % 2 ? `=${f}` : `&${f.slice(2)}`)).join("")), url);
       // hlb: the page opened without a query, the flags typed into its form; airbench94: the page opened with the
@@ -205,8 +222,7 @@ async function pageMatchesDeno(recipe: string[]) {
       assert.match(evaluated.stdout, / \| 32 images, /);
     } finally {
       await page?.close();
-      server.child.kill("SIGTERM");
-      await server.finish();
+      await stopServer(server);
     }
     const cli = await runMain(["--data", data, "--log-dir", denoLogs, ...flags]);
     assert.equal(cli.code, 0, cli.stderr);
@@ -240,9 +256,8 @@ chromiumTest("--web: the Stop button stops the page's run after the current step
     // 160 steps of batch 16 per epoch, 3 epochs: Stop is pressed once the first row is on the page
     const flags = ["--train-subset", "2560", "--test-subset", "32", "--base-depth", "4", "--batch-size", "16"]
       .concat(["--epochs", "3", "--seed", "2"]);
-    const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
-    await server.until(/training page: \S+/);
-    const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+    const { server, url } = await serveWeb(["--data", data, "--log-dir", logs, ...flags]);
+    const page = await chromiumPage(chromium!, url);
     try {
       await pressStart(page);
       await waitFor(
@@ -256,8 +271,7 @@ chromiumTest("--web: the Stop button stops the page's run after the current step
       assert.match(String(await page.evaluate("document.body.textContent")), /stopped in epoch \d+, after \d+ steps/);
     } finally {
       await page.close();
-      server.child.kill("SIGTERM");
-      await server.finish();
+      await stopServer(server);
     }
     const log = await onlyLog(logs);
     assert.equal(log.status, "interrupted");
@@ -278,9 +292,7 @@ chromiumTest(
       // 8 steps of batch 32 per epoch, 3 epochs
       const flags = ["--train-subset", "256", "--test-subset", "32", "--base-depth", "4", "--batch-size", "32"]
         .concat(["--epochs", "3", "--seed", "4"]);
-      const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
-      await server.until(/training page: \S+/);
-      const url = (await server.stdoutSoFar()).match(/training page: (\S+)/)![1];
+      const { server, url } = await serveWeb(["--data", data, "--log-dir", logs, ...flags]);
       const done = "document.title.startsWith('done: ')";
       // the rows of a finished page, less their clock (the last cell)
       const rows = async (page: Page) =>
@@ -323,8 +335,7 @@ chromiumTest(
         );
       } finally {
         await page.close();
-        server.child.kill("SIGTERM");
-        await server.finish();
+        await stopServer(server);
       }
       assert.match(text, /resuming the checkpoint kept in this browser: run 1, from the end of epoch (1|2)/);
       assert.equal(alone.length, 3);
@@ -549,9 +560,8 @@ chromiumTest("--web page: a lost device ends the run with a sentence on the page
     // 40 steps of batch 16: the device is lost while the first epoch trains
     const flags = ["--train-subset", "640", "--test-subset", "32", "--base-depth", "4", "--batch-size", "16"]
       .concat(["--epochs", "1", "--seed", "5"]);
-    const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
-    await server.until(/training page: \S+/);
-    const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+    const { server, url } = await serveWeb(["--data", data, "--log-dir", logs, ...flags]);
+    const page = await chromiumPage(chromium!, url);
     try {
       await pressStart(page);
       await waitFor(page, "document.body.textContent.includes('training epoch 0')", "no training step", 180_000);
@@ -575,8 +585,7 @@ chromiumTest("--web page: a lost device ends the run with a sentence on the page
       );
     } finally {
       await page.close();
-      server.child.kill("SIGTERM");
-      await server.finish();
+      await stopServer(server);
     }
   });
 });
@@ -587,9 +596,8 @@ chromiumTest("--web page: after a failed run, the form takes a corrected value a
     // base depth 64 at batch 50000 does not fit (as above); base depth 4 at batch 32: 2 steps
     const flags = ["--train-subset", "64", "--test-subset", "16", "--epochs", "1", "--seed", "6"]
       .concat(["--batch-size", "50000"]);
-    const server = spawnMain(["--web", "--data", data, "--log-dir", logs, ...flags]);
-    await server.until(/training page: \S+/);
-    const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+    const { server, url } = await serveWeb(["--data", data, "--log-dir", logs, ...flags]);
+    const page = await chromiumPage(chromium!, url);
     try {
       await pressStart(page);
       await within(server.until(/run log from the page \(status failed\): /), 120_000, "no failed run log");
@@ -607,8 +615,7 @@ chromiumTest("--web page: after a failed run, the form takes a corrected value a
       assert.match(String(await page.evaluate("document.body.innerText")), /run 1\/1, seed 6\n/);
     } finally {
       await page.close();
-      server.child.kill("SIGTERM");
-      await server.finish();
+      await stopServer(server);
     }
     const names = [...Deno.readDirSync(logs)].map((e) => JSON.parse(Deno.readTextFileSync(join(logs, e.name))));
     assert.deepEqual(names.map((l) => `${l.status} ${l.flags.batchSize}`).sort(), ["completed 32", "failed 50000"]);
@@ -667,9 +674,8 @@ chromiumTest(
       const denoClasses = predictedClasses(deno.logits!, 10);
       assert.ok(new Set(denoClasses.subarray(0, 48)).size >= 2, "one class for every image: a weak comparison");
 
-      const server = spawnMain(["--web", "--data", data, "--no-log", "--test-subset", "100"]);
-      await server.until(/training page: \S+/);
-      const page = await chromiumPage(chromium!, (await server.stdoutSoFar()).match(/training page: (\S+)/)![1]);
+      const { server, url } = await serveWeb(["--data", data, "--no-log", "--test-subset", "100"]);
+      const page = await chromiumPage(chromium!, url);
       try {
         await waitFor(page, "!document.getElementById('netfile').disabled", "no network input", 60_000);
         // another program's file: --eval's line, the file named as the page knows it (its name, no folder)
@@ -737,8 +743,7 @@ chromiumTest(
         );
       } finally {
         await page.close();
-        server.child.kill("SIGTERM");
-        await server.finish();
+        await stopServer(server);
         freeSince(gpu, 0);
       }
     });
